@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# GPU check of the fused dual-head loss, for one lent CUDA GPU (H200), offline. From the repo root:
+#
+#   OUT=/some/dir bash benchmarks/gpu_check.sh        # OUT defaults to outputs/gpu_check
+#
+# 1. pytest tests/ops natively on CUDA: Triton vs float64 truth, vs the torch path and the
+#    reference, fp32 and bf16, small odd shapes and N=2048 H=1024 V=32000 (single Triton config:
+#    CLSGEN_TRITON_AUTOTUNE=0, to keep compilation short). The interpreter test runs too (CPU).
+# 2. benchmarks/fused_loss_bench.py --device cuda: N in {8192, 16384}, H=4096, V=128256 bf16;
+#    naive / torch / triton / triton_acc_bf16 / liger / cce + the matmul floor, autotuned, each
+#    variant checked against naive at full size.
+# Baselines come from wheels in .whl/ (liger-kernel, cut-cross-entropy; pure python, installed
+# --no-deps so torch/triton stay as they are); missing wheels just skip those rows.
+# Writes env.txt, pytest.log, bench.log, fused_loss_results.jsonl, fused_loss.md to $OUT; copy the
+# last two back to benchmarks/. Expected runtime ~4-5 min; hard limits 3 + 4.5 min.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-outputs/gpu_check}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONDONTWRITEBYTECODE=1
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/clsgen_triton_cache}
+unset TRITON_INTERPRET
+T0=$SECONDS
+
+if compgen -G ".whl/*.whl" > /dev/null; then
+  if python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl > "$OUT/pip.log" 2>&1; then
+    export PYTHONPATH="/tmp/site:$PYTHONPATH"
+  else
+    echo "wheel install failed (see $OUT/pip.log): liger/cce rows will be skipped"
+  fi
+else
+  echo "no .whl/*.whl: liger/cce rows will be skipped"
+fi
+
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+  python3 -c "import sys, torch, triton; print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name(0))"
+  python3 -c "import liger_kernel, cut_cross_entropy; print('liger + cce importable')" 2>&1 | tail -1
+  git rev-parse --short HEAD 2>/dev/null || echo uncommitted
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+echo "== pytest tests/ops (CUDA native + interpreter)"
+CLSGEN_TRITON_AUTOTUNE=0 timeout 180 python3 -m pytest -q tests/ops -p no:cacheprovider -rs --durations=8 > "$OUT/pytest.log" 2>&1
+RC_TEST=$?
+tail -n 25 "$OUT/pytest.log"
+echo "pytest rc=$RC_TEST ($((SECONDS - T0))s so far)"
+
+echo "== benchmark"
+[ -f benchmarks/fused_loss_results.jsonl ] && cp benchmarks/fused_loss_results.jsonl "$OUT/"
+timeout 270 python3 benchmarks/fused_loss_bench.py --device cuda --timeout 120 --rep-ms 500 \
+  --jsonl "$OUT/fused_loss_results.jsonl" --md "$OUT/fused_loss.md" > "$OUT/bench.log" 2>&1
+RC_BENCH=$?
+if [ "$RC_BENCH" -ne 0 ]; then  # e.g. timed out: render what was appended so far
+  python3 benchmarks/fused_loss_bench.py --render-only --jsonl "$OUT/fused_loss_results.jsonl" --md "$OUT/fused_loss.md" >> "$OUT/bench.log" 2>&1
+fi
+sed -n '/^## /,$p' "$OUT/bench.log"  # the tables of this run, printed last by the benchmark
+echo "bench rc=$RC_BENCH"
+
+echo "== summary (total $((SECONDS - T0))s): tests rc=$RC_TEST, bench rc=$RC_BENCH; results in $OUT"
+[ "$RC_TEST" -eq 0 ] && [ "$RC_BENCH" -eq 0 ]

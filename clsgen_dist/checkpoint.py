@@ -1,0 +1,110 @@
+"""Saving and loading a trained dual-head model in HF format.
+
+A checkpoint folder holds:
+  adapter_model.safetensors + adapter_config.json   (LoRA)  — or —  model.safetensors + config.json (full)
+  cls_head.safetensors                               the classification head (weight [1, H], bias [1])
+  tokenizer files                                    (with the cls token, if one was added)
+  clsgen_config.yaml                                 the resolved run config (prompt, labels, model)
+  COMPLETE                                           written last; folders without it are never loaded
+
+It is written to a temporary sibling and renamed into place, so a killed save never leaves a
+folder that looks complete. Under ZeRO-3 every rank must call ``save_checkpoint`` (gathering is
+collective); rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import Config, dump_config, load_config
+from .distributed import barrier, is_main
+from .distributed.engine import full_state_dict
+from .modeling import DualHeadModel, load_tokenizer, resolve_model_path
+from .modeling.build import resolve_attn, resolve_dtype
+
+log = logging.getLogger("clsgen_dist.checkpoint")
+
+CONFIG_NAME = "clsgen_config.yaml"
+HEAD_NAME = "cls_head.safetensors"
+MARKER = "COMPLETE"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def save_checkpoint(model: DualHeadModel, tokenizer, cfg: Config, out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    lora = cfg.model.finetune == "lora"
+    # Collective under ZeRO-3: every rank gathers, rank 0 writes.
+    head_sd = full_state_dict(model.cls_head)
+    backbone_sd = full_state_dict(model.backbone, trainable_only=lora)
+    if is_main():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint is meant to be shared
+        try:
+            if lora:
+                model.backbone.save_pretrained(tmp, state_dict=backbone_sd, safe_serialization=True)
+            else:
+                model.causal_lm.save_pretrained(tmp, state_dict=backbone_sd, safe_serialization=True)
+            save_file({k: v.contiguous() for k, v in head_sd.items()}, str(tmp / HEAD_NAME))
+            tokenizer.save_pretrained(tmp)
+            dump_config(cfg, tmp / CONFIG_NAME)
+            (tmp / MARKER).write_text("ok\n")
+            if out.exists():
+                old = out.with_name(f".{out.name}.old-{os.getpid()}")
+                os.replace(out, old)
+                os.replace(tmp, out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        log.info("saved checkpoint %s", out)
+    barrier()
+    return out
+
+
+def check_checkpoint(path: str | Path) -> Config:
+    """The checkpoint's run config, or CheckpointError if ``path`` is not a complete checkpoint."""
+    p = Path(path)
+    if not (p / MARKER).is_file() or not (p / CONFIG_NAME).is_file():
+        raise CheckpointError(f"{p}: not a complete clsgen checkpoint (missing {MARKER} or {CONFIG_NAME})")
+    return load_config(p / CONFIG_NAME)
+
+
+def load_checkpoint(path: str | Path, *, device: torch.device | str = "cpu", dtype: str | None = None,
+                    attn_implementation: str | None = None):
+    """Returns (model, tokenizer, cfg) with the model in eval mode on ``device``."""
+    from transformers import AutoModelForCausalLM
+
+    p = Path(path)
+    cfg = check_checkpoint(p)
+    device = torch.device(device)
+    tdtype = resolve_dtype(dtype or cfg.model.dtype, device)
+    attn = resolve_attn(attn_implementation or cfg.model.attn_implementation, device)
+    tokenizer = load_tokenizer(str(p))
+    if (p / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        base = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg.model.name_or_path), dtype=tdtype,
+                                                    attn_implementation=attn)
+        if len(tokenizer) > base.get_input_embeddings().weight.shape[0]:
+            base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        backbone = PeftModel.from_pretrained(base, str(p))
+    else:
+        backbone = AutoModelForCausalLM.from_pretrained(str(p), dtype=tdtype, attn_implementation=attn)
+    model = DualHeadModel(backbone, loss_impl=cfg.model.loss_impl, loss_chunk_size=cfg.model.loss_chunk_size)
+    head = load_file(str(p / HEAD_NAME))
+    model.cls_head.load_state_dict({k: v.float() for k, v in head.items()})
+    model.to(device).eval()
+    return model, tokenizer, cfg

@@ -1,0 +1,159 @@
+"""Reading labelled examples from JSONL / JSON / CSV / Parquet files or a saved HF dataset.
+
+Every problem with the user's data is a :class:`DataError` naming the file, the row (1-based) and
+the field, and saying what was expected.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+log = logging.getLogger("clsgen_dist.data")
+
+_SUFFIX_BUILDER = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+
+
+class DataError(ValueError):
+    """A user error in the input data (reported without a traceback by the launchers)."""
+
+
+@dataclass
+class Example:
+    id: str
+    text: str
+    label: int | None
+    explanation: str | None = None
+
+
+def _locate_bad_json_line(path: Path) -> str:
+    with path.open("r", encoding="utf-8", errors="replace") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                return f"line {lineno}: malformed JSON ({e.msg} at column {e.colno})"
+            if not isinstance(obj, dict):
+                return f"line {lineno}: expected a JSON object, got {type(obj).__name__}"
+    return "could not be parsed"
+
+
+def load_records(path: str | Path) -> tuple[list[dict], str]:
+    """Load every row of ``path`` as a dict. Returns (rows, row_word) where row_word says how rows
+    are numbered in messages ("line" for JSONL, "row" otherwise)."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"{p}: no such file or folder")
+    import datasets
+
+    datasets.disable_progress_bars()
+    if p.is_dir():
+        try:
+            ds = datasets.load_from_disk(str(p))
+        except Exception as e:  # noqa: BLE001 - any failure here is a user error about this folder
+            raise DataError(f"{p}: not a dataset saved with datasets.save_to_disk ({e})") from None
+        if isinstance(ds, datasets.DatasetDict):
+            if len(ds) != 1:
+                raise DataError(f"{p}: a DatasetDict with splits {list(ds)}; point at one split's folder")
+            ds = next(iter(ds.values()))
+        return ds.to_list(), "row"
+    builder = _SUFFIX_BUILDER.get(p.suffix.lower())
+    if builder is None:
+        raise DataError(f"{p}: unsupported file type {p.suffix!r}; expected one of "
+                        f"{', '.join(sorted(_SUFFIX_BUILDER))} or a saved dataset folder")
+    if p.stat().st_size == 0:
+        raise DataError(f"{p}: the file is empty")
+    if p.suffix.lower() == ".jsonl":
+        # Parse JSONL ourselves: exact line numbers in errors, and no Arrow schema inference
+        # surprises (e.g. a column that is null in the first rows).
+        rows = []
+        with p.open("r", encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{p}: line {lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+                if not isinstance(obj, dict):
+                    raise DataError(f"{p}: line {lineno}: expected a JSON object, got {type(obj).__name__}")
+                obj["__row__"] = lineno
+                rows.append(obj)
+        return rows, "line"
+    try:
+        ds = datasets.load_dataset(builder, data_files=str(p), split="train", keep_in_memory=True)
+    except Exception as e:  # noqa: BLE001
+        detail = _locate_bad_json_line(p) if builder == "json" else str(e).splitlines()[0][:300]
+        raise DataError(f"{p}: could not read as {builder}: {detail}") from None
+    return ds.to_list(), "row"
+
+
+def parse_label(value: Any, label_names: Sequence[str]) -> int:
+    """0/1 (int, bool, float, numeric string) or one of ``label_names`` (case-insensitive)."""
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return int(value)
+    if isinstance(value, str):
+        s = value.strip().lower()
+        if s in ("0", "1"):
+            return int(s)
+        names = [n.strip().lower() for n in label_names]
+        if s in names:
+            return names.index(s)
+    raise ValueError
+
+
+def read_examples(
+    path: str | Path,
+    *,
+    text_field: str = "text",
+    label_field: str = "label",
+    explanation_field: str | None = "explanation",
+    id_field: str | None = "id",
+    label_names: Sequence[str] = ("no", "yes"),
+    require_label: bool = True,
+    limit: int | None = None,
+) -> list[Example]:
+    """Read and validate examples. Raises DataError naming file, row and field on bad input."""
+    p = Path(path)
+    rows, word = load_records(p)
+    if not rows:
+        raise DataError(f"{p}: the file has no rows")
+    columns = set().union(*(r.keys() for r in rows[:100])) - {"__row__"}
+    if text_field not in columns:
+        raise DataError(f"{p}: missing field {text_field!r} (data.text_field); fields found: {sorted(columns)}")
+    if require_label and label_field not in columns:
+        raise DataError(f"{p}: missing field {label_field!r} (data.label_field); fields found: {sorted(columns)}")
+    allowed = f"0, 1, {label_names[0]!r} or {label_names[1]!r}"
+    out: list[Example] = []
+    for i, row in enumerate(rows):
+        rowno = row.pop("__row__", i + 1)
+        where = f"{p}: {word} {rowno}"
+        text = row.get(text_field)
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"{where}: field {text_field!r} must be a non-empty string, got {text!r:.80}")
+        label = None
+        if label_field in row and row[label_field] is not None:
+            try:
+                label = parse_label(row[label_field], label_names)
+            except ValueError:
+                raise DataError(f"{where}: field {label_field!r} = {row[label_field]!r:.80} is not a label; "
+                                f"expected {allowed}") from None
+        elif require_label:
+            raise DataError(f"{where}: field {label_field!r} is missing; expected {allowed}")
+        expl = row.get(explanation_field) if explanation_field else None
+        if expl is not None and not isinstance(expl, str):
+            raise DataError(f"{where}: field {explanation_field!r} must be a string or null, got {expl!r:.80}")
+        expl = expl.strip() if isinstance(expl, str) and expl.strip() else None
+        ex_id = row.get(id_field) if id_field else None
+        out.append(Example(id=str(ex_id) if ex_id is not None else str(rowno), text=text, label=label,
+                           explanation=expl))
+        if limit is not None and len(out) >= limit:
+            break
+    return out

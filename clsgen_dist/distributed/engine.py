@@ -1,0 +1,182 @@
+"""DeepSpeed engine setup: reading a ds_configs/*.json, filling its ``"auto"`` values from the run
+config (and refusing values that contradict it), optimizer + scheduler, ZeRO-3 glue."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from ..config import Config, ConfigError
+
+log = logging.getLogger("clsgen_dist.distributed")
+
+
+def _fill(node: dict, key: str, value, where: str) -> None:
+    """Set node[key] = value where it is "auto" or absent; raise if it holds a different value."""
+    cur = node.get(key, "auto")
+    if cur == "auto":
+        node[key] = value
+    elif not _same(cur, value):
+        raise ConfigError(f"DeepSpeed config {where}.{key} = {cur!r} conflicts with the run config ({value!r}); "
+                          f"set it to \"auto\" or change the run config")
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=0.0)
+    return a == b
+
+
+def fill_ds_config(ds: dict, cfg: Config, *, world_size: int, dtype: torch.dtype, where: str = "ds_config") -> dict:
+    """Return a copy of ``ds`` with batch sizes, clipping, precision and optimizer values taken from
+    ``cfg``. Non-"auto" values must agree with ``cfg``."""
+    ds = copy.deepcopy(ds)
+    t = cfg.train
+    _fill(ds, "train_micro_batch_size_per_gpu", t.micro_batch_size, where)
+    _fill(ds, "gradient_accumulation_steps", t.gradient_accumulation_steps, where)
+    _fill(ds, "train_batch_size", t.micro_batch_size * t.gradient_accumulation_steps * world_size, where)
+    _fill(ds, "gradient_clipping", t.max_grad_norm, where)
+    for key, on in (("bf16", dtype == torch.bfloat16), ("fp16", dtype == torch.float16)):
+        sect = ds.setdefault(key, {"enabled": "auto"})
+        _fill(sect, "enabled", on, f"{where}.{key}")
+    zero = ds.setdefault("zero_optimization", {"stage": 0})
+    if zero.get("stage") == "auto":
+        raise ConfigError(f"{where}.zero_optimization.stage must be set explicitly (0-3)")
+    opt = ds.get("optimizer")
+    if opt is not None:
+        params = opt.setdefault("params", {})
+        _fill(params, "lr", t.learning_rate, f"{where}.optimizer.params")
+        _fill(params, "weight_decay", t.weight_decay, f"{where}.optimizer.params")
+    if "scheduler" in ds:
+        raise ConfigError(f"{where}: remove the 'scheduler' block; the schedule comes from train.lr_scheduler")
+    ds.setdefault("steps_per_print", 10**9)  # our own logging
+    ds.setdefault("wall_clock_breakdown", False)
+    leftover = [k for k, v in _walk(ds) if v == "auto"]
+    if leftover:
+        raise ConfigError(f"{where}: 'auto' values this trainer does not fill: {', '.join(leftover)}")
+    return ds
+
+
+def _walk(d: dict, prefix: str = "") -> Iterator[tuple[str, object]]:
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _walk(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def load_ds_config(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"ds_config: {p} not found (the files ship in ds_configs/)")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"ds_config: {p} is not valid JSON: {e}") from None
+
+
+def zero_stage(ds: dict) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def lr_lambda(cfg: Config):
+    t = cfg.train
+
+    def f(step: int) -> float:
+        if t.warmup_steps and step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        if t.lr_scheduler == "constant":
+            return 1.0
+        progress = (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps)
+        progress = min(max(progress, 0.0), 1.0)
+        if t.lr_scheduler == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
+    head, rest = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (head if name.startswith("cls_head.") else rest).append(p)
+    head_lr = cfg.train.head_learning_rate or cfg.train.learning_rate
+    groups = [{"params": rest, "lr": cfg.train.learning_rate, "weight_decay": cfg.train.weight_decay},
+              {"params": head, "lr": head_lr, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_engine(model: torch.nn.Module, cfg: Config, ds: dict):
+    """``deepspeed.initialize`` with our optimizer (unless the JSON names one) and LR schedule."""
+    import deepspeed
+
+    if zero_stage(ds) == 3:
+        # The fused loss reads lm_head.weight directly instead of calling lm_head(): tell ZeRO-3 that
+        # the top-level forward uses it, so it is gathered there (and again for the backward, through
+        # the hook on the dict output) and its gradient reaches the partitioned parameter.
+        # The same holds for the classification head's parameters, read directly by the fused op.
+        for p in (model.lm_head.weight, model.cls_head.weight, model.cls_head.bias):
+            deepspeed.zero.register_external_parameter(model, p)
+    groups = param_groups(model, cfg)
+    optimizer = None
+    if "optimizer" not in ds:
+        optimizer = torch.optim.AdamW(groups, lr=cfg.train.learning_rate, betas=(0.9, 0.999), eps=1e-8,
+                                      weight_decay=cfg.train.weight_decay)
+    engine, optimizer, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, model_parameters=groups if optimizer is None else None, config=ds,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
+    return engine
+
+
+def is_zero3_param(p: torch.nn.Parameter) -> bool:
+    return hasattr(p, "ds_id")
+
+
+@contextmanager
+def gathered(params: list[torch.nn.Parameter]):
+    """Full values of (possibly ZeRO-3-partitioned) parameters inside the block, on every rank."""
+    z3 = [p for p in params if is_zero3_param(p)]
+    if not z3:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(z3, modifier_rank=None):
+        yield
+
+
+def full_state_dict(module: torch.nn.Module, *, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+    """A CPU copy of ``module``'s parameters (gathered under ZeRO-3) and buffers, on every rank."""
+    out = {}
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad or not trainable_only]
+    # gather in groups to bound the peak of gathered memory
+    group: list[tuple[str, torch.nn.Parameter]] = []
+
+    def flush():
+        with gathered([p for _, p in group]):
+            for n, p in group:
+                out[n] = p.detach().to("cpu", copy=True)
+        group.clear()
+
+    budget, used = 256 * 2**20, 0
+    for n, p in named:
+        group.append((n, p))
+        used += (p.ds_numel if is_zero3_param(p) else p.numel()) * p.element_size()
+        if used > budget:
+            flush()
+            used = 0
+    if group:
+        flush()
+    if not trainable_only:
+        for n, b in module.named_buffers():
+            out[n] = b.detach().to("cpu", copy=True)
+    return out

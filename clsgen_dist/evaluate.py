@@ -1,0 +1,153 @@
+"""Evaluation under any launcher: each rank scores a shard (examples ``i % world == rank``), results
+are gathered on every rank and rank 0 writes them. No example is dropped or counted twice."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .data import PromptEncoder, eval_batches
+from .data.prompts import Encoded
+from .distributed import all_gather_objects, all_reduce_sum, is_main, rank, world_size
+from .metrics import classification_metrics, tune_threshold
+from .predict import parse_verdict, prefill_and_decode
+
+log = logging.getLogger("clsgen_dist.evaluate")
+
+
+def _lockstep_count(n_local: int, device) -> int:
+    """The largest per-rank count (every rank must run as many forwards under ZeRO-3)."""
+    if world_size() == 1:
+        return n_local
+    t = torch.tensor([n_local], dtype=torch.float64, device=device)
+    import torch.distributed as dist
+
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+@torch.no_grad()
+def score_encoded(model, encoded: list[Encoded], *, max_tokens: int) -> dict[int, float]:
+    """P(y=1) for every encoded example (keyed by ``Encoded.index``), sharded over ranks and
+    gathered. Uses the packed forward: no padding, no generation."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    batches = eval_batches(encoded, max_tokens, rank=rank(), world_size=world_size())
+    n = _lockstep_count(len(batches), device)
+    probs: dict[int, float] = {}
+    for k in range(n):
+        b = batches[k] if k < len(batches) else (batches[0] if batches else None)
+        if b is None:  # this rank has no examples at all but must join the collective forward
+            b = eval_batches(encoded[:1], max_tokens)[0]
+        b = b.to(device)
+        logits = model.cls_logits(b.input_ids, b.position_ids, b.cls_index, b.cu_seqlens, b.max_seqlen)
+        if k < len(batches):
+            for idx, lg in zip(b.example_index.tolist(), logits.tolist()):
+                probs[idx] = 1.0 / (1.0 + math.exp(-lg))
+    merged: dict[int, float] = {}
+    for part in all_gather_objects(probs):
+        for idx, p in part.items():
+            if idx in merged:
+                raise RuntimeError(f"example {idx} was scored on two ranks")
+            merged[idx] = p
+    model.train(was_training)
+    return merged
+
+
+@torch.no_grad()
+def explain_examples(model, encoder: PromptEncoder, texts: dict[int, str], *, tokenizer, max_new_tokens: int,
+                     batch_size: int) -> dict[int, str]:
+    """Generated explanations for ``texts`` (index → text), sharded over ranks and gathered."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    mine = sorted(i for i in texts if i % world_size() == rank())
+    chunks = [mine[s:s + batch_size] for s in range(0, len(mine), batch_size)]
+    n = _lockstep_count(len(chunks), device)
+    lockstep = world_size() > 1 and any(hasattr(p, "ds_id") for p in model.parameters())
+
+    def all_done(local: bool) -> bool:
+        if not lockstep:
+            return local
+        t = torch.tensor([0.0 if local else 1.0], device=device)
+        return all_reduce_sum(t).item() == 0
+
+    out: dict[int, str] = {}
+    first = next(iter(texts)) if texts else None
+    for k in range(n):
+        idxs = chunks[k] if k < len(chunks) else []
+        prompts = [encoder.encode_prompt(texts[i])[0] for i in idxs] or [encoder.encode_prompt(texts[first])[0]]
+        _, gen = prefill_and_decode(model, prompts, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_token_id,
+                                    pad_id=tokenizer.pad_token_id, explain=True, all_done=all_done)
+        for i, g in zip(idxs, gen):
+            out[i] = tokenizer.decode(g, skip_special_tokens=True).strip()
+    merged: dict[int, str] = {}
+    for part in all_gather_objects(out):
+        merged.update(part)
+    model.train(was_training)
+    return merged
+
+
+def evaluate_split(model, tokenizer, encoder: PromptEncoder, examples, *, cfg, explain_limit: int,
+                   dev_threshold: float | None = None) -> tuple[dict, list[dict]]:
+    """Metrics and per-example predictions for a split of :class:`Example` (all ranks call this)."""
+    encoded = [encoder.encode(ex.text, ex.label, None, index=i) for i, ex in enumerate(examples)]
+    probs = score_encoded(model, encoded, max_tokens=cfg.data.max_seq_len * max(1, cfg.train.micro_batch_size))
+    limit = len(examples) if explain_limit < 0 else min(explain_limit, len(examples))
+    expl = {}
+    if limit:
+        expl = explain_examples(model, encoder, {i: examples[i].text for i in range(limit)}, tokenizer=tokenizer,
+                                max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size)
+    labels = [ex.label for ex in examples]
+    p = [probs[i] for i in range(len(examples))]
+    metrics = classification_metrics(labels, p, tuned_threshold=dev_threshold)
+    names, tmpl = cfg.data.label_names, cfg.data.verdict_template
+    preds = []
+    for i, ex in enumerate(examples):
+        e = expl.get(i)
+        preds.append({"id": ex.id, "label": ex.label, "prob": p[i], "pred": int(p[i] >= 0.5), "explanation": e,
+                      "verdict": parse_verdict(e, names, tmpl) if e is not None else None})
+    if limit:
+        parsed = [r for r in preds[:limit] if r["verdict"] is not None]
+        metrics["explained"] = limit
+        metrics["verdict_parse_rate"] = len(parsed) / limit
+    return metrics, preds
+
+
+def dev_threshold(model, encoder, examples, *, cfg) -> float:
+    encoded = [encoder.encode(ex.text, ex.label, None, index=i) for i, ex in enumerate(examples)]
+    probs = score_encoded(model, encoded, max_tokens=cfg.data.max_seq_len * max(1, cfg.train.micro_batch_size))
+    return tune_threshold([ex.label for ex in examples], [probs[i] for i in range(len(examples))])
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(obj, fh, indent=2)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
+def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        for r in rows:
+            fh.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)
+
+
+def write_results(out_dir: str | Path, metrics: dict, preds: list[dict]) -> None:
+    if not is_main():
+        return
+    out = Path(out_dir)
+    write_jsonl_atomic(out / "predictions.jsonl", preds)
+    write_json_atomic(out / "metrics.json", metrics)  # last: its presence means the folder is complete

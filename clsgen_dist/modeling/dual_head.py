@@ -1,0 +1,129 @@
+"""The dual-head model: one causal-LM backbone, a classification head and the LM head.
+
+    hidden       = backbone trunk(packed tokens)            # one forward pass, many examples
+    cls_logit[i] = cls_head(hidden[cls_index[i]])           # Linear(H, 1), fp32; P(y=1) = sigmoid
+    LM loss      = fused CE of hidden[answer rows] against the LM head weight (no [T, V] logits)
+
+The loss is computed inside ``forward`` with global normalisers passed in by the caller.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from transformers.utils import ModelOutput
+
+from ..loss import dual_head_objective
+
+
+@dataclass
+class DualHeadOutput(ModelOutput):
+    """Forward output. A ``ModelOutput`` (a dict) on purpose: ZeRO-3 attaches its pre-backward hook
+    (which re-gathers this module's parameters, ``lm_head.weight`` included, for the backward of
+    the fused loss) only to tensors inside tuples, lists and dicts."""
+
+    loss: torch.Tensor | None = None  # this micro-batch's share of the step loss (differentiable)
+    lm_loss_sum: torch.Tensor | None = None  # detached
+    n_lm: torch.Tensor | None = None  # int64 count of answer tokens with a target
+    cls_loss_sum: torch.Tensor | None = None  # detached
+    cls_logits: torch.Tensor | None = None  # [M] fp32, detached
+
+
+class DualHeadModel(nn.Module):
+    """Wraps a HF causal LM (optionally a peft ``PeftModel``) and adds ``cls_head``.
+
+    ``backbone`` must expose ``get_output_embeddings()`` (the LM head) and a trunk reachable as
+    ``base_model`` (LlamaForCausalLM.model, and the like) returning ``last_hidden_state``.
+    """
+
+    def __init__(self, backbone: nn.Module, *, loss_impl: str = "auto", loss_chunk_size: int | None = None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        hidden_size = self.causal_lm.config.hidden_size
+        # fp32 head, zero-initialised: P(y=1) = 0.5 and the cls loss is ln 2 at step 0.
+        self.cls_head = nn.Linear(hidden_size, 1, dtype=torch.float32)
+        nn.init.zeros_(self.cls_head.weight)
+        nn.init.zeros_(self.cls_head.bias)
+        self.loss_impl = loss_impl
+        self.loss_chunk_size = loss_chunk_size
+
+    # -- structure ------------------------------------------------------------------------
+
+    @property
+    def causal_lm(self) -> nn.Module:
+        """The HF ``*ForCausalLM`` module (inside the peft wrapper when there is one)."""
+        bb = self.backbone
+        return bb.get_base_model() if hasattr(bb, "get_base_model") else bb
+
+    @property
+    def trunk(self) -> nn.Module:
+        """The transformer without its LM head (``LlamaModel`` for Llama)."""
+        lm = self.causal_lm
+        return getattr(lm, lm.base_model_prefix)
+
+    @property
+    def lm_head(self) -> nn.Linear:
+        return self.causal_lm.get_output_embeddings()
+
+    @property
+    def config(self):
+        return self.causal_lm.config
+
+    # -- forward --------------------------------------------------------------------------
+
+    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                      cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None) -> torch.Tensor:
+        """Final hidden states of a packed ``[1, T]`` sequence → ``[T, H]``.
+
+        No attention mask and no cache: transformers then derives the per-example (block-diagonal
+        causal) mask from the restarting ``position_ids`` (SDPA/eager), and flash-attn runs its
+        varlen kernel on ``cu_seqlens``.
+        """
+        kwargs = {}
+        if cu_seqlens is not None and self.config._attn_implementation == "flash_attention_2":
+            cu = cu_seqlens.to(device=input_ids.device, dtype=torch.int32)
+            kwargs = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_seqlen, max_length_k=max_seqlen)
+        out = self.trunk(input_ids=input_ids, position_ids=position_ids, attention_mask=None, use_cache=False,
+                         **kwargs)
+        return out.last_hidden_state[0]  # [T, H]
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [1, T]
+        position_ids: torch.Tensor,  # [1, T]
+        targets: torch.Tensor,  # [T]
+        cls_index: torch.Tensor,  # [M]
+        cls_labels: torch.Tensor,  # [M]
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+        *,
+        num_lm_tokens: float,
+        num_cls_examples: float,
+        lm_coef: float = 1.0,
+        cls_coef: float = 1.0,
+    ) -> DualHeadOutput:
+        hidden = self.hidden_states(input_ids, position_ids, cu_seqlens, max_seqlen)  # [T, H]
+        head = self.lm_head
+        # Under ZeRO-3 lm_head.weight is registered as an external parameter of this module
+        # (distributed/engine.py), so it is gathered for the whole forward and its gradient reaches
+        # the partitioned parameter.
+        res = dual_head_objective(
+            hidden, head.weight, targets, self.cls_head.weight, self.cls_head.bias, cls_index, cls_labels,
+            lm_bias=head.bias, num_lm_tokens=num_lm_tokens, num_cls_examples=num_cls_examples,
+            lm_coef=lm_coef, cls_coef=cls_coef, impl=self.loss_impl, chunk_size=self.loss_chunk_size)
+        return DualHeadOutput(**res.__dict__)
+
+    @torch.no_grad()
+    def cls_logits(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cls_index: torch.Tensor,
+                   cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None) -> torch.Tensor:
+        """Classification logits only (evaluation): ``[M]`` fp32."""
+        hidden = self.hidden_states(input_ids, position_ids, cu_seqlens, max_seqlen)
+        return self.classify(hidden.index_select(0, cls_index))
+
+    def classify(self, h: torch.Tensor) -> torch.Tensor:
+        """fp32 classification logits ``[M]`` of hidden rows ``[M, H]``. A module call, so that
+        ZeRO-3 gathers the head outside ``forward`` too."""
+        return self.cls_head(h.float()).squeeze(-1)

@@ -1,0 +1,211 @@
+"""Chunked linear + cross-entropy (summed), gradients computed in the forward pass.
+
+``LinearCrossEntropySum`` takes rows that all have a target (the caller dropped ignored rows) and
+returns ``sum_i CE(hidden[i] @ W.T + b, target[i])`` as a 0-dim fp32 tensor without ever holding
+the ``[n, V]`` logits: rows are processed ``chunk`` at a time, and only one ``[chunk, V]`` buffer
+exists.
+
+Why gradients in the forward (the Liger / CCE trick) rather than recomputing in backward: the loss
+is a sum whose upstream gradient ``g`` is a scalar, so ``d hidden``, ``d W`` and ``d b`` can be
+computed unscaled while the chunk's logits are at hand and multiplied by ``g`` in backward. That
+costs three matmuls (logits, ``dlogits @ W``, ``dlogits.T @ hidden``) -- the same as the naive
+forward + backward -- where recomputation costs four, and the peak memory is the same (one chunk
+buffer; the fp32 gradient buffers exist in either scheme). Unscaled gradients are kept in fp32
+(``accum_dtype`` for ``d W``) until backward so that ``g`` (typically ``coef / global_count``) is
+applied before the single rounding to the parameter dtype.
+
+The per-chunk work (logits, log-sum-exp, ``softmax - onehot``) is done by a *backend*:
+``TorchChunkBackend`` here (fp32 throughout, CPU and fallback) or the Triton backend in
+``triton_fused.py`` (CUDA, or the CPU interpreter in tests). The two gradient matmuls are shared.
+
+Consequences of computing gradients eagerly, all handled: forward under ``torch.no_grad`` skips
+them (the caller passes ``needs``); backward may run once (it scales the saved buffers in place).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Protocol
+
+import torch
+
+# Rows per chunk are chosen so that one [chunk, V] buffer in the backend's compute dtype stays
+# under this many bytes (the op's only O(V) per-row memory). 64 MiB keeps the CPU path at ~1/10
+# of the naive peak with no measurable slowdown (benchmarks/fused_loss.md).
+TORCH_CHUNK_BYTES = 64 * 2**20
+
+
+def default_chunk_rows(n: int, vocab: int, elem_bytes: int, budget_bytes: int, multiple: int = 8) -> int:
+    """Rows per chunk so that a ``[rows, vocab]`` buffer fits ``budget_bytes`` (at least ``multiple``)."""
+    rows = budget_bytes // max(1, vocab * elem_bytes)
+    rows = max(multiple, rows // multiple * multiple)
+    return max(1, min(n, rows))
+
+
+class ChunkBackend(Protocol):
+    """Per-chunk work of :class:`LinearCrossEntropySum`."""
+
+    def compute_dtype(self, weight: torch.Tensor) -> torch.dtype:
+        """dtype of the ``[chunk, V]`` buffer and of the operands of the gradient matmuls."""
+
+    def default_chunk_rows(self, n: int, vocab: int, weight: torch.Tensor) -> int: ...
+
+    def prepare_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """The weight as used by the gradient matmuls (may be an fp32 copy)."""
+
+    def loss_only(self, hidden, weight, bias, targets) -> torch.Tensor:
+        """``[n]`` fp32 per-row losses, no gradients and no ``[chunk, V]`` buffer if possible."""
+
+    def chunk(self, hidden, weight, bias, targets, buf, need_grad: bool) -> torch.Tensor:
+        """``[c]`` fp32 per-row losses; if ``need_grad``, leaves ``softmax - onehot`` in ``buf``."""
+
+
+class TorchChunkBackend:
+    """Plain PyTorch, fp32 throughout: logits of a chunk, in-place LSE and ``softmax - onehot``."""
+
+    name = "torch"
+
+    def compute_dtype(self, weight: torch.Tensor) -> torch.dtype:
+        return torch.float32
+
+    def default_chunk_rows(self, n: int, vocab: int, weight: torch.Tensor) -> int:
+        return default_chunk_rows(n, vocab, 4, TORCH_CHUNK_BYTES)
+
+    def prepare_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        # Memory: a low-precision weight gets an fp32 copy ([V, H] x 4 bytes) for the whole call.
+        # This path is the CPU/fallback one; on CUDA the Triton backend reads bf16 directly.
+        return weight if weight.dtype == torch.float32 else weight.float()
+
+    def loss_only(self, hidden, weight, bias, targets) -> torch.Tensor:
+        n, vocab = hidden.shape[0], weight.shape[0]
+        rows = self.default_chunk_rows(n, vocab, weight)
+        buf = hidden.new_empty((min(rows, n), vocab), dtype=torch.float32)
+        out = [self.chunk(hidden[s : s + rows], weight, bias, targets[s : s + rows], buf, False) for s in range(0, n, rows)]
+        return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+
+    def chunk(self, hidden, weight, bias, targets, buf, need_grad: bool) -> torch.Tensor:
+        c = hidden.shape[0]
+        h = hidden.float()  # [c, h]
+        logits = buf[:c]  # [c, V] fp32, reused across chunks: the only O(V) buffer
+        if bias is None:
+            torch.mm(h, weight.t(), out=logits)
+        else:
+            torch.addmm(bias.float(), h, weight.t(), out=logits)
+        tgt = logits.gather(1, targets[:, None])  # [c, 1] target logit, read before the in-place ops
+        m = logits.amax(dim=1, keepdim=True)  # [c, 1]
+        logits.sub_(m).exp_()  # exp(z - max), in place
+        sumexp = logits.sum(dim=1, keepdim=True)  # [c, 1]
+        row_loss = (m + sumexp.log() - tgt).squeeze(1)  # [c]  lse - z_target
+        if need_grad:
+            logits.div_(sumexp)  # softmax
+            logits.scatter_add_(1, targets[:, None], logits.new_full((c, 1), -1.0))  # - onehot
+        return row_loss
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_out_dtype_ok(op: str) -> bool:
+    """Whether CUDA ``torch.mm`` / ``torch.addmm`` take ``out_dtype=float32`` with bf16 operands (torch >= 2.8)."""
+    try:
+        a = torch.ones(16, 16, device="cuda", dtype=torch.bfloat16)
+        c = torch.zeros(16, 16, device="cuda", dtype=torch.float32)
+        if op == "mm":
+            torch.mm(a, a, out_dtype=torch.float32, out=c)
+        else:
+            torch.addmm(c, a, a, out_dtype=torch.float32, out=c)
+        return bool(c[0, 0] == 16)  # one-time sync, first call only
+    except (RuntimeError, TypeError):
+        return False
+
+
+def _low_precision(t: torch.Tensor) -> bool:
+    return t.dtype in (torch.bfloat16, torch.float16)
+
+
+def mm_into_f32(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``out = a @ b`` with ``out`` fp32; low-precision operands are multiplied with fp32 output."""
+    if a.dtype == b.dtype == torch.float32:
+        torch.mm(a, b, out=out)
+    elif a.is_cuda and a.dtype == b.dtype and _low_precision(a) and _cuda_out_dtype_ok("mm"):
+        torch.mm(a, b, out_dtype=torch.float32, out=out)
+    elif a.is_cuda:
+        out.copy_(torch.mm(a, b.to(a.dtype)))  # old torch: one extra rounding of the product
+    else:
+        torch.mm(a.float(), b.float(), out=out)  # CPU has no mixed-dtype mm (interpreter tests only)
+
+
+def addmm_acc_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` in ``acc.dtype`` (the accumulation dtype of the LM weight gradient)."""
+    if a.dtype == b.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif a.is_cuda and acc.dtype == torch.float32 and a.dtype == b.dtype and _low_precision(a) and _cuda_out_dtype_ok("addmm"):
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    elif a.is_cuda and acc.dtype == torch.float32 and _low_precision(a):
+        acc.add_(torch.mm(a, b.to(a.dtype)))  # old torch: [V, H] low-precision temporary per chunk
+    else:
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+class LinearCrossEntropySum(torch.autograd.Function):
+    """``sum_i CE(hidden[i] @ weight.T + bias, targets[i])`` over rows that all have a target."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        hidden: torch.Tensor,  # [n, h]
+        weight: torch.Tensor,  # [V, h]
+        bias: torch.Tensor | None,  # [V]
+        targets: torch.Tensor,  # [n] int64, all in [0, V)
+        backend: ChunkBackend,
+        chunk_size: int | None,
+        accum_dtype: torch.dtype,
+        needs: tuple[bool, bool, bool],  # grads wanted for (hidden, weight, bias)
+    ) -> torch.Tensor:
+        need_dh, need_dw, need_db = needs
+        n, vocab = hidden.shape[0], weight.shape[0]
+        ctx.needs = needs
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.done = False
+        if not any(needs):
+            # Evaluation / frozen everything: no gradient buffers, minimal memory.
+            return backend.loss_only(hidden, weight, bias, targets).sum()
+
+        rows = chunk_size or backend.default_chunk_rows(n, vocab, weight)
+        rows = max(1, min(rows, n))
+        cdt = backend.compute_dtype(weight)
+        w_mm = backend.prepare_weight(weight)  # [V, h] as the backend and the d_hidden matmul read it
+        # Gradient buffers live from here to backward. d_hidden is small ([n, h]) and kept fp32;
+        # d_weight is [V, h] in accum_dtype -- the largest buffer of the op when W is trained.
+        dh = hidden.new_empty((n, hidden.shape[1]), dtype=torch.float32) if need_dh else None
+        dw = weight.new_zeros(weight.shape, dtype=accum_dtype) if need_dw else None
+        db = weight.new_zeros((vocab,), dtype=torch.float32) if need_db else None
+        row_loss = hidden.new_empty((n,), dtype=torch.float32)
+        buf = hidden.new_empty((rows, vocab), dtype=cdt) if n else None  # [chunk, V]: the memory peak
+        for s in range(0, n, rows):
+            e = min(n, s + rows)
+            h_c = hidden[s:e]  # [c, h]
+            row_loss[s:e] = backend.chunk(h_c, w_mm, bias, targets[s:e], buf, True)
+            dlogits = buf[: e - s]  # [c, V] softmax - onehot, unscaled
+            if need_dh:
+                mm_into_f32(dh[s:e], dlogits, w_mm)
+            if need_dw:
+                addmm_acc_(dw, dlogits.t(), h_c if h_c.dtype == cdt else h_c.to(cdt))
+            if need_db:
+                db += dlogits.sum(dim=0, dtype=torch.float32)
+        del buf
+        ctx.save_for_backward(dh, dw, db)
+        return row_loss.sum()
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        if ctx.done:
+            raise RuntimeError("dual_head_loss: backward through the fused LM loss can only run once")
+        ctx.done = True
+        dh, dw, db = ctx.saved_tensors
+        h_dtype, w_dtype, b_dtype = ctx.dtypes
+        g = grad_out.float()
+        # Scale in the fp32/accum buffers first, then a single rounding to the parameter dtype.
+        # In place: the buffers are ours and die with the graph.
+        d_hidden = dh.mul_(g).to(h_dtype) if dh is not None else None
+        d_weight = dw.mul_(g.to(dw.dtype)).to(w_dtype) if dw is not None else None
+        d_bias = db.mul_(g).to(b_dtype) if db is not None else None
+        return d_hidden, d_weight, d_bias, None, None, None, None, None

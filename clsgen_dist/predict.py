@@ -1,0 +1,148 @@
+"""Inference: P(y=1) from the classification head and the explanation from the LM head, both from
+one prefill of the prompt — the explanation is decoded from the same KV cache.
+
+    from clsgen_dist import CLSGen
+    m = CLSGen.from_pretrained("outputs/run/final")
+    m.predict(["A moving, funny film."], explain=True)
+    # [{"prob": 0.93, "label": 1, "explanation": "...\\nVerdict: positive", "verdict": 1}]
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Callable, Sequence
+
+import torch
+
+from .data.prompts import PromptEncoder
+
+
+def make_encoder(cfg, tokenizer) -> PromptEncoder:
+    d = cfg.data
+    return PromptEncoder(tokenizer, instruction=d.instruction, label_names=d.label_names,
+                         verdict_template=d.verdict_template, system_prompt=d.system_prompt,
+                         max_seq_len=d.max_seq_len,
+                         cls_token=cfg.model.cls_token if cfg.model.cls_position == "token" else None)
+
+
+def parse_verdict(text: str, label_names: Sequence[str], verdict_template: str = "Verdict: {label}") -> int | None:
+    """The label named on the last verdict line of ``text`` (None if there is none)."""
+    head = re.escape(verdict_template.split("{label}")[0].strip())
+    names = "|".join(re.escape(n) for n in label_names)
+    pattern = rf"{head}\s*\**\s*({names})\b" if head else rf"\b({names})\b"
+    found = re.findall(pattern, text, flags=re.IGNORECASE)
+    if not found:
+        return None
+    return [n.lower() for n in label_names].index(found[-1].lower())
+
+
+def _cache_kwarg(trunk) -> str:
+    """transformers renamed ``past_key_values`` to ``cache`` in 5.2x; use what this version takes."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(trunk.forward).parameters else "past_key_values"
+
+
+@torch.no_grad()
+def prefill_and_decode(
+    model,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int,
+    explain: bool = True,
+    stop_ids: Sequence[int] = (),
+    all_done: Callable[[bool], bool] | None = None,
+) -> tuple[torch.Tensor, list[list[int]]]:
+    """Left-padded batched prefill → cls logits ``[B]`` (fp32) from the last prompt position, then
+    greedy decoding from the same KV cache. ``all_done(local_done)`` lets lock-stepped ranks
+    (ZeRO-3, where every forward is collective) keep stepping until all ranks are done."""
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    B, L = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((B, L), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, L), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, L - len(p):] = torch.tensor(p)
+        mask[i, L - len(p):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache()
+    cache_kw = _cache_kwarg(model.trunk)
+    out = model.trunk(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_kw: cache})
+    h = out.last_hidden_state[:, -1]  # [B, H] the classification position of every prompt
+    cls_logits = model.classify(h)  # [B] fp32
+    gen: list[list[int]] = [[] for _ in range(B)]
+    if not explain or max_new_tokens <= 0:
+        return cls_logits, gen
+    head = model.lm_head
+    stops = {eos_id, *stop_ids}
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    logits = head(h)  # [B, V]: only the last position's logits are ever computed
+    for _ in range(max_new_tokens):
+        nxt = logits.float().argmax(-1)  # [B]
+        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        for i, t in enumerate(nxt.tolist()):  # .tolist() syncs once per token
+            if not done[i]:
+                gen[i].append(t)
+        done |= torch.isin(nxt, torch.tensor(sorted(stops), device=device))
+        local = bool(done.all())
+        if (all_done(local) if all_done else local):
+            break
+        mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)  # finished rows decode padding; ignored
+        pos = pos[:, -1:] + 1
+        out = model.trunk(input_ids=nxt.unsqueeze(1), attention_mask=mask, position_ids=pos, use_cache=True,
+                          **{cache_kw: cache})
+        logits = head(out.last_hidden_state[:, -1])
+    return cls_logits, gen
+
+
+class CLSGen:
+    """A trained CLSGen model for inference."""
+
+    def __init__(self, model, tokenizer, cfg) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self.encoder = make_encoder(cfg, tokenizer)
+
+    @classmethod
+    def from_pretrained(cls, path, *, device: str | torch.device | None = None, dtype: str | None = None) -> "CLSGen":
+        from .checkpoint import load_checkpoint
+
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model, tok, cfg = load_checkpoint(path, device=device, dtype=dtype)
+        return cls(model, tok, cfg)
+
+    def _decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
+    @torch.no_grad()
+    def predict(self, texts: Sequence[str], *, explain: bool = True, max_new_tokens: int | None = None,
+                batch_size: int | None = None, threshold: float = 0.5) -> list[dict]:
+        """Per text: ``{"prob", "label", "explanation", "verdict"}`` (explanation/verdict None when
+        ``explain=False``)."""
+        if isinstance(texts, str):
+            texts = [texts]
+        e = self.cfg.eval
+        max_new_tokens = e.max_new_tokens if max_new_tokens is None else max_new_tokens
+        batch_size = batch_size or e.batch_size
+        self.model.eval()
+        results = []
+        for s in range(0, len(texts), batch_size):
+            chunk = texts[s:s + batch_size]
+            prompts = [self.encoder.encode_prompt(t)[0] for t in chunk]
+            logits, gen = prefill_and_decode(self.model, prompts, max_new_tokens=max_new_tokens,
+                                             eos_id=self.tokenizer.eos_token_id,
+                                             pad_id=self.tokenizer.pad_token_id, explain=explain)
+            for lg, g in zip(logits.tolist(), gen):
+                prob = 1.0 / (1.0 + math.exp(-lg))
+                expl = self._decode(g) if explain else None
+                verdict = (parse_verdict(expl, self.cfg.data.label_names, self.cfg.data.verdict_template)
+                           if explain else None)
+                results.append({"prob": prob, "label": int(prob >= threshold), "explanation": expl,
+                                "verdict": verdict})
+        return results

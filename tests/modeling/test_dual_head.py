@@ -1,0 +1,141 @@
+"""Loss definition, global normalisation invariance, and save → load round trips."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clsgen_dist.checkpoint import load_checkpoint, save_checkpoint
+from clsgen_dist.config import load_config
+from clsgen_dist.data.packing import PackedRows
+from clsgen_dist.modeling import build_model
+from clsgen_dist.predict import CLSGen, make_encoder
+from tests.helpers import assert_close
+
+
+def _cfg(model_dir, **over):
+    items = [f"model.name_or_path={model_dir}", "model.dtype=float32", "data.max_seq_len=128",
+             "data.label_names=[negative, positive]"] + [f"{k}={v}" for k, v in over.items()]
+    return load_config(None, items)
+
+
+def _rows(cfg, tokenizer, toy_rows):
+    enc = make_encoder(cfg, tokenizer)
+    encoded = [enc.encode(r["text"], r["label"], r.get("explanation"), index=i) for i, r in enumerate(toy_rows)]
+    return PackedRows(encoded, cfg.data.max_seq_len, seed=0)
+
+
+def _step(model, rows, step, micro, ga, lm_coef=1.0, cls_coef=1.0):
+    """Loss and gradients of one optimizer step, computed micro-batch by micro-batch."""
+    mbs = rows.micro_batches(step, micro_batch_size=micro, grad_accum=ga)
+    n_lm = sum(b.n_lm for b in mbs)
+    n_cls = sum(len(b.cls_index) for b in mbs)
+    model.zero_grad(set_to_none=True)
+    total = 0.0
+    for b in mbs:
+        out = model(**b.model_inputs(), num_lm_tokens=n_lm, num_cls_examples=n_cls, lm_coef=lm_coef, cls_coef=cls_coef)
+        out.loss.backward()
+        total += out.loss.item()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return total, grads
+
+
+def test_loss_matches_independent_float64_definition(tiny_dir, tokenizer, toy_rows):
+    cfg = _cfg(tiny_dir, **{"model.finetune": "full"})
+    model, _ = build_model(cfg.model)
+    with torch.no_grad():
+        model.cls_head.weight.normal_(0, 0.1)
+        model.cls_head.bias.fill_(0.2)
+    b = _rows(cfg, tokenizer, toy_rows).micro_batches(0, micro_batch_size=2, grad_accum=1)[0]
+    out = model(**b.model_inputs(), num_lm_tokens=b.n_lm, num_cls_examples=len(b.cls_index), lm_coef=0.7,
+                cls_coef=1.3)
+    with torch.no_grad():
+        h = model.hidden_states(b.input_ids, b.position_ids).double()
+        logits = h @ model.lm_head.weight.double().t()
+        keep = b.targets != -100
+        ce = F.cross_entropy(logits[keep], b.targets[keep], reduction="sum")
+        z = h[b.cls_index] @ model.cls_head.weight.double().t() + model.cls_head.bias.double()
+        bce = F.binary_cross_entropy_with_logits(z.squeeze(-1), b.cls_labels.double(), reduction="sum")
+        ref = 1.3 * bce / len(b.cls_index) + 0.7 * ce / b.n_lm
+    assert b.n_lm > 0 and int(out.n_lm) == b.n_lm
+    assert_close(out.loss, ref, atol=1e-5, rtol=1e-5, name="loss")
+    assert_close(out.cls_logits, z.squeeze(-1), atol=1e-5, name="cls logits")
+
+
+def test_zero_init_head_starts_at_ln2(tiny_dir, tokenizer, toy_rows):
+    cfg = _cfg(tiny_dir)
+    model, _ = build_model(cfg.model)
+    b = _rows(cfg, tokenizer, toy_rows).micro_batches(0, micro_batch_size=1, grad_accum=1)[0]
+    out = model(**b.model_inputs(), num_lm_tokens=1, num_cls_examples=len(b.cls_index), lm_coef=0.0)
+    assert out.loss.item() == pytest.approx(math.log(2), abs=1e-6)
+
+
+@pytest.mark.parametrize("finetune", ["full", "lora"])
+def test_micro1_ga4_equals_micro4_ga1(tiny_dir, tokenizer, toy_rows, finetune):
+    cfg = _cfg(tiny_dir, **{"model.finetune": finetune, "data.max_seq_len": 64})
+    torch.manual_seed(0)
+    model, _ = build_model(cfg.model)
+    with torch.no_grad():  # non-trivial head and LoRA B so every gradient path is live
+        model.cls_head.weight.normal_(0, 0.1)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    rows = _rows(cfg, tokenizer, toy_rows)
+    for step in range(2):
+        l_a, g_a = _step(model, rows, step, micro=1, ga=4)
+        l_b, g_b = _step(model, rows, step, micro=4, ga=1)
+        l_c, g_c = _step(model, rows, step, micro=2, ga=2)
+        assert l_a == pytest.approx(l_b, rel=1e-5) and l_c == pytest.approx(l_b, rel=1e-5)
+        assert g_a.keys() == g_b.keys() and len(g_a) > 2
+        for n in g_a:
+            assert_close(g_a[n], g_b[n], atol=1e-6, rtol=1e-4, name=f"grad {n} (1x4 vs 4x1)")
+            assert_close(g_c[n], g_b[n], atol=1e-6, rtol=1e-4, name=f"grad {n} (2x2 vs 4x1)")
+
+
+@pytest.mark.parametrize("variant", [
+    {"model.finetune": "lora"},
+    {"model.finetune": "full"},
+    {"model.finetune": "lora", "model.cls_position": "token"},
+])
+def test_save_load_identical_probabilities(tiny_dir, tokenizer, tmp_path, variant):
+    cfg = _cfg(tiny_dir, **variant)
+    model, tok = build_model(cfg.model)
+    with torch.no_grad():
+        model.cls_head.weight.normal_(0, 0.2)
+        model.cls_head.bias.fill_(-0.1)
+        for n, p in model.named_parameters():
+            if p.requires_grad and "cls_head" not in n:
+                p.add_(torch.randn_like(p) * 0.02)
+    model.eval()
+    texts = ["A delight from start to finish.", "Boring and far too long, with a plot that goes nowhere at all."]
+    before = CLSGen(model, tok, cfg).predict(texts, explain=True, max_new_tokens=6)
+    save_checkpoint(model, tok, cfg, tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "cls_head.safetensors").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folders left behind
+    m2, tok2, cfg2 = load_checkpoint(tmp_path / "ckpt")
+    after = CLSGen(m2, tok2, cfg2).predict(texts, explain=True, max_new_tokens=6)
+    for a, b in zip(before, after):
+        assert a["prob"] == pytest.approx(b["prob"], abs=1e-6)
+        assert a["explanation"] == b["explanation"]
+    assert len({round(r["prob"], 6) for r in after}) == 2  # the head really reads the input
+
+
+def test_one_prefill_probability_equals_packed_forward(tiny_dir, tokenizer, toy_rows):
+    """The inference prefill (left-padded batch, KV cache) gives the same P(y=1) as training's packed
+    forward at the classification position."""
+    cfg = _cfg(tiny_dir)
+    model, tok = build_model(cfg.model)
+    with torch.no_grad():
+        model.cls_head.weight.normal_(0, 0.2)
+    model.eval()
+    rows = _rows(cfg, tokenizer, toy_rows)
+    enc = make_encoder(cfg, tok)
+    texts = [r["text"] for r in toy_rows[:4]]
+    probs = [r["prob"] for r in CLSGen(model, tok, cfg).predict(texts, explain=False)]
+    from clsgen_dist.data.packing import collate
+
+    b = collate([enc.encode(t, 0, None, index=i) for i, t in enumerate(texts)], capacity=10_000)
+    logits = model.cls_logits(b.input_ids, b.position_ids, b.cls_index)
+    assert_close(torch.tensor(probs), torch.sigmoid(logits), atol=1e-5, name="prefill vs packed prob")
+    del rows
