@@ -2,6 +2,8 @@
 
 A checkpoint folder holds:
   adapter_model.safetensors + adapter_config.json   (LoRA)  — or —  model.safetensors + config.json (full)
+                                                     (QLoRA: the adapter; loading re-quantizes the base to 4-bit,
+                                                     ``launch/export.py`` merges it into a 16-bit model)
   cls_head.safetensors                               the classification head (weight [1, H], bias [1])
   tokenizer files                                    (with the cls token, if one was added)
   clsgen_config.yaml                                 the resolved run config (prompt, labels, model)
@@ -27,7 +29,7 @@ from .config import Config, dump_config, load_config
 from .distributed import barrier, is_main
 from .distributed.engine import full_state_dict
 from .modeling import DualHeadModel, load_tokenizer, resolve_model_path
-from .modeling.build import resolve_attn, resolve_dtype
+from .modeling.build import add_cls_token, load_backbone, resolve_attn, resolve_dtype
 
 log = logging.getLogger("clsgen_dist.checkpoint")
 
@@ -96,10 +98,11 @@ def load_checkpoint(path: str | Path, *, device: torch.device | str = "cpu", dty
     if (p / "adapter_config.json").is_file():
         from peft import PeftModel
 
-        base = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg.model.name_or_path), dtype=tdtype,
-                                                    attn_implementation=attn)
-        if len(tokenizer) > base.get_input_embeddings().weight.shape[0]:
-            base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        # model.quantization=nf4: the same 4-bit base the adapter was trained on
+        base = load_backbone(resolve_model_path(cfg.model.name_or_path), cfg.model, dtype=tdtype, attn=attn,
+                             device=device)
+        if cfg.model.cls_position == "token":  # the frozen cls-token row: rebuilt exactly as in training
+            add_cls_token(base, tokenizer, cfg.model.cls_token)
         backbone = PeftModel.from_pretrained(base, str(p))
     else:
         backbone = AutoModelForCausalLM.from_pretrained(str(p), dtype=tdtype, attn_implementation=attn)

@@ -70,22 +70,45 @@ def train_main(argv: list[str] | None = None) -> int:
 
 
 def eval_main(argv: list[str] | None = None) -> int:
-    p = _parser("Evaluate a CLSGen checkpoint on a labelled file (sharded over ranks under any launcher).")
-    p.add_argument("--checkpoint", required=True, help="checkpoint folder (e.g. outputs/run/final)")
-    p.add_argument("--data", required=True, help="labelled JSONL/CSV/Parquet file or saved dataset")
-    p.add_argument("--output", required=True, help="folder for metrics.json and predictions.jsonl")
-    p.add_argument("--dev", default=None, help="labelled dev file to tune the F1 threshold on")
+    p = _parser("Evaluate a CLSGen checkpoint on a labelled file (sharded over ranks under any launcher): "
+                "metrics.json, predictions.jsonl, report.md/.html and plots.")
+    p.add_argument("--checkpoint", default=None, help="checkpoint folder (e.g. outputs/run/final); required "
+                   "except with --mode zero_shot, which can take --config instead")
+    p.add_argument("--data", default=None, help="labelled JSONL/CSV/Parquet file or saved dataset (default: the "
+                   "test split of the run config)")
+    p.add_argument("--output", required=True, help="folder for metrics.json, predictions.jsonl and the report")
+    p.add_argument("--dev", default=None, help="labelled dev file: tunes the F1 threshold and fits the temperature")
+    p.add_argument("--mode", default="auto", choices=["auto", "clsgen", "cls_only", "gen_only", "zero_shot"],
+                   help="where P(y=1) comes from (auto: from the checkpoint's loss weights): the classification "
+                   "head (clsgen, cls_only), the verdict tokens after the model's own explanation (gen_only), or "
+                   "the base model's verdict tokens right after the prompt (zero_shot)")
+    p.add_argument("--config", default=None, help="with --mode zero_shot and no --checkpoint: the run config whose "
+                   "base model, prompt and data are used (default: launch/configs/default.yaml)")
     p.add_argument("--explain-limit", type=int, default=None, help="generate explanations for the first N "
-                   "examples (-1 = all; default: the checkpoint's eval.explain_limit)")
+                   "examples (-1 = all; default: the checkpoint's eval.explain_limit; gen_only explains all)")
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--limit", type=int, default=None, help="use only the first N examples")
+    p.add_argument("--dev-limit", type=int, default=None, help="use only the first N dev examples")
+    p.add_argument("--ppl-tokens", type=int, default=4096, help="tokens of general English text for the "
+                   "perplexity ratio against the base model (0 = skip)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (with --config only)")
     args = p.parse_args(argv)
     with user_errors():
         from .evaluate_cli import run_eval
 
+        if args.overrides and args.checkpoint:
+            from .config import ConfigError
+
+            raise ConfigError("key=value overrides apply to --config (zero-shot) only, not to a checkpoint")
+        if args.config is None and args.checkpoint is None:
+            args.config = str(DEFAULT_CONFIG)
+        from .distributed import is_main
+
         metrics = run_eval(args)
-        if metrics is not None:
-            print({k: metrics[k] for k in ("n", "auroc", "f1", "accuracy", "brier") if k in metrics})
+        if metrics is not None and is_main():
+            print({k: metrics[k] for k in ("mode", "n", "auroc", "f1", "accuracy", "brier", "ece", "kappa",
+                                           "perplexity_ratio") if k in metrics})
     return 0
 
 

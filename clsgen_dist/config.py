@@ -37,6 +37,16 @@ class ModelConfig:
     ``flash_attention_2`` or ``eager``. Packed rows never attend across examples on any of them."""
     finetune: str = "lora"
     """``lora`` (peft adapters on the backbone, default) or ``full`` (every backbone weight)."""
+    quantization: str = "none"
+    """``none`` or ``nf4`` (QLoRA): the backbone's linear layers load frozen in 4-bit NF4 through
+    bitsandbytes (double quantization; computed in ``dtype``: bf16 on CUDA, fp32 on CPU), LoRA
+    adapts every one of them (``finetune`` must be ``lora``), embeddings and norms stay in ``dtype``
+    and frozen, the head trains in fp32, gradient checkpointing is on whatever
+    ``gradient_checkpointing`` says, and the optimizer is bitsandbytes' paged 8-bit AdamW on CUDA
+    (torch AdamW on CPU). The packed 4-bit weights are stored as elements of ``dtype``
+    (``bnb_4bit_quant_storage``), which lets ZeRO-3 partition them like any weight (QLoRA x ZeRO-3)
+    and DeepSpeed's bf16 cast leave them alone. ``launch/export.py`` merges the adapter into a
+    16-bit model."""
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0
@@ -59,6 +69,10 @@ class ModelConfig:
         _choice("model.attn_implementation", self.attn_implementation,
                 ("auto", "sdpa", "flash_attention_2", "eager"))
         _choice("model.finetune", self.finetune, ("lora", "full"))
+        _choice("model.quantization", self.quantization, ("none", "nf4"))
+        if self.quantization != "none" and self.finetune != "lora":
+            raise ConfigError(f"model.quantization={self.quantization} trains LoRA adapters on a frozen 4-bit "
+                              f"base: it needs model.finetune=lora, got model.finetune={self.finetune}")
         _choice("model.cls_position", self.cls_position, ("last_prompt", "token"))
         _choice("model.loss_impl", self.loss_impl, ("auto", "triton", "torch", "reference"))
         _positive("model.lora_r", self.lora_r)
@@ -88,6 +102,16 @@ class DataConfig:
     """The fixed last line of every answer; ``{label}`` becomes a label name."""
     max_seq_len: int = 512
     """Packed row capacity in tokens; over-long examples truncate the document, never the verdict."""
+    teacher: str | None = None
+    """Explanations written by a teacher model before training: ``None`` uses the data's own
+    ``explanation`` column as it is; ``default`` (the embedded SmolLM2-135M-Instruct) or a local HF
+    model folder writes label-conditioned rationales for the training split once (cached and
+    resumable; inconsistent ones stay classification-only). For endpoints (vLLM, TGI, …) run
+    ``launch/build_data.py --teacher-url`` and pass its output as ``train_file``."""
+    teacher_max_new_tokens: int = 48
+    teacher_batch_size: int = 16
+    teacher_limit: int | None = None
+    """Send only the first N training examples to the teacher (the rest train the head only)."""
     train_limit: int | None = None
     dev_limit: int | None = None
     test_limit: int | None = None
@@ -135,12 +159,18 @@ class TrainConfig:
     eval_every: int = 0
     """Evaluate on the dev split every N steps (0 = only at the end)."""
     save_every: int = 0
-    """Write a checkpoint every N steps (0 = only the final one)."""
+    """Write a resumable checkpoint (``output_dir/checkpoints/step-N``: model, optimizer, scheduler,
+    RNG states) every N steps (0 = none; SIGTERM always writes one before exiting)."""
+    save_total_limit: int = 2
+    """Keep only the newest N resumable checkpoints (0 = keep all)."""
+    peak_tflops: float | None = None
+    """Peak dense TFLOP/s of one device in the training dtype, for the MFU estimate in the logs
+    (``None`` = known GPUs are looked up; no MFU on CPU)."""
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "micro_batch_size", "gradient_accumulation_steps", "log_every"):
             _positive(f"train.{name}", getattr(self, name))
-        for name in ("eval_every", "save_every", "warmup_steps"):
+        for name in ("eval_every", "save_every", "warmup_steps", "save_total_limit"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         _choice("train.lr_scheduler", self.lr_scheduler, ("cosine", "linear", "constant"))
@@ -170,12 +200,15 @@ class Config:
     output_dir: str = "outputs/run"
     ds_config: str = "ds_configs/zero2.json"
     """DeepSpeed JSON; its ``"auto"`` values are filled from this config."""
-    resume: bool = False
-    """Reserved for checkpoint resume (not yet implemented: must stay false)."""
+    resume: Any = False
+    """``true``: continue from the latest complete checkpoint in ``output_dir/checkpoints`` (error if
+    there is none); ``auto``: the same if one exists, else start fresh (SLURM requeue); ``false``."""
 
     def __post_init__(self) -> None:
-        if self.resume:
-            raise ConfigError("resume=true is not supported yet")
+        if isinstance(self.resume, str) and self.resume.lower() in ("true", "false"):
+            self.resume = self.resume.lower() == "true"
+        if self.resume not in (True, False, "auto"):
+            raise ConfigError(f"resume: expected true, false or auto, got {self.resume!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

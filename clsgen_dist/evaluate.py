@@ -96,18 +96,37 @@ def explain_examples(model, encoder: PromptEncoder, texts: dict[int, str], *, to
 
 
 def evaluate_split(model, tokenizer, encoder: PromptEncoder, examples, *, cfg, explain_limit: int,
-                   dev_threshold: float | None = None) -> tuple[dict, list[dict]]:
-    """Metrics and per-example predictions for a split of :class:`Example` (all ranks call this)."""
-    encoded = [encoder.encode(ex.text, ex.label, None, index=i) for i, ex in enumerate(examples)]
-    probs = score_encoded(model, encoded, max_tokens=cfg.data.max_seq_len * max(1, cfg.train.micro_batch_size))
-    limit = len(examples) if explain_limit < 0 else min(explain_limit, len(examples))
+                   dev_threshold: float | None = None, prob_source: str = "head") -> tuple[dict, list[dict]]:
+    """Metrics and per-example predictions for a split of :class:`Example` (all ranks call this).
+
+    ``prob_source`` (see :mod:`clsgen_dist.baselines`): ``head`` — the classification head;
+    ``explanation`` — the verdict tokens after the model's own explanation (gen-only; every example
+    is explained); ``prompt`` — the verdict tokens right after the prompt (zero-shot). The two
+    verdict sources expect a plain model per rank (as ``launch/eval.py`` loads it), not ZeRO-3.
+    Explanation metrics (verdict parse rate, alignment AUROC and kappa of the probability vs the
+    parsed verdict, readability) cover the explained examples."""
+    from .baselines import explanation_body, verdict_probs
+    from .metrics import explanation_metrics
+
+    if prob_source not in ("head", "explanation", "prompt"):
+        raise ValueError(f"prob_source: expected head, explanation or prompt, got {prob_source!r}")
+    limit = len(examples) if explain_limit < 0 or prob_source == "explanation" else min(explain_limit, len(examples))
     expl = {}
     if limit:
         expl = explain_examples(model, encoder, {i: examples[i].text for i in range(limit)}, tokenizer=tokenizer,
                                 max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size)
+    max_tokens = cfg.data.max_seq_len * max(1, cfg.train.micro_batch_size)
+    if prob_source == "head":
+        encoded = [encoder.encode(ex.text, ex.label, None, index=i) for i, ex in enumerate(examples)]
+        probs = score_encoded(model, encoded, max_tokens=max_tokens)
+    else:
+        texts = {i: ex.text for i, ex in enumerate(examples)}
+        probs = verdict_probs(model, tokenizer, encoder, texts, expl if prob_source == "explanation" else None,
+                              max_tokens=max_tokens)
     labels = [ex.label for ex in examples]
     p = [probs[i] for i in range(len(examples))]
     metrics = classification_metrics(labels, p, tuned_threshold=dev_threshold)
+    metrics["prob_source"] = prob_source
     names, tmpl = cfg.data.label_names, cfg.data.verdict_template
     preds = []
     for i, ex in enumerate(examples):
@@ -115,9 +134,12 @@ def evaluate_split(model, tokenizer, encoder: PromptEncoder, examples, *, cfg, e
         preds.append({"id": ex.id, "label": ex.label, "prob": p[i], "pred": int(p[i] >= 0.5), "explanation": e,
                       "verdict": parse_verdict(e, names, tmpl) if e is not None else None})
     if limit:
-        parsed = [r for r in preds[:limit] if r["verdict"] is not None]
-        metrics["explained"] = limit
-        metrics["verdict_parse_rate"] = len(parsed) / limit
+        em = explanation_metrics(p[:limit], [r["verdict"] for r in preds[:limit]],
+                                 [explanation_body(r["explanation"], tmpl) for r in preds[:limit]])
+        note = em.pop("note", None)
+        metrics.update(em)
+        if note:
+            metrics["note"] = f"{metrics['note']}; {note}" if metrics.get("note") else note
     return metrics, preds
 
 

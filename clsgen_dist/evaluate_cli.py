@@ -1,31 +1,97 @@
-"""``launch/eval.py``: evaluate a checkpoint under any launcher (each rank a shard)."""
+"""``launch/eval.py``: evaluate a checkpoint (or, zero-shot, the base model) under any launcher —
+each rank a shard — and write ``metrics.json``, ``predictions.jsonl`` and the report (rank 0)."""
 
 from __future__ import annotations
 
+import logging
+
 from .checkpoint import check_checkpoint, load_checkpoint
 from .data.reading import read_examples
-from .distributed import init_distributed
+from .distributed import init_distributed, is_main
 from .logs import setup_logging
-from .evaluate import dev_threshold, evaluate_split, write_results
+from .evaluate import evaluate_split, write_results
 from .predict import make_encoder
+
+log = logging.getLogger("clsgen_dist.evaluate")
+
+
+def _load(args, device):
+    """(model, tokenizer, cfg, mode): the checkpoint, or the base model of its config (or of
+    ``--config``) for ``--mode zero_shot``."""
+    from .baselines import load_base_model, resolve_mode
+    from .config import load_config
+
+    if args.checkpoint:
+        cfg = check_checkpoint(args.checkpoint)
+    else:
+        cfg = load_config(args.config, getattr(args, "overrides", None) or [])
+    mode = resolve_mode(getattr(args, "mode", "auto") or "auto", cfg)
+    if mode == "zero_shot":
+        model, tokenizer = load_base_model(cfg, device)
+    else:
+        model, tokenizer, cfg = load_checkpoint(args.checkpoint, device=device)
+    return model, tokenizer, cfg, mode
+
+
+def default_eval_files(cfg) -> dict:
+    """dev/test files of a run config: its own, else the embedded Rotten Tomatoes splits."""
+    d = cfg.data
+    files = {"dev": d.dev_file, "test": d.test_file}
+    if d.train_file is None:
+        from .assets import rotten_tomatoes_splits
+
+        paths = rotten_tomatoes_splits(seed=cfg.train.seed, train_size=d.default_train_size,
+                                       dev_size=d.default_dev_size, test_size=d.default_test_size)
+        files = {k: files[k] or str(paths[k]) for k in files}
+    return files
 
 
 def run_eval(args) -> dict:
-    check_checkpoint(args.checkpoint)  # user errors first, before any process group exists
+    from .baselines import PROB_SOURCE
+    from .report import finalize_metrics, write_report
+    from .retention import language_retention
+
+    if args.checkpoint:
+        check_checkpoint(args.checkpoint)  # user errors first, before any process group exists
+    elif getattr(args, "mode", None) != "zero_shot":
+        from .checkpoint import CheckpointError
+
+        raise CheckpointError("--checkpoint is required (only --mode zero_shot can use --config instead)")
     device = init_distributed()
     setup_logging()
-    model, tokenizer, cfg = load_checkpoint(args.checkpoint, device=device)
+    model, tokenizer, cfg, mode = _load(args, device)
     if args.max_new_tokens is not None:
         cfg.eval.max_new_tokens = args.max_new_tokens
     d = cfg.data
     read = lambda path, limit=None: read_examples(  # noqa: E731
         path, text_field=d.text_field, label_field=d.label_field, explanation_field=None, id_field=d.id_field,
         label_names=d.label_names, limit=limit)
-    examples = read(args.data, args.limit)
+    data, dev = args.data or default_eval_files(cfg)["test"], args.dev
+    examples = read(data, args.limit)
     encoder = make_encoder(cfg, tokenizer)
-    thr = dev_threshold(model, encoder, read(args.dev), cfg=cfg) if args.dev else None
+    source = PROB_SOURCE[mode]
+    dev_labels = dev_probs = thr = None
+    if dev:
+        from .metrics import tune_threshold
+
+        dev_ex = read(dev, getattr(args, "dev_limit", None))
+        _, dev_preds = evaluate_split(model, tokenizer, encoder, dev_ex, cfg=cfg, explain_limit=0,
+                                      prob_source=source)
+        dev_labels, dev_probs = [r["label"] for r in dev_preds], [r["prob"] for r in dev_preds]
+        thr = tune_threshold(dev_labels, dev_probs)
     limit = cfg.eval.explain_limit if args.explain_limit is None else args.explain_limit
     metrics, preds = evaluate_split(model, tokenizer, encoder, examples, cfg=cfg, explain_limit=limit,
-                                    dev_threshold=thr)
-    write_results(args.output, metrics, preds)
+                                    dev_threshold=thr, prob_source=source)
+    ppl_tokens = getattr(args, "ppl_tokens", 4096)
+    retention = (language_retention(model, tokenizer, cfg, max_tokens=ppl_tokens, is_base=mode == "zero_shot")
+                 if ppl_tokens else None)
+    if is_main():
+        metrics = {"mode": mode, **metrics}
+        metrics, arrays = finalize_metrics(metrics, preds, dev_labels=dev_labels, dev_probs=dev_probs,
+                                           retention=retention, n_resamples=getattr(args, "bootstrap", 1000),
+                                           seed=cfg.train.seed)
+        meta = {"checkpoint": args.checkpoint or f"base model of {args.config}", "mode": mode, "data": data,
+                "dev": dev, "base model": cfg.model.name_or_path}
+        write_report(args.output, metrics, preds, arrays, label_names=d.label_names, meta=meta)
+    write_results(args.output, metrics, preds)  # metrics.json last: its presence marks a complete folder
     return metrics

@@ -1,5 +1,5 @@
-"""Training: ``main()`` builds everything and calls ``train()``; the loop body is ``train_step()``,
-``maybe_eval()`` and ``maybe_save()``."""
+"""Training: ``run()`` builds everything and calls ``Trainer.train()``, whose loop body is
+``train_step()``, ``maybe_eval()`` and ``maybe_save()``."""
 
 from __future__ import annotations
 
@@ -20,12 +20,14 @@ from .checkpoint import save_checkpoint
 from .config import Config, dump_config
 from .data import PackedRows, PromptEncoder, read_examples
 from .distributed import all_reduce_sum, barrier, init_distributed, is_main, rank, world_size
-from .distributed.engine import build_engine, fill_ds_config, load_ds_config
+from .distributed.engine import build_engine, fill_ds_config, load_ds_config, zero_stage
 from .logs import setup_logging
 from .evaluate import dev_threshold, evaluate_split, write_json_atomic, write_results
 from .modeling import build_model
 from .modeling.build import resolve_dtype
 from .predict import make_encoder
+from .resume import (StopFlag, fault_point, latest_checkpoint, load_training_state, resolve_resume,
+                     save_training_state)
 
 log = logging.getLogger("clsgen_dist.train")
 REPO = Path(__file__).resolve().parent.parent
@@ -45,6 +47,8 @@ def load_splits(cfg: Config) -> dict[str, list]:
         paths = rotten_tomatoes_splits(seed=cfg.train.seed, train_size=d.default_train_size,
                                        dev_size=d.default_dev_size, test_size=d.default_test_size)
         files = {k: files[k] or str(paths[k]) for k in files}
+    if d.teacher is not None:
+        files["train"] = str(teacher_explanations(cfg, Path(files["train"]), default=d.train_file is None))
     limits = {"train": d.train_limit, "dev": d.dev_limit, "test": d.test_limit}
     out = {}
     for split, path in files.items():
@@ -54,6 +58,21 @@ def load_splits(cfg: Config) -> dict[str, list]:
                                    explanation_field=d.explanation_field, id_field=d.id_field,
                                    label_names=d.label_names, limit=limits[split])
     return out
+
+
+def teacher_explanations(cfg: Config, train: Path, *, default: bool) -> Path:
+    """The training file with teacher explanations, built once (see ``data/construct.py``). The
+    embedded default keeps it next to its cached split; user data under ``output_dir/teacher``."""
+    from .data.construct import ensure_explanations
+
+    d = cfg.data
+    tag = "default" if d.teacher == "default" else Path(d.teacher).name
+    name = f"{train.stem}.{tag}-n{d.teacher_limit or 'all'}-t{d.teacher_max_new_tokens}.explained.jsonl"
+    out = train.parent / name if default else Path(cfg.output_dir) / "teacher" / name
+    # one item cache per folder: changing the limit or the output name regenerates nothing already made
+    return ensure_explanations(train, out, teacher_dir=d.teacher, data=d, max_new_tokens=d.teacher_max_new_tokens,
+                               batch_size=d.teacher_batch_size, explain_limit=d.teacher_limit,
+                               cache_path=out.parent / "teacher_cache.jsonl")
 
 
 def encode_train(examples, encoder: PromptEncoder, max_seq_len: int, seed: int) -> tuple[PackedRows, dict]:
@@ -110,7 +129,11 @@ class Trainer:
     out: Path
     writer: object = None
     log_fh: object = None
-    history: list = field(default_factory=list)
+    stop: StopFlag = field(default_factory=StopFlag)
+    zero_stage: int = 0
+    flops_per_token: float = 0.0  # 6 x parameters (dense matmuls, forward + backward)
+    attn_flops_per_sq: float = 0.0  # causal attention: 6 x layers x hidden per sum of squared lengths
+    peak_flops: float | None = None
 
     def train_step(self, step: int) -> dict:
         """One optimizer step over ``grad_accum`` micro-batches; returns the step's global metrics."""
@@ -121,10 +144,11 @@ class Trainer:
                                       grad_accum=t.gradient_accumulation_steps, rank=rank(), world_size=W)
         # Global normalisers: one all-reduce per step (a sync point), before any forward.
         counts = torch.tensor([sum(b.n_lm for b in mbs), sum(len(b.cls_index) for b in mbs),
-                               sum(b.n_tokens for b in mbs), sum(b.capacity for b in mbs)], dtype=torch.float64,
-                              device=self.device)
-        n_lm, n_cls, n_tok, cap = all_reduce_sum(counts).tolist()
-        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+                               sum(b.n_tokens for b in mbs), sum(b.capacity for b in mbs),
+                               sum(_sq_seqlens(b) for b in mbs)], dtype=torch.float64, device=self.device)
+        n_lm, n_cls, n_tok, cap, sq = all_reduce_sum(counts).tolist()
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)
+        sums[3] = float(self.stop.requested)  # preemption: any rank's signal stops all, agreed below
         for b in mbs:
             b = b.to(self.device)
             out = self.engine(**b.model_inputs(), num_lm_tokens=n_lm, num_cls_examples=n_cls,
@@ -134,15 +158,18 @@ class Trainer:
             # reduced gradient that of the summed, globally normalised loss.
             self.engine.backward(out.loss * W, scale_wrt_gas=False)
             self.engine.step()
-            sums += torch.stack([out.loss.detach().double(), out.lm_loss_sum.double(), out.cls_loss_sum.double()])
-        loss, lm_sum, cls_sum = all_reduce_sum(sums).tolist()
+            sums[:3] += torch.stack([out.loss.detach().double(), out.lm_loss_sum.double(),
+                                     out.cls_loss_sum.double()])
+        loss, lm_sum, cls_sum, stop = all_reduce_sum(sums).tolist()
         gnorm = self.engine.get_global_grad_norm()  # pre-clipping norm of the reduced gradient
         dt = time.perf_counter() - t0
+        flops = self.flops_per_token * n_tok + self.attn_flops_per_sq * sq  # whole step, all ranks
         return {"step": step + 1, "loss": loss, "lm_loss": lm_sum / n_lm if n_lm else 0.0,
                 "cls_loss": cls_sum / n_cls if n_cls else 0.0, "tokens_per_s": n_tok / dt,
-                "packing_efficiency": n_tok / cap, "lr": self.engine.get_lr()[0],
-                "grad_norm": float(gnorm) if gnorm is not None else None, "lm_tokens": int(n_lm),
-                "examples": int(n_cls), "step_time_s": dt}
+                "tokens_per_s_per_rank": n_tok / dt / W, "packing_efficiency": n_tok / cap,
+                "lr": self.engine.get_lr()[0], "grad_norm": float(gnorm) if gnorm is not None else None,
+                "mfu": flops / dt / W / self.peak_flops if self.peak_flops else None,
+                "lm_tokens": int(n_lm), "examples": int(n_cls), "step_time_s": dt, "stop": stop > 0}
 
     def log_step(self, rec: dict) -> None:
         if not is_main():
@@ -170,37 +197,58 @@ class Trainer:
                         self.writer.add_scalar(f"dev/{k}", metrics[k], step + 1)
         return metrics
 
-    def maybe_save(self, step: int) -> None:
+    def maybe_save(self, step: int, *, force: bool = False) -> None:
         every = self.cfg.train.save_every
-        if every and (step + 1) % every == 0 and step + 1 < self.cfg.train.max_steps:
-            save_checkpoint(self.model, self.tokenizer, self.cfg, self.out / f"checkpoint-{step + 1}")
+        if force or (every and (step + 1) % every == 0 and step + 1 < self.cfg.train.max_steps):
+            save_training_state(self.engine, self.out, step + 1, zero_stage=self.zero_stage,
+                                keep=self.cfg.train.save_total_limit)
 
-    def train(self) -> None:
+    def train(self, start_step: int = 0) -> bool:
+        """Steps ``start_step .. max_steps``; False if stopped early by a signal (state saved)."""
         t = self.cfg.train
         bar = None
         if is_main():
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=t.max_steps, desc="train", dynamic_ncols=True, file=sys.stderr,
+            bar = tqdm(total=t.max_steps, initial=start_step, desc="train", dynamic_ncols=True, file=sys.stderr,
                        disable=not sys.stderr.isatty() and os.environ.get("CLSGEN_PROGRESS") != "1")
         self.model.train()
-        for step in range(t.max_steps):
+        for step in range(start_step, t.max_steps):
             rec = self.train_step(step)
+            if step == start_step:  # optimizer state exists only after the first step
+                record_model_state(self.out, self.engine)
             if not math.isfinite(rec["loss"]):
                 raise FloatingPointError(f"non-finite loss at step {step + 1}: {rec}")
             self.log_step(rec)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", lm=f"{rec['lm_loss']:.3f}", cls=f"{rec['cls_loss']:.3f}",
-                                tok_s=f"{rec['tokens_per_s']:.0f}", pack=f"{rec['packing_efficiency']:.2f}")
-            if is_main() and (bar is None or bar.disable) and ((step + 1) % t.log_every == 0 or step == 0):
-                log.info("step %d/%d loss=%.4f lm=%.4f cls=%.4f tok/s=%.0f pack=%.3f", rec["step"], t.max_steps,
-                         rec["loss"], rec["lm_loss"], rec["cls_loss"], rec["tokens_per_s"],
-                         rec["packing_efficiency"])
+            self.show(rec, bar)
             self.maybe_eval(step)
-            self.maybe_save(step)
+            self.maybe_save(step, force=rec["stop"])
+            fault_point("after_step", step + 1)
+            if rec["stop"]:
+                if is_main():
+                    log.warning("stop signal received: saved step %d; continue with resume=true", step + 1)
+                return False
         if bar is not None:
             bar.close()
+        return True
+
+    def show(self, rec: dict, bar) -> None:
+        t = self.cfg.train
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", lm=f"{rec['lm_loss']:.3f}", cls=f"{rec['cls_loss']:.3f}",
+                            tok_s=f"{rec['tokens_per_s']:.0f}", pack=f"{rec['packing_efficiency']:.2f}")
+        step = rec["step"]
+        if is_main() and (bar is None or bar.disable) and (step % t.log_every == 0 or step == 1):
+            mfu = f" mfu={rec['mfu']:.3f}" if rec["mfu"] is not None else ""
+            log.info("step %d/%d loss=%.4f lm=%.4f cls=%.4f tok/s=%.0f pack=%.3f%s", step, t.max_steps,
+                     rec["loss"], rec["lm_loss"], rec["cls_loss"], rec["tokens_per_s"], rec["packing_efficiency"],
+                     mfu)
+
+
+def _sq_seqlens(b) -> float:
+    lens = (b.cu_seqlens[1:] - b.cu_seqlens[:-1]).double()
+    return float((lens * lens).sum())
 
 
 def _fmt(x) -> str:
@@ -230,21 +278,71 @@ def final_evaluation(tr: Trainer) -> dict | None:
 # ----------------------------------------------------------------------------- entry point
 
 
-def prepare_output(cfg: Config, ds: dict, info: dict) -> Path:
+def prepare_output(cfg: Config, ds: dict, info: dict, *, resume_step: int | None = None) -> Path:
+    """Write the run's metadata; the step log restarts, or on resume keeps the steps up to the
+    checkpoint (lines a killed run logged after it are dropped)."""
     out = Path(cfg.output_dir)
     if is_main():
         out.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, out / "config.yaml")
         write_json_atomic(out / "ds_config.json", ds)
         write_json_atomic(out / "run_info.json", info)
-        (out / "train_log.jsonl").write_text("")
+        logf = out / "train_log.jsonl"
+        keep = []
+        if resume_step is not None and logf.is_file():
+            keep = [ln for ln in logf.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= resume_step]
+        logf.write_text("".join(ln + "\n" for ln in keep))
     barrier()
     return out
+
+
+def _ckpt_step(ck: Path | None) -> int | None:
+    return json.loads((ck / "trainer_state.json").read_text())["step"] if ck is not None else None
+
+
+# Dense bf16 peak TFLOP/s by device name (datasheet values without sparsity).
+_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
+
+
+def peak_flops(cfg: Config, device: torch.device) -> float | None:
+    if cfg.train.peak_tflops:
+        return cfg.train.peak_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tf in _PEAK_TFLOPS.items():
+        if key in name:
+            return tf * 1e12
+    return None
+
+
+def flop_counts(model) -> dict:
+    """Model FLOPs for MFU: 6·N per token for the dense weights (forward + backward, whether or not
+    the weights train, as MFU is usually quoted) + 6·L·H per squared example length for causal
+    attention (the score and value matmuls, halved by the mask)."""
+    c = model.config
+    # ds_numel: the full size of a ZeRO-3-partitioned parameter (numel() is its local shard)
+    n = sum(getattr(p, "ds_numel", p.numel()) for p in model.causal_lm.parameters())
+    return {"flops_per_token": 6.0 * n, "attn_flops_per_sq": 6.0 * c.num_hidden_layers * c.hidden_size}
+
+
+def record_model_state(out: Path, engine) -> None:
+    """Model-state bytes held by each rank (parameter partitions + optimizer state), into run_info.json."""
+    from .distributed import all_gather_objects
+    from .distributed.engine import model_state_bytes
+
+    per_rank = all_gather_objects(model_state_bytes(engine))
+    if is_main():
+        info = json.loads((out / "run_info.json").read_text())
+        info["model_state_bytes_per_rank"] = per_rank
+        write_json_atomic(out / "run_info.json", info)
+        log.info("model state per rank: %s MiB", ", ".join(f"{b / 2**20:.1f}" for b in per_rank))
 
 
 def run(cfg: Config) -> dict | None:
     """Train and evaluate as configured; returns the test metrics (None without a test split)."""
     ds_raw = load_ds_config(_repo_path(cfg.ds_config))
+    setup_logging()  # before the process group: all ranks log at INFO until it exists
     splits = load_splits(cfg)  # user data is validated before any process group or model exists
     device = init_distributed()
     setup_logging()
@@ -254,7 +352,8 @@ def run(cfg: Config) -> dict | None:
     model, tokenizer = build_model(cfg.model, device=device, seed=cfg.train.seed)
     encoder = make_encoder(cfg, tokenizer)
     rows, stats = encode_train(splits["train"], encoder, cfg.data.max_seq_len, cfg.train.seed)
-    out = prepare_output(cfg, ds, {**run_info(cfg, device), "data": stats})
+    resume_from = resolve_resume(cfg.resume, Path(cfg.output_dir))
+    out = prepare_output(cfg, ds, {**run_info(cfg, device), "data": stats}, resume_step=_ckpt_step(resume_from))
     if is_main():
         log.info("train data: %d examples (%d with explanations), %d packed rows, packing efficiency %.3f, "
                  "%d documents truncated, %d explanations truncated", stats["examples"], stats["with_explanation"],
@@ -266,10 +365,24 @@ def run(cfg: Config) -> dict | None:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(out / "tensorboard"))
+    start = 0
+    if resume_from is not None:
+        start = load_training_state(engine, resume_from)
+        if is_main():
+            log.info("resumed from %s at step %d", resume_from, start)
     with open(out / "train_log.jsonl", "a") if is_main() else open(os.devnull, "w") as fh:
         tr = Trainer(cfg=cfg, engine=engine, model=engine.module, tokenizer=tokenizer, encoder=encoder, rows=rows,
-                     splits=splits, device=device, out=out, writer=writer, log_fh=fh)
-        tr.train()
+                     splits=splits, device=device, out=out, writer=writer, log_fh=fh, stop=StopFlag().install(),
+                     zero_stage=zero_stage(ds), peak_flops=peak_flops(cfg, device), **flop_counts(model))
+        finished = tr.train(start)
+    if not finished:
+        if writer is not None:
+            writer.close()
+        if is_main():
+            (out / "PREEMPTED").write_text(f"{latest_checkpoint(out)}\n")
+        return None
+    if is_main():
+        (out / "PREEMPTED").unlink(missing_ok=True)
     save_checkpoint(engine.module, tokenizer, cfg, out / "final")
     metrics = final_evaluation(tr)
     if writer is not None:

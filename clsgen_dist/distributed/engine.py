@@ -116,7 +116,10 @@ def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
 
 
 def build_engine(model: torch.nn.Module, cfg: Config, ds: dict):
-    """``deepspeed.initialize`` with our optimizer (unless the JSON names one) and LR schedule."""
+    """``deepspeed.initialize`` with our optimizer (unless the JSON names one) and LR schedule. Our
+    optimizer is torch AdamW, or bitsandbytes' PagedAdamW8bit for QLoRA on CUDA. A 4-bit model needs
+    nothing else: ZeRO-1/2 only shard the trainable (LoRA, head) parameters, and ZeRO-3 partitions the
+    packed 4-bit weights like any other since they are stored in the compute dtype (modeling/build.py)."""
     import deepspeed
 
     if zero_stage(ds) == 3:
@@ -129,8 +132,19 @@ def build_engine(model: torch.nn.Module, cfg: Config, ds: dict):
     groups = param_groups(model, cfg)
     optimizer = None
     if "optimizer" not in ds:
-        optimizer = torch.optim.AdamW(groups, lr=cfg.train.learning_rate, betas=(0.9, 0.999), eps=1e-8,
-                                      weight_decay=cfg.train.weight_decay)
+        kw = dict(lr=cfg.train.learning_rate, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.train.weight_decay)
+        if cfg.model.quantization != "none" and next(model.parameters()).is_cuda:
+            import bitsandbytes as bnb
+
+            # QLoRA: 8-bit blockwise Adam states in paged (unified) memory, evicted to the host under
+            # memory pressure instead of failing with an out-of-memory error.
+            optimizer = bnb.optim.PagedAdamW8bit(groups, **kw)
+            if zero_stage(ds) > 0:
+                # ZeRO accepts only the optimizers it knows; set here (it follows from the run config),
+                # so the ds_config.json written to output_dir does not show it
+                ds = {**ds, "zero_allow_untested_optimizer": True}
+        else:
+            optimizer = torch.optim.AdamW(groups, **kw)
     engine, optimizer, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, model_parameters=groups if optimizer is None else None, config=ds,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
@@ -180,3 +194,29 @@ def full_state_dict(module: torch.nn.Module, *, trainable_only: bool = False) ->
         for n, b in module.named_buffers():
             out[n] = b.detach().to("cpu", copy=True)
     return out
+
+
+def model_state_bytes(engine) -> int:
+    """Bytes of model state this rank holds: its parameter partitions (all of each parameter when
+    unpartitioned) + its optimizer state (fp32 master partitions and Adam moments)."""
+    seen: set[int] = set()
+    total = 0
+
+    def add(t) -> None:
+        nonlocal total
+        if isinstance(t, torch.Tensor) and t.numel() and id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+
+    for p in engine.module.parameters():
+        add(p.ds_tensor if is_zero3_param(p) else p)
+    opt = engine.optimizer
+    inner = getattr(opt, "optimizer", opt)
+    for state in getattr(inner, "state", {}).values():
+        for v in state.values():
+            add(v)
+    # ZeRO's fp32 master partitions (stage 1/2: single_partition_of_fp32_groups; stage 3: fp32_partitioned_groups_flat)
+    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):
+        for t in getattr(opt, name, None) or []:
+            add(t)
+    return total

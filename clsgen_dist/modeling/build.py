@@ -76,24 +76,73 @@ def _accepts_replace(tokenizer) -> bool:
         return False
 
 
-def apply_lora(backbone, cfg: ModelConfig, *, trainable_token_ids: list[int] | None = None):
+def quantization_config(cfg: ModelConfig, compute_dtype: torch.dtype):
+    """The ``BitsAndBytesConfig`` of ``cfg.quantization`` (None for ``none``)."""
+    if cfg.quantization == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    # The packed 4-bit bytes are stored as elements of the compute dtype, not uint8: ZeRO-3 partitions
+    # every parameter and DeepSpeed's bf16 engine casts every floating one to bf16; with storage ==
+    # compute dtype (== the engine dtype) neither touches the packed bytes (QLoRA x ZeRO-3).
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=compute_dtype)
+
+
+def load_backbone(path: str, cfg: ModelConfig, *, dtype: torch.dtype, attn: str, device: torch.device):
+    """The HF causal LM, in ``dtype`` or, with ``cfg.quantization=nf4``, with 4-bit NF4 linear layers
+    (quantized while loading, straight onto ``device``)."""
+    from transformers import AutoModelForCausalLM
+
+    qcfg = quantization_config(cfg, dtype)
+    if qcfg is None:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn)
+    backbone = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn,
+                                                    quantization_config=qcfg, device_map={"": device})
+    for m in backbone.modules():
+        # On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight in place the first time its
+        # layer runs in eval mode, and from then on multiplies with a kernel that has no backward: the
+        # next training step silently loses every gradient through the base weights (a dev evaluation
+        # mid-training is enough). Keep the one differentiable format for training and inference alike.
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+    return backbone
+
+
+def prepare_kbit(backbone, dtype: torch.dtype):
+    """Freeze the 4-bit backbone and turn gradient checkpointing on (peft's k-bit preparation)."""
+    from peft import prepare_model_for_kbit_training
+
+    backbone = prepare_model_for_kbit_training(backbone, use_gradient_checkpointing=True,
+                                               gradient_checkpointing_kwargs={"use_reentrant": False})
+    # peft upcasts every non-4-bit weight to fp32 (for fp16 stability). With bf16 compute that doubles
+    # the embeddings and LM head (+2 GiB on Llama-3.1-8B), and DeepSpeed's bf16 engine casts them back
+    # anyway: keep them in the compute dtype.
+    for p in backbone.parameters():
+        if p.dtype != dtype and p.dtype.is_floating_point and type(p).__name__ != "Params4bit":
+            p.data = p.data.to(dtype)
+    return backbone
+
+
+def apply_lora(backbone, cfg: ModelConfig):
+    """LoRA adapters on ``lora_target_modules``. An added cls token keeps its mean-initialised
+    embedding frozen under LoRA: it only marks the position, and the adapted layers above it learn
+    what to put there (peft's trainable-token wrapper would hide the LM head's plain ``weight``
+    from the fused loss). peft saves the resized embedding with the adapter."""
     from peft import LoraConfig, get_peft_model
 
-    kwargs = {}
-    if trainable_token_ids:
-        # Only the added token's embedding row trains (tied LM head rows follow).
-        kwargs["trainable_token_indices"] = {"embed_tokens": list(trainable_token_ids)}
     lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=cfg.lora_target_modules, bias="none", **kwargs)
+                      target_modules=cfg.lora_target_modules, bias="none")
     return get_peft_model(backbone, lcfg)
 
 
 def build_model(cfg: ModelConfig, *, device: torch.device | str = "cpu", model_path: str | None = None,
                 seed: int | None = None) -> tuple[DualHeadModel, object]:
     """Load backbone + tokenizer, add the cls token if configured, wrap with LoRA or unfreeze all,
-    and attach the zero-initialised fp32 classification head. Returns (model, tokenizer)."""
-    from transformers import AutoModelForCausalLM
+    and attach the zero-initialised fp32 classification head. Returns (model, tokenizer).
 
+    ``cfg.quantization=nf4`` (QLoRA): the linear layers load frozen in 4-bit, gradient checkpointing
+    is on, and LoRA adapts them (``cfg.lora_target_modules``, all linear projections by default)."""
     device = torch.device(device)
     path = model_path or resolve_model_path(cfg.name_or_path)
     if not Path(path).exists():
@@ -104,21 +153,24 @@ def build_model(cfg: ModelConfig, *, device: torch.device | str = "cpu", model_p
     if seed is not None:
         torch.manual_seed(seed)
     tokenizer = load_tokenizer(path)
-    backbone = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn)
+    backbone = load_backbone(path, cfg, dtype=dtype, attn=attn, device=device)
     backbone.config.use_cache = False
     token_ids = []
     if cfg.cls_position == "token":
         token_ids = [add_cls_token(backbone, tokenizer, cfg.cls_token)]
-    if cfg.gradient_checkpointing:
+    if cfg.quantization != "none":
+        backbone = prepare_kbit(backbone, dtype)
+    elif cfg.gradient_checkpointing:
         backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         backbone.enable_input_require_grads()
     if cfg.finetune == "lora":
-        backbone = apply_lora(backbone, cfg, trainable_token_ids=token_ids)
+        backbone = apply_lora(backbone, cfg)
     else:
         backbone.requires_grad_(True)
     model = DualHeadModel(backbone, loss_impl=cfg.loss_impl, loss_chunk_size=cfg.loss_chunk_size)
     model.to(device)
-    log.info("model: %s (%s, attn=%s, finetune=%s), trainable %s / %s params", path, dtype, attn, cfg.finetune,
+    log.info("model: %s (%s, attn=%s, finetune=%s, quantization=%s), trainable %s / %s params", path, dtype, attn,
+             cfg.finetune, cfg.quantization,
              f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,}",
              f"{sum(p.numel() for p in model.parameters()):,}")
     return model, tokenizer

@@ -96,6 +96,16 @@ def test_zero3_two_ranks_partitioned_match_one_process(single_run, tiny_dir, dat
     a = CLSGen.from_pretrained(single_run / "final", device="cpu").predict(texts, explain=False)
     b = CLSGen.from_pretrained(out / "final", device="cpu").predict(texts, explain=False)
     assert [r["prob"] for r in a] == pytest.approx([r["prob"] for r in b], abs=1e-5)
+    # The model state really is partitioned: the same ZeRO-3 run on one rank holds ~2x per rank.
+    one_rank = tmp_path / "one"
+    launch("train.py", _args(tiny_dir, data, one_rank, "train.gradient_accumulation_steps=4", "train.max_steps=1",
+                             f"ds_config={tmp_path / 'z3.json'}", "data.test_file=null"))
+    b1 = json.loads((one_rank / "run_info.json").read_text())["model_state_bytes_per_rank"]
+    b2 = json.loads((out / "run_info.json").read_text())["model_state_bytes_per_rank"]
+    ratio = max(b2) / b1[0]
+    print(f"ZeRO-3 model state per rank: 1 rank {b1[0] / 2**20:.2f} MiB, 2 ranks {[x / 2**20 for x in b2]} MiB, "
+          f"ratio {ratio:.3f}")
+    assert len(b1) == 1 and len(b2) == 2 and ratio <= 0.55
 
 
 def test_eval_sharded_over_two_ranks_equals_one_process(single_run, data, tmp_path):

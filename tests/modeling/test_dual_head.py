@@ -121,6 +121,23 @@ def test_save_load_identical_probabilities(tiny_dir, tokenizer, tmp_path, varian
     assert len({round(r["prob"], 6) for r in after}) == 2  # the head really reads the input
 
 
+@pytest.mark.parametrize("finetune", ["lora", "full"])
+def test_cls_token_mode_trains(tiny_dir, tokenizer, toy_rows, finetune):
+    """With an added cls token the packed forward reads the head at that token, and a backward pass
+    reaches the head and the trainable weights."""
+    cfg = _cfg(tiny_dir, **{"model.finetune": finetune, "model.cls_position": "token"})
+    model, tok = build_model(cfg.model)
+    rows = _rows(cfg, tok, toy_rows)
+    b = rows.micro_batches(0, micro_batch_size=2, grad_accum=1)[0]
+    cls_id = tok.convert_tokens_to_ids("<|cls|>")
+    assert (b.input_ids[0, b.cls_index] == cls_id).all()
+    out = model(**b.model_inputs(), num_lm_tokens=max(b.n_lm, 1), num_cls_examples=len(b.cls_index))
+    out.loss.backward()
+    assert model.cls_head.weight.grad is not None and model.cls_head.weight.grad.abs().sum() > 0
+    others = [p.grad for n, p in model.named_parameters() if p.requires_grad and "cls_head" not in n]
+    assert others and all(g is not None for g in others)
+
+
 def test_one_prefill_probability_equals_packed_forward(tiny_dir, tokenizer, toy_rows):
     """The inference prefill (left-padded batch, KV cache) gives the same P(y=1) as training's packed
     forward at the classification position."""

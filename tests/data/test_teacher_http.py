@@ -1,0 +1,284 @@
+"""The OpenAI-compatible teacher against real HTTP servers on 127.0.0.1: canned completions, failures
+(429/500 → retries), hangs (→ timeouts), a killed and resumed run, and user errors."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from clsgen_dist.config import DataConfig
+from clsgen_dist.construct_cli import build_data_main
+from clsgen_dist.data.construct import PromptSpec, build_explanations, read_input
+from clsgen_dist.data.teachers import GenerationSettings, HTTPTeacher, TeacherError
+from tests.conftest import REVIEWS, write_jsonl
+from tests.integration._run import PY, REPO, clean_env, free_port, launch
+
+NAMES = ["negative", "positive"]
+DATA = DataConfig(label_names=NAMES, instruction="Is this movie review positive or negative?")
+CONTRARIAN = {REVIEWS[3][0], REVIEWS[6][0]}  # the canned teacher argues the wrong side for these
+
+
+def canned(content: str) -> tuple[str, str, str]:
+    """(kind, ident, completion) for a user message built from the default templates."""
+    if "Based on this explanation" in content:  # the stance judge
+        expl = content.split("Explanation:\n", 1)[1].split("\n\nBased on", 1)[0]
+        return "judge", expl, "Positive." if "praises" in expl else "negative"
+    text = content.split("Text:\n", 1)[1].split("\n\n", 1)[0]
+    m = re.search(r"Correct answer: (\w+)", content)
+    if m:  # label-conditioned: a rationale for the gold label (or against it, for the contrarian texts)
+        good = (m.group(1) == "positive") != (text in CONTRARIAN)
+        return "gen", text, f'The review {"praises" if good else "criticises"} the film: "{text}"'
+    y = dict(REVIEWS)[text]
+    return "gen", text, f'Because "{text}".\nVerdict: {NAMES[y]}'
+
+
+class FakeChat:
+    """A chat-completions server in a thread. ``plan(kind, ident, attempt)`` → "ok", an HTTP status,
+    or "hang"; requests beyond ``allow`` wait for ``gate``. Every request is counted on arrival."""
+
+    def __init__(self, plan=None):
+        self.plan = plan or (lambda kind, ident, attempt: "ok")
+        self.counts: Counter = Counter()
+        self.total = 0
+        self.order: list[tuple[str, str]] = []
+        self.allow: int | None = None
+        self.gate = threading.Event()
+        self.release = threading.Event()
+        self.auth: list[str | None] = []
+        self.lock = threading.Lock()
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                try:
+                    fake.handle(self)
+                except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout, kill)
+                    pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def handle(self, h: BaseHTTPRequestHandler) -> None:
+        body = json.loads(h.rfile.read(int(h.headers["Content-Length"])))
+        assert h.path == "/v1/chat/completions" and body["model"] == "fake-teacher"
+        kind, ident, completion = canned(body["messages"][-1]["content"])
+        with self.lock:
+            self.counts[(kind, ident)] += 1
+            self.total += 1
+            self.order.append((kind, ident))
+            attempt, n = self.counts[(kind, ident)], self.total
+            self.auth.append(h.headers.get("Authorization"))
+        if self.allow is not None and n > self.allow:
+            self.gate.wait(30)
+        action = self.plan(kind, ident, attempt)
+        if action == "hang":
+            self.release.wait(10)
+            return
+        if action != "ok":
+            payload = json.dumps({"error": {"message": "busy"}}).encode()
+            h.send_response(action)
+            if action == 429:
+                h.send_header("Retry-After", "0")
+        else:
+            choice = {"index": 0, "message": {"role": "assistant", "content": completion}, "finish_reason": "stop"}
+            payload = json.dumps({"id": "x", "object": "chat.completion", "model": body["model"],
+                                  "choices": [choice]}).encode()
+            h.send_response(200)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Length", str(len(payload)))
+        h.end_headers()
+        h.wfile.write(payload)
+
+    def gens(self) -> Counter:
+        return Counter({ident: c for (kind, ident), c in self.counts.items() if kind == "gen"})
+
+    def close(self) -> None:
+        self.release.set()
+        self.gate.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(autouse=True)
+def _no_proxy(monkeypatch):
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+
+
+@pytest.fixture
+def server_factory():
+    made = []
+
+    def make(plan=None):
+        made.append(FakeChat(plan))
+        return made[-1]
+
+    yield make
+    for s in made:
+        s.close()
+
+
+@pytest.fixture
+def rows():
+    return [{"id": f"r{i}", "text": t, "label": y} for i, (t, y) in enumerate(REVIEWS)]
+
+
+def _build(tmp_path, rows, server, name="out", mode="conditioned", **kw):
+    exs = read_input(write_jsonl(tmp_path / "in.jsonl", rows), DATA)
+    opts = dict(concurrency=4, timeout=5.0, max_retries=3, backoff=0.01)
+    opts.update(kw)
+    teacher = HTTPTeacher(server.url, "fake-teacher", settings=GenerationSettings(max_new_tokens=32), **opts)
+    stats = build_explanations(exs, teacher, PromptSpec.from_data(DATA, mode=mode), tmp_path / f"{name}.jsonl")
+    out = [json.loads(x) for x in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+    return out, stats, teacher
+
+
+def test_conditioned_end_to_end_with_stance_judge(tmp_path, rows, server_factory):
+    server = server_factory()
+    out, stats, _ = _build(tmp_path, rows, server)
+    assert [r["id"] for r in out] == [r["id"] for r in rows]
+    for r in out:
+        contrarian = r["text"] in CONTRARIAN
+        assert r["consistent"] is not contrarian and r["verdict"] == (1 - r["label"] if contrarian else r["label"])
+        assert r["stance"] == float(r["verdict"])
+        assert r["raw_explanation"].endswith(f'"{r["text"]}"')
+        assert r["explanation"] == (None if contrarian else r["raw_explanation"])
+        assert r["teacher"] == f"openai:fake-teacher@{server.url.split('//')[1]}"
+    assert set(server.counts.values()) == {1} and len(server.counts) == 24  # one rationale + one judge each
+    assert stats["per_class"]["negative"]["cls_only"] == 1 and stats["per_class"]["positive"]["cls_only"] == 1
+
+
+def test_retries_on_429_and_500_lose_nothing(tmp_path, rows, server_factory):
+    server = server_factory()
+    ref, _, _ = _build(tmp_path, rows, server, name="ref", mode="unconditioned")
+    flaky_items = {t for t, _ in REVIEWS[::2]}
+    server.counts.clear()
+    # every other item: 429, then 500, then success
+    server.plan = lambda kind, ident, attempt: 429 if attempt == 1 else 500 if attempt == 2 else "ok"
+    server.plan = (lambda plan: lambda kind, ident, attempt: plan(kind, ident, attempt) if ident in flaky_items
+                   else "ok")(server.plan)
+    out, _, teacher = _build(tmp_path, rows, server, mode="unconditioned")
+    assert out == ref and all(r["consistent"] for r in out)
+    assert teacher.retries == 2 * len(flaky_items) and teacher.requests == 12 + 2 * len(flaky_items)
+
+
+def test_timeouts_are_retried(tmp_path, rows, server_factory):
+    server = server_factory()
+    ref, _, _ = _build(tmp_path, rows, server, name="ref", mode="unconditioned")
+    hang_on = {REVIEWS[1][0], REVIEWS[4][0], REVIEWS[9][0]}
+    server.counts.clear()
+    server.plan = lambda kind, ident, attempt: "hang" if ident in hang_on and attempt == 1 else "ok"
+    t0 = time.perf_counter()
+    out, _, teacher = _build(tmp_path, rows, server, mode="unconditioned", timeout=0.5)
+    assert out == ref and teacher.retries == 3
+    assert time.perf_counter() - t0 < 5  # the three hangs overlap (concurrency 4)
+
+
+def test_fatal_errors_are_one_clear_message_without_the_key(tmp_path, rows, server_factory, monkeypatch):
+    monkeypatch.setenv("TEACHER_KEY", "sk-very-secret")
+    server = server_factory(lambda kind, ident, attempt: 401)
+    with pytest.raises(TeacherError, match=r"refused the request: HTTP 401") as e:
+        _build(tmp_path, rows, server, mode="unconditioned", api_key_env="TEACHER_KEY")
+    assert "sk-very-secret" not in str(e.value) and server.auth[0] == "Bearer sk-very-secret"
+    assert "sk-very-secret" not in repr(HTTPTeacher(server.url, "m", api_key_env="TEACHER_KEY"))
+    server = server_factory(lambda kind, ident, attempt: 503)
+    with pytest.raises(TeacherError, match=r"failed 2 attempts .*last error: HTTP 503"):
+        _build(tmp_path, rows, server, mode="unconditioned", max_retries=1)
+
+
+def test_killed_run_resumes_without_regenerating(tmp_path, rows, server_factory):
+    server = server_factory()
+    f = write_jsonl(tmp_path / "in.jsonl", rows)
+
+    def args(name):
+        return ["--input", str(f), "--output", str(tmp_path / f"{name}.jsonl"), "--teacher-url", server.url,
+                "--teacher-model", "fake-teacher", "--concurrency", "2", "--max-new-tokens", "32",
+                "data.label_names=[negative,positive]"]
+
+    assert build_data_main(args("ref")) == 0  # uninterrupted reference
+    server.counts.clear()
+    server.order.clear()
+    server.total, server.allow = 0, 8  # 8 requests are answered, later ones hang until the gate opens
+    env = {**clean_env(), "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
+    proc = subprocess.Popen([PY, str(REPO / "launch" / "build_data.py"), *args("out")], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    cache = tmp_path / "out.cache.jsonl"
+
+    def cached() -> set[str]:  # texts of the complete cache lines
+        lines = cache.read_text().splitlines(keepends=True) if cache.is_file() else []
+        return {json.loads(x)["raw"].split(': "', 1)[1][:-1] for x in lines if x.endswith("\n")}
+
+    # Stuck state: both workers wait on a held request (10 arrived), and every item whose judge
+    # request was answered is complete (4, or 3 when a worker's held request is a judge request).
+    deadline = time.time() + 120
+    while server.total < 10 or len(cached()) < sum(k == "judge" for k, _ in server.order[:8]):
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.time() < deadline, f"stuck: {server.total} requests, {len(cached())} cached"
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    assert not (tmp_path / "out.jsonl").exists() and not (tmp_path / "out.stats.json").exists()
+    done = cached()
+    assert len(done) in (3, 4)
+    first = server.gens()
+    server.gate.set()
+    proc = launch("build_data.py", args("out"), timeout=120)
+    again = server.gens() - first
+    assert sorted(again) == sorted(t for t, _ in REVIEWS if t not in done)  # only the missing items
+    assert set(again.values()) == {1}
+    assert (tmp_path / "out.jsonl").read_bytes() == (tmp_path / "ref.jsonl").read_bytes()
+    stats = json.loads((tmp_path / "out.stats.json").read_text())
+    assert (stats["generated"], stats["from_cache"]) == (12 - len(done), len(done))
+
+
+def test_unreachable_endpoint_and_bad_input_exit_2_without_traceback(tmp_path, rows, capsys):
+    f = write_jsonl(tmp_path / "in.jsonl", rows)
+    port = free_port()
+    proc = launch("build_data.py", ["--input", str(f), "--output", str(tmp_path / "o.jsonl"), "--teacher-url",
+                                    f"http://127.0.0.1:{port}/v1", "--teacher-model", "m"], check=False, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: cannot reach the teacher endpoint http://127.0.0.1:{port}/v1/chat/completions: Connection refused; "
+        f"is the server running and is --teacher-url right?")
+    assert not (tmp_path / "o.jsonl").exists()
+
+    def main_err(rows_, *extra):
+        g = write_jsonl(tmp_path / "bad.jsonl", rows_)
+        with pytest.raises(SystemExit) as e:
+            build_data_main(["--input", str(g), "--output", str(tmp_path / "o.jsonl"), "--teacher-url",
+                             f"http://127.0.0.1:{port}", "--teacher-model", "m", *extra])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+        return err
+
+    assert f"{tmp_path / 'bad.jsonl'}: missing field 'text'" in main_err([{"body": "x", "label": 1}])
+    assert "line 2: field 'label' = 'maybe' is not a label" in main_err([{"text": "a", "label": 0},
+                                                                        {"text": "b", "label": "maybe"}])
+    assert "line 1: field 'label' is missing" in main_err([{"text": "a"}, {"text": "b", "label": 1}])
+    assert "--api-key-env NOPE_KEY: that environment variable is not set" in main_err(rows, "--api-key-env", "NOPE_KEY")
+
+
+@pytest.mark.slow
+def test_two_ranks_share_the_work(tmp_path, rows, server_factory):
+    server = server_factory()
+    f = write_jsonl(tmp_path / "in.jsonl", rows)
+    common = ["--input", str(f), "--teacher-url", server.url, "--teacher-model", "fake-teacher",
+              "data.label_names=[negative,positive]"]
+    assert build_data_main([*common, "--output", str(tmp_path / "one.jsonl")]) == 0
+    server.counts.clear()
+    launch("build_data.py", [*common, "--output", str(tmp_path / "two.jsonl")], launcher="torchrun", nproc=2,
+           timeout=300)
+    assert (tmp_path / "two.jsonl").read_bytes() == (tmp_path / "one.jsonl").read_bytes()
+    assert set(server.gens().values()) == {1} and len(server.gens()) == 12

