@@ -5,13 +5,14 @@ Tomatoes), through launch/compare.py. Results: benchmarks/compare.md (written by
     python benchmarks/compare_rt.py --output outputs/compare_rt [compare.py options and key=value overrides]
     python benchmarks/compare_rt.py --output outputs/cmp20 --steps 20 data.test_limit=64 data.dev_limit=64
 
-The embedded default has no explanations until teacher data construction (issue 4) lands: there, CLSGen's
-LM term is empty and CLSGen == cls_only by construction, and gen_only learns nothing. So this script
-writes the default training split with a *templated* label-conditioned rationale per example (one of
-three fixed sentences per label, picked by a hash of the id) before the verdict line, to give the LM term
-the answer format to learn. The rationales carry no information beyond the label: readability and
-alignment figures measure the format and the head/verdict agreement, not rationale quality. With
-``--no-template`` the default data are used as they are.
+By default this script writes the default training split with a *templated* label-conditioned
+rationale per example (one of three fixed sentences per label, picked by a hash of the id) before the
+verdict line, and turns the teacher off (``data.teacher=null``): cheap, deterministic answers whose
+format the LM term can learn. They carry no information beyond the label, so readability and
+alignment figures measure the format and the head/verdict agreement, not rationale quality. Without
+any explanations CLSGen's LM term is empty (CLSGen == cls_only by construction) and gen_only learns
+nothing. ``--no-template`` uses the config as it is (with ``data.teacher`` set, the trainer has a
+teacher write the rationales; see ``launch/build_data.py``).
 """
 
 import hashlib
@@ -59,7 +60,8 @@ def main() -> int:
     out = Path(argv[argv.index("--output") + 1])
     if template:
         files = templated_train_file(out, load_config(DEFAULT_CONFIG))
-        argv += [f"data.train_file={files['train']}", f"data.dev_file={files['dev']}", f"data.test_file={files['test']}"]
+        argv += [f"data.train_file={files['train']}", f"data.dev_file={files['dev']}", f"data.test_file={files['test']}",
+                 "data.teacher=null"]
     return compare_main(argv)
 
 

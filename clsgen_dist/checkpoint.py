@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -42,6 +43,29 @@ class CheckpointError(RuntimeError):
     pass
 
 
+@contextmanager
+def atomic_folder(out: Path):
+    """Yield a temporary sibling of ``out`` to fill; on success write the COMPLETE marker and swap it
+    into place (replacing an older ``out``); on any failure remove it. Readers never see a partial
+    folder under ``out``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint is meant to be shared
+    try:
+        yield tmp
+        (tmp / MARKER).write_text("ok\n")
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def save_checkpoint(model: DualHeadModel, tokenizer, cfg: Config, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     lora = cfg.model.finetune == "lora"
@@ -49,10 +73,7 @@ def save_checkpoint(model: DualHeadModel, tokenizer, cfg: Config, out_dir: str |
     head_sd = full_state_dict(model.cls_head)
     backbone_sd = full_state_dict(model.backbone, trainable_only=lora)
     if is_main():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint is meant to be shared
-        try:
+        with atomic_folder(out) as tmp:
             if lora:
                 model.backbone.save_pretrained(tmp, state_dict=backbone_sd, safe_serialization=True)
             else:
@@ -60,17 +81,6 @@ def save_checkpoint(model: DualHeadModel, tokenizer, cfg: Config, out_dir: str |
             save_file({k: v.contiguous() for k, v in head_sd.items()}, str(tmp / HEAD_NAME))
             tokenizer.save_pretrained(tmp)
             dump_config(cfg, tmp / CONFIG_NAME)
-            (tmp / MARKER).write_text("ok\n")
-            if out.exists():
-                old = out.with_name(f".{out.name}.old-{os.getpid()}")
-                os.replace(out, old)
-                os.replace(tmp, out)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         log.info("saved checkpoint %s", out)
     barrier()
     return out

@@ -55,7 +55,7 @@ def train_main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.max_steps=10")
     args = p.parse_args(argv)
     with user_errors():
-        from .config import dump_config, load_config
+        from .config import load_config
 
         cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides)
         if args.dry_run:

@@ -25,14 +25,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
-from .checkpoint import CONFIG_NAME, HEAD_NAME, MARKER, CheckpointError, check_checkpoint
+from .checkpoint import CONFIG_NAME, HEAD_NAME, CheckpointError, atomic_folder, check_checkpoint
 from .config import dump_config
 from .modeling import load_tokenizer, resolve_model_path
 from .modeling.build import load_backbone, resolve_dtype
@@ -82,25 +80,11 @@ def export_merged(checkpoint: str | Path, output: str | Path, *, dtype: str = "b
         raise CheckpointError(f"--output must differ from --checkpoint ({src})")
     merged, cfg = merged_backbone(src, dtype=DTYPES[dtype], base=base, device=device)
     cfg.model.finetune, cfg.model.quantization = "full", "none"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    tmp.chmod(0o755)
-    try:
+    with atomic_folder(out) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         load_tokenizer(str(src)).save_pretrained(tmp)
         shutil.copyfile(src / HEAD_NAME, tmp / HEAD_NAME)
         dump_config(cfg, tmp / CONFIG_NAME)
-        (tmp / MARKER).write_text("ok\n")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("exported %s (%s, base=%s) to %s", src, dtype, base, out)
     return out
 

@@ -260,10 +260,21 @@ def final_evaluation(tr: Trainer) -> dict | None:
     cfg = tr.cfg
     if "test" not in tr.splits:
         return None
-    thr = dev_threshold(tr.model, tr.encoder, tr.splits["dev"], cfg=cfg) if "dev" in tr.splits else None
+    from .baselines import PROB_SOURCE, resolve_mode
+    from .metrics import tune_threshold
+
+    # gen-only runs (cls_weight=0) read P(y=1) off the verdict tokens, not the untrained head
+    source = PROB_SOURCE[resolve_mode("auto", cfg)]
+    thr = None
+    if "dev" in tr.splits and source == "head":
+        thr = dev_threshold(tr.model, tr.encoder, tr.splits["dev"], cfg=cfg)
+    elif "dev" in tr.splits:
+        _, dev_preds = evaluate_split(tr.model, tr.tokenizer, tr.encoder, tr.splits["dev"], cfg=cfg,
+                                      explain_limit=0, prob_source=source)
+        thr = tune_threshold([r["label"] for r in dev_preds], [r["prob"] for r in dev_preds])
     limit = max(cfg.eval.explain_limit, cfg.eval.show_examples) if cfg.eval.explain_limit >= 0 else -1
     metrics, preds = evaluate_split(tr.model, tr.tokenizer, tr.encoder, tr.splits["test"], cfg=cfg,
-                                    explain_limit=limit, dev_threshold=thr)
+                                    explain_limit=limit, dev_threshold=thr, prob_source=source)
     write_results(tr.out / "eval", metrics, preds)
     if is_main():
         print(f"\n== test: n={metrics['n']} AUROC={_fmt(metrics['auroc'])} F1={metrics['f1']:.4f} "

@@ -155,9 +155,8 @@ def build_model(cfg: ModelConfig, *, device: torch.device | str = "cpu", model_p
     tokenizer = load_tokenizer(path)
     backbone = load_backbone(path, cfg, dtype=dtype, attn=attn, device=device)
     backbone.config.use_cache = False
-    token_ids = []
     if cfg.cls_position == "token":
-        token_ids = [add_cls_token(backbone, tokenizer, cfg.cls_token)]
+        add_cls_token(backbone, tokenizer, cfg.cls_token)
     if cfg.quantization != "none":
         backbone = prepare_kbit(backbone, dtype)
     elif cfg.gradient_checkpointing:

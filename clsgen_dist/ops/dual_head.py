@@ -7,7 +7,6 @@ import logging
 import os
 
 import torch
-import torch.nn.functional as F
 
 from .chunked import LinearCrossEntropySum, TorchChunkBackend
 from .reference import IGNORE_INDEX, cls_loss_reference, lm_loss_sum_reference
