@@ -95,3 +95,15 @@ def toy_rows():
             r["explanation"] = ("The review praises the film." if y else "The review criticises the film.")
         rows.append(r)
     return rows
+
+
+def review_splits(folder: Path, *, repeats: int = 4, dev: slice = slice(0, 10), test: slice = slice(10, 21)) -> dict:
+    """train/dev/test JSONL files of the toy reviews (labels as names; every other row explained)."""
+    rows = []
+    for i, (text, y) in enumerate(REVIEWS * repeats):
+        r = {"id": f"r{i}", "text": f"{text} (take {i // len(REVIEWS)})", "label": ["negative", "positive"][y]}
+        if i % 2:
+            r["explanation"] = "The reviewer enjoyed it." if y else "The reviewer disliked it."
+        rows.append(r)
+    return {"train": write_jsonl(folder / "train.jsonl", rows), "dev": write_jsonl(folder / "dev.jsonl", rows[dev]),
+            "test": write_jsonl(folder / "test.jsonl", rows[test])}

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from clsgen_dist.report import CONTRACT_KEYS, PLOTS, finalize_metrics, write_report
-from tests.conftest import REVIEWS, write_jsonl
+from tests.conftest import review_splits
 from tests.integration._run import launch, read_jsonl
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -18,15 +18,7 @@ REPORT_LABELS = ["AUROC", "AUPRC", "F1 @ 0.5", "F1 @ dev-tuned", "accuracy", "Br
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("report-data")
-    rows = []
-    for i, (text, y) in enumerate(REVIEWS * 3):
-        r = {"id": f"r{i}", "text": f"{text} (take {i // len(REVIEWS)})", "label": ["negative", "positive"][y]}
-        if i % 2:
-            r["explanation"] = "The reviewer enjoyed it." if y else "The reviewer disliked it."
-        rows.append(r)
-    return {"train": write_jsonl(d / "train.jsonl", rows), "dev": write_jsonl(d / "dev.jsonl", rows[:12]),
-            "test": write_jsonl(d / "test.jsonl", rows[12:24])}
+    return review_splits(tmp_path_factory.mktemp("report-data"), repeats=3, dev=slice(0, 12), test=slice(12, 24))
 
 
 def _check_report(out, *, mode):

@@ -5,21 +5,13 @@ import json
 
 import pytest
 
-from tests.conftest import REVIEWS, write_jsonl
+from tests.conftest import review_splits
 from tests.integration._run import REPO, launch, read_jsonl
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    rows = []
-    for i, (text, y) in enumerate(REVIEWS * 4):
-        r = {"id": f"r{i}", "text": f"{text} (take {i // len(REVIEWS)})", "label": ["negative", "positive"][y]}
-        if i % 2:
-            r["explanation"] = "The reviewer enjoyed it." if y else "The reviewer disliked it."
-        rows.append(r)
-    return {"train": write_jsonl(d / "train.jsonl", rows), "dev": write_jsonl(d / "dev.jsonl", rows[:10]),
-            "test": write_jsonl(d / "test.jsonl", rows[10:21])}  # 11 examples: not divisible by 2 ranks
+    return review_splits(tmp_path_factory.mktemp("data"))  # test: 11 examples, odd for 2 ranks
 
 
 def _args(tiny_dir, data, out, *extra):

@@ -14,7 +14,7 @@ from clsgen_dist.distributed.engine import param_groups
 from clsgen_dist.export import export_merged
 from clsgen_dist.modeling import build_model
 from clsgen_dist.predict import CLSGen, make_encoder
-from tests.conftest import REVIEWS, write_jsonl
+from tests.conftest import REVIEWS, review_splits
 from tests.helpers import assert_close
 from tests.integration._run import REPO, launch, read_jsonl
 
@@ -165,15 +165,7 @@ def test_nf4_needs_lora():
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("qlora-data")
-    rows = []
-    for i, (text, y) in enumerate(REVIEWS * 4):
-        r = {"id": f"r{i}", "text": f"{text} (take {i // len(REVIEWS)})", "label": ["negative", "positive"][y]}
-        if i % 2:
-            r["explanation"] = "The reviewer enjoyed it." if y else "The reviewer disliked it."
-        rows.append(r)
-    return {"train": write_jsonl(d / "train.jsonl", rows), "dev": write_jsonl(d / "dev.jsonl", rows[:10]),
-            "test": write_jsonl(d / "test.jsonl", rows[10:21])}
+    return review_splits(tmp_path_factory.mktemp("qlora-data"))
 
 
 def _args(tiny_dir, data, out, *extra):
