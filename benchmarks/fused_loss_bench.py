@@ -23,14 +23,14 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _env import git_sha, machine, versions  # noqa: E402  (benchmarks/ is on sys.path as the script folder)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -179,48 +179,6 @@ def _cpu_time_worker(args) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def _versions() -> dict:
-    out = {"python": platform.python_version()}
-    for mod in ("torch", "triton", "liger_kernel", "cut_cross_entropy"):
-        try:
-            from importlib.metadata import version
-
-            out[mod] = version(mod.replace("_", "-"))
-        except Exception:
-            out[mod] = None
-    return out
-
-
-def _machine(device: str) -> str:
-    if device == "cuda":
-        import torch
-
-        try:
-            return f"{torch.cuda.get_device_name(0)} ({platform.machine()})"
-        except (RuntimeError, AssertionError) as e:
-            return f"no usable CUDA device ({type(e).__name__})"
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores"
-
-
-def _git_sha() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-        if sha.returncode != 0:
-            return "uncommitted"
-        return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return "uncommitted"
-
-
 def _run_worker(args, shape, variant: str, mode: str = "run") -> dict:
     cmd = [sys.executable, __file__, "--worker", variant, "--mode", mode, "--device", args.device, "--dtype", args.dtype,
            "--shape", ",".join(map(str, shape)), "--reps", str(args.reps), "--rep-ms", str(args.rep_ms)]  # fmt: skip
@@ -281,11 +239,11 @@ def main(argv=None) -> None:
     common = {
         "run_id": now.strftime("%Y%m%dT%H%M%SZ"),
         "date": now.isoformat(timespec="seconds"),
-        "git_sha": _git_sha(),
-        "machine": _machine(args.device),
+        "git_sha": git_sha(),
+        "machine": machine(args.device),
         "device": args.device,
         "dtype": args.dtype,
-        "versions": _versions(),
+        "versions": versions("torch", "triton", "liger-kernel", "cut-cross-entropy"),
     }
     args.jsonl.parent.mkdir(parents=True, exist_ok=True)
     all_results = []

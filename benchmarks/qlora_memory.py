@@ -40,13 +40,14 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+
+from _env import git_sha, machine, versions  # noqa: E402  (benchmarks/ is on sys.path as the script folder)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -229,48 +230,6 @@ def _worker(args) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for mod in ("torch", "transformers", "peft", "bitsandbytes", "deepspeed"):
-        try:
-            out[mod] = version(mod)
-        except PackageNotFoundError:
-            out[mod] = None
-    return out
-
-
-def _machine(device: str) -> str:
-    if device == "cuda":
-        import torch
-
-        try:
-            return f"{torch.cuda.get_device_name(0)} ({platform.machine()})"
-        except (RuntimeError, AssertionError) as e:
-            return f"no usable CUDA device ({type(e).__name__})"
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores"
-
-
-def _git_sha() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-        if sha.returncode != 0:
-            return "uncommitted"
-        return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return "uncommitted"
-
-
 def _run_worker(args, variant: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", variant, "--device", args.device, "--steps", str(args.steps),
            "--seq", str(args.seq), "--lora-r", str(args.lora_r), "--threads", str(args.threads), "--model", args.model]
@@ -326,8 +285,8 @@ def main(argv=None) -> None:
     variants = args.variants.split(",") if args.variants else VARIANTS[args.device]
     now = dt.datetime.now(dt.timezone.utc)
     common = {"run_id": now.strftime("%Y%m%dT%H%M%SZ"), "date": now.isoformat(timespec="seconds"),
-              "git_sha": _git_sha(), "machine": _machine(args.device), "device": args.device,
-              "versions": _versions(), "steps": args.steps, "seq": args.seq, "lora_r": args.lora_r,
+              "git_sha": git_sha(), "machine": machine(args.device), "device": args.device,
+              "versions": versions("torch", "transformers", "peft", "bitsandbytes", "deepspeed"), "steps": args.steps, "seq": args.seq, "lora_r": args.lora_r,
               "model": "SmolLM2-135M-Instruct" if args.model == "default" else args.model, "model_note": args.model_note,
               "threads": args.threads if args.device == "cpu" else None}
     args.jsonl.parent.mkdir(parents=True, exist_ok=True)

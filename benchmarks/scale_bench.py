@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -28,6 +27,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from _env import git_sha, machine  # noqa: E402  (benchmarks/ is on sys.path as the script folder)
 
 
 def _port() -> int:
@@ -125,14 +126,10 @@ def main() -> None:
 
             model = str(default_model_dir())
         rows = [run_one(model, s, n, args.steps, td, args.finetune) for s in args.stages for n in args.nproc]
-    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                         text=True).stdout.strip() or "uncommitted"
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
-                           text=True).stdout.strip()
     rec = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model": args.model, "finetune": args.finetune,
-           "machine": args.device_note or f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+           "machine": args.device_note or machine(),
            "torch": torch.__version__, "deepspeed": deepspeed.__version__,
-           "git": sha + ("+dirty" if dirty else ""), "rows": rows}
+           "git": git_sha(), "rows": rows}
     with args.jsonl.open("a") as fh:
         fh.write(json.dumps(rec) + "\n")
     render(args.jsonl, args.md)

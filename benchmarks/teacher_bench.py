@@ -21,39 +21,17 @@ import argparse
 import datetime as dt
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _env import git_sha, machine  # noqa: E402  (benchmarks/ is on sys.path as the script folder)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def _git_sha() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True,
-                               timeout=10).stdout.strip()
-        return f"{sha}{'+dirty' if dirty else ''}" or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def _machine() -> str:
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name}, {os.cpu_count()} cores"
 
 
 def main(argv=None) -> None:
@@ -132,10 +110,10 @@ def main(argv=None) -> None:
               "batched tok/s | same text | gen+judge ex/s | est. min for "
               f"{args.target_examples} |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    section = (f"\n## {stamp} — {_machine()}, torch threads {torch.get_num_threads()}\n\n"
+    section = (f"\n## {stamp} — {machine()}, torch threads {torch.get_num_threads()}\n\n"
                f"python {platform.python_version()}, torch {torch.__version__}, "
                f"transformers {transformers.__version__}; "
-               f"git {_git_sha()}; teacher {teacher.id}; model load {load_s:.1f}s; "
+               f"git {git_sha()}; teacher {teacher.id}; model load {load_s:.1f}s; "
                f"load average at start {load_avg:.2f}.\n\n{header}\n{row}\n")
     print(section)
     if str(args.md):

@@ -134,6 +134,7 @@ class Trainer:
     flops_per_token: float = 0.0  # 6 x parameters (dense matmuls, forward + backward)
     attn_flops_per_sq: float = 0.0  # causal attention: 6 x layers x hidden per sum of squared lengths
     peak_flops: float | None = None
+    last_dev: tuple[int, list] | None = None  # (step, dev predictions) of the latest periodic evaluation
 
     def train_step(self, step: int) -> dict:
         """One optimizer step over ``grad_accum`` micro-batches; returns the step's global metrics."""
@@ -180,12 +181,13 @@ class Trainer:
             for k in ("loss", "lm_loss", "cls_loss", "tokens_per_s", "packing_efficiency", "lr"):
                 self.writer.add_scalar(f"train/{k}", rec[k], rec["step"])
 
-    def maybe_eval(self, step: int, final: bool = False) -> dict | None:
+    def maybe_eval(self, step: int) -> dict | None:
         every = self.cfg.train.eval_every
-        if "dev" not in self.splits or final or not every or (step + 1) % every:
+        if "dev" not in self.splits or not every or (step + 1) % every:
             return None
-        metrics, _ = evaluate_split(self.model, self.tokenizer, self.encoder, self.splits["dev"], cfg=self.cfg,
-                                    explain_limit=0)
+        metrics, preds = evaluate_split(self.model, self.tokenizer, self.encoder, self.splits["dev"], cfg=self.cfg,
+                                        explain_limit=0)
+        self.last_dev = (step + 1, preds)  # the end-of-run threshold reuses these if nothing trained since
         if is_main():
             log.info("dev @%d: auroc=%s f1=%.4f brier=%.4f", step + 1, _fmt(metrics["auroc"]), metrics["f1"],
                      metrics["brier"])
@@ -266,7 +268,10 @@ def final_evaluation(tr: Trainer) -> dict | None:
     # gen-only runs (cls_weight=0) read P(y=1) off the verdict tokens, not the untrained head
     source = PROB_SOURCE[resolve_mode("auto", cfg)]
     thr = None
-    if "dev" in tr.splits and source == "head":
+    if "dev" in tr.splits and source == "head" and tr.last_dev and tr.last_dev[0] == cfg.train.max_steps:
+        preds = tr.last_dev[1]  # the final step's dev evaluation already scored every dev example
+        thr = tune_threshold([r["label"] for r in preds], [r["prob"] for r in preds])
+    elif "dev" in tr.splits and source == "head":
         thr = dev_threshold(tr.model, tr.encoder, tr.splits["dev"], cfg=cfg)
     elif "dev" in tr.splits:
         _, dev_preds = evaluate_split(tr.model, tr.tokenizer, tr.encoder, tr.splits["dev"], cfg=cfg,
