@@ -92,10 +92,13 @@ def verdict_context(tokenizer, prompt: list[int], prefix: list[int], explanation
 def verdict_logits(model, contexts: list[list[int]], suffixes: list[list[int]], *, max_tokens: int = 4096) -> list[float]:
     """``log P(suffixes[1] | ctx) - log P(suffixes[0] | ctx)`` for every context, teacher-forced,
     with packed forwards of ``model`` (a :class:`DualHeadModel`; no padding, no cross-example
-    attention). Only the rows that predict suffix tokens go through the LM head."""
+    attention). Only the rows that predict suffix tokens go through the LM head, in one call per
+    packed forward. Every rank runs as many forwards (and LM-head calls) as the busiest one, padding
+    with a throw-away sequence, since under ZeRO-3 each is a collective parameter gather; a rank may
+    pass no contexts at all."""
     single = all(len(s) == 1 for s in suffixes)
     # one sequence per context if both suffixes are one token, else one per (context, label)
-    seqs, reads = [], []  # reads[j] = (context index, label or None, first read offset)
+    seqs, reads = [], []  # reads[j] = (context index, label or None)
     for i, c in enumerate(contexts):
         if single:
             seqs.append(list(c))
@@ -104,34 +107,42 @@ def verdict_logits(model, contexts: list[list[int]], suffixes: list[list[int]], 
             for k, s in enumerate(suffixes):
                 seqs.append(list(c) + list(s[:-1]))
                 reads.append((i, k))
+    groups: list[list[int]] = []  # consecutive sequences packed up to max_tokens (at least one each)
+    for j, sq in enumerate(seqs):
+        if groups and sum(len(seqs[g]) for g in groups[-1]) + len(sq) <= max_tokens:
+            groups[-1].append(j)
+        else:
+            groups.append([j])
     device = next(model.parameters()).device
-    head = model.lm_head
+    from .evaluate import _lockstep_count
+
+    n_forwards = _lockstep_count(len(groups), device)
+    dummy = [suffixes[0][0]]
     lp = np.zeros((len(contexts), 2))
-    j = 0
-    while j < len(seqs):
-        group = [j]
-        total = len(seqs[j])
-        while j + len(group) < len(seqs) and total + len(seqs[j + len(group)]) <= max_tokens:
-            total += len(seqs[j + len(group)])
-            group.append(j + len(group))
-        ids = torch.tensor([t for g in group for t in seqs[g]], device=device)[None]  # [1, T]
-        pos = torch.tensor([p for g in group for p in range(len(seqs[g]))], device=device)[None]
-        lens = torch.tensor([len(seqs[g]) for g in group])
+    for step in range(n_forwards):
+        group = groups[step] if step < len(groups) else None
+        packed = [seqs[g] for g in group] if group else [dummy]
+        ids = torch.tensor([t for sq in packed for t in sq], device=device)[None]  # [1, T]
+        pos = torch.tensor([p for sq in packed for p in range(len(sq))], device=device)[None]
+        lens = torch.tensor([len(sq) for sq in packed])
         cu = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)]).to(device=device, dtype=torch.int32)
         hidden = model.hidden_states(ids, pos, cu, int(lens.max()))  # [T, H]
         starts = cu[:-1].tolist()
-        for g, st in zip(group, starts):
+        rows, spans = [], []  # hidden rows that predict suffix tokens; per sequence its slice of them
+        for g, st in zip(group or [], starts):
             i, k = reads[g]
-            n_ctx = len(contexts[i])
-            if single:  # the last context position predicts the label token
-                logits = head(hidden[st + n_ctx - 1][None]).float().log_softmax(-1)[0]  # [V]
-                lp[i, 0], lp[i, 1] = logits[suffixes[0][0]].item(), logits[suffixes[1][0]].item()
+            n_read = 1 if single else len(suffixes[k])
+            first = st + len(contexts[i]) - 1  # the last context position predicts the first suffix token
+            spans.append((len(rows), n_read))
+            rows.extend(range(first, first + n_read))
+        logp = model.lm_head(hidden[rows or [0]]).float().log_softmax(-1)  # [R, V]
+        for g, (r0, n_read) in zip(group or [], spans):
+            i, k = reads[g]
+            if single:
+                lp[i, 0], lp[i, 1] = logp[r0, suffixes[0][0]].item(), logp[r0, suffixes[1][0]].item()
             else:
-                s = suffixes[k]
-                rows = hidden[st + n_ctx - 1: st + n_ctx - 1 + len(s)]  # [len(s), H]
-                logp = head(rows).float().log_softmax(-1)  # [len(s), V]
-                lp[i, k] = logp.gather(1, torch.tensor(s, device=device)[:, None]).sum().item()
-        j += len(group)
+                tok = torch.tensor(suffixes[k], device=device)[:, None]
+                lp[i, k] = logp[r0:r0 + n_read].gather(1, tok).sum().item()
     return (lp[:, 1] - lp[:, 0]).tolist()
 
 
@@ -143,8 +154,9 @@ def verdict_probs(model, tokenizer, encoder, texts: dict[int, str], explanations
                   max_tokens: int = 4096) -> dict[int, float]:
     """P(y=1) from the verdict tokens for every ``texts`` entry (index → document), after the prompt
     (``explanations=None``: zero-shot) or after the model's explanation of it (gen-only). Sharded
-    over ranks (``i % world == rank``) and gathered; the model is used as is (a plain module per
-    rank, as in ``launch/eval.py``)."""
+    over ranks (``i % world == rank``) and gathered; the model may be a plain module per rank (as in
+    ``launch/eval.py``) or ZeRO-3-partitioned (the trainer's own evaluation): the forwards are
+    lock-stepped."""
     prefix, suffixes = verdict_tokens(tokenizer, encoder.label_names, encoder.verdict_template)
     mine = sorted(i for i in texts if i % world_size() == rank())
     contexts = [verdict_context(tokenizer, encoder.encode_prompt(texts[i])[0], prefix,
@@ -152,7 +164,7 @@ def verdict_probs(model, tokenizer, encoder, texts: dict[int, str], explanations
                 for i in mine]
     was_training = model.training
     model.eval()
-    logits = verdict_logits(model, contexts, suffixes, max_tokens=max_tokens) if contexts else []
+    logits = verdict_logits(model, contexts, suffixes, max_tokens=max_tokens)  # every rank joins
     model.train(was_training)
     merged: dict[int, float] = {}
     for part in all_gather_objects(dict(zip(mine, map(sigmoid, logits)))):

@@ -78,7 +78,7 @@ def save_checkpoint(model: DualHeadModel, tokenizer, cfg: Config, out_dir: str |
                 model.backbone.save_pretrained(tmp, state_dict=backbone_sd, safe_serialization=True)
             else:
                 model.causal_lm.save_pretrained(tmp, state_dict=backbone_sd, safe_serialization=True)
-            save_file({k: v.contiguous() for k, v in head_sd.items()}, str(tmp / HEAD_NAME))
+            save_file({k: v.float().contiguous() for k, v in head_sd.items()}, str(tmp / HEAD_NAME))
             tokenizer.save_pretrained(tmp)
             dump_config(cfg, tmp / CONFIG_NAME)
         log.info("saved checkpoint %s", out)

@@ -101,8 +101,9 @@ def evaluate_split(model, tokenizer, encoder: PromptEncoder, examples, *, cfg, e
 
     ``prob_source`` (see :mod:`clsgen_dist.baselines`): ``head`` — the classification head;
     ``explanation`` — the verdict tokens after the model's own explanation (gen-only; every example
-    is explained); ``prompt`` — the verdict tokens right after the prompt (zero-shot). The two
-    verdict sources expect a plain model per rank (as ``launch/eval.py`` loads it), not ZeRO-3.
+    is explained); ``prompt`` — the verdict tokens right after the prompt (zero-shot). Every source
+    works with a plain model per rank (``launch/eval.py``) and a ZeRO-3-partitioned one (the
+    trainer's evaluation): the forwards are lock-stepped across ranks.
     Explanation metrics (verdict parse rate, alignment AUROC and kappa of the probability vs the
     parsed verdict, readability) cover the explained examples."""
     from .baselines import explanation_body, verdict_probs

@@ -351,6 +351,8 @@ def record_model_state(out: Path, engine) -> None:
     if is_main():
         info = json.loads((out / "run_info.json").read_text())
         info["model_state_bytes_per_rank"] = per_rank
+        opt = engine.optimizer
+        info["optimizer"] = type(getattr(opt, "optimizer", opt)).__name__  # e.g. DeepSpeedCPUAdam under offload
         write_json_atomic(out / "run_info.json", info)
         log.info("model state per rank: %s MiB", ", ".join(f"{b / 2**20:.1f}" for b in per_rank))
 

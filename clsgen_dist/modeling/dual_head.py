@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from transformers.utils import ModelOutput
@@ -32,6 +33,15 @@ class DualHeadOutput(ModelOutput):
     cls_logits: torch.Tensor | None = None  # [M] fp32, detached
 
 
+class ClsHead(nn.Linear):
+    """``Linear(H, 1)`` created in fp32 and always computed in fp32, whatever its storage dtype:
+    DeepSpeed's bf16 engine casts every parameter of the model to bf16 (its optimizer keeps the fp32
+    master copy), and the head must still take fp32 rows and return fp32 logits."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.float(), self.weight.float(), self.bias.float())
+
+
 class DualHeadModel(nn.Module):
     """Wraps a HF causal LM (optionally a peft ``PeftModel``) and adds ``cls_head``.
 
@@ -44,7 +54,7 @@ class DualHeadModel(nn.Module):
         self.backbone = backbone
         hidden_size = self.causal_lm.config.hidden_size
         # fp32 head, zero-initialised: P(y=1) = 0.5 and the cls loss is ln 2 at step 0.
-        self.cls_head = nn.Linear(hidden_size, 1, dtype=torch.float32)
+        self.cls_head = ClsHead(hidden_size, 1, dtype=torch.float32)
         nn.init.zeros_(self.cls_head.weight)
         nn.init.zeros_(self.cls_head.bias)
         self.loss_impl = loss_impl
@@ -126,4 +136,4 @@ class DualHeadModel(nn.Module):
     def classify(self, h: torch.Tensor) -> torch.Tensor:
         """fp32 classification logits ``[M]`` of hidden rows ``[M, H]``. A module call, so that
         ZeRO-3 gathers the head outside ``forward`` too."""
-        return self.cls_head(h.float()).squeeze(-1)
+        return self.cls_head(h).squeeze(-1)

@@ -17,7 +17,8 @@ def data(tmp_path_factory):
 def _args(tiny_dir, data, out, *extra):
     return ["--config", "launch/configs/tiny_cpu.yaml", f"model.name_or_path={tiny_dir}",
             f"data.train_file={data['train']}", f"data.dev_file={data['dev']}", f"data.test_file={data['test']}",
-            f"output_dir={out}", "model.finetune=full", "train.learning_rate=3e-3", *extra]
+            f"output_dir={out}", "model.finetune=full", "train.learning_rate=3e-3", "train.max_steps=10",
+            "train.eval_every=5", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,7 @@ def single_run(tiny_dir, data, tmp_path_factory):
 def test_single_process_run_writes_everything(single_run):
     out = single_run
     log = read_jsonl(out / "train_log.jsonl")
-    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    assert [r["step"] for r in log] == list(range(1, 11))
     for r in log:
         assert {"step", "loss", "lm_loss", "cls_loss", "tokens_per_s", "packing_efficiency"} <= r.keys()
         assert r["loss"] == pytest.approx(r["cls_loss"] + r["lm_loss"], rel=1e-5)
@@ -50,24 +51,25 @@ def test_single_process_run_writes_everything(single_run):
 
 def test_two_deepspeed_ranks_match_one_process(single_run, tiny_dir, data, tmp_path):
     """ZeRO-2 on 2 CPU ranks (gloo), grad-accum 2, sees the same 4 rows per step as 1 process with
-    grad-accum 4: the per-step losses agree."""
+    grad-accum 4: over 10 fp32 steps the per-step losses agree within 1e-5 (measured: <= 1e-6)."""
     launch("train.py", _args(tiny_dir, data, tmp_path, "train.gradient_accumulation_steps=2"),
            launcher="deepspeed", nproc=2)
     one = read_jsonl(single_run / "train_log.jsonl")
     two = read_jsonl(tmp_path / "train_log.jsonl")
-    assert len(one) == len(two) == 4
+    assert len(one) == len(two) == 10
     for a, b in zip(one, two):
         for k in ("loss", "lm_loss", "cls_loss"):
-            assert a[k] == pytest.approx(b[k], abs=1e-4), (a["step"], k, a[k], b[k])
+            assert a[k] == pytest.approx(b[k], abs=1e-5), (a["step"], k, a[k], b[k])
         # Adam hides a constant gradient scale from the losses; the reduced gradient's norm does not
-        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4), (a["step"], a["grad_norm"], b["grad_norm"])
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5), (a["step"], a["grad_norm"], b["grad_norm"])
         assert a["lm_tokens"] == b["lm_tokens"] and a["examples"] == b["examples"]
     assert json.loads((tmp_path / "run_info.json").read_text())["world_size"] == 2
 
 
 def test_zero3_two_ranks_partitioned_match_one_process(single_run, tiny_dir, data, tmp_path):
     """ZeRO-3 with every parameter partitioned (persistence threshold 0): the fused loss sees the full
-    LM weight, gradients reach the partitioned parameters (same losses and gradient norms as one
+    LM weight, gradients reach the partitioned parameters (same losses within 1e-5 over 10 fp32 steps,
+    and the same gradient norms as one
     process), and the consolidated checkpoint loads in a plain process with the same probabilities."""
     ds = json.loads((REPO / "ds_configs/zero3.json").read_text())
     ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
@@ -77,8 +79,9 @@ def test_zero3_two_ranks_partitioned_match_one_process(single_run, tiny_dir, dat
            launcher="deepspeed", nproc=2)
     one, three = read_jsonl(single_run / "train_log.jsonl"), read_jsonl(out / "train_log.jsonl")
     for a, b in zip(one, three):
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-4), (a["step"], a["loss"], b["loss"])
-        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4), (a["step"], a["grad_norm"], b["grad_norm"])
+        for k in ("loss", "lm_loss", "cls_loss"):
+            assert a[k] == pytest.approx(b[k], abs=1e-5), (a["step"], k, a[k], b[k])
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5), (a["step"], a["grad_norm"], b["grad_norm"])
     p1 = read_jsonl(single_run / "eval/predictions.jsonl")
     p3 = read_jsonl(out / "eval/predictions.jsonl")
     assert [r["prob"] for r in p1] == pytest.approx([r["prob"] for r in p3], abs=1e-5)
@@ -98,6 +101,88 @@ def test_zero3_two_ranks_partitioned_match_one_process(single_run, tiny_dir, dat
     print(f"ZeRO-3 model state per rank: 1 rank {b1[0] / 2**20:.2f} MiB, 2 ranks {[x / 2**20 for x in b2]} MiB, "
           f"ratio {ratio:.3f}")
     assert len(b1) == 1 and len(b2) == 2 and ratio <= 0.55
+
+
+def test_zero3_offload_two_ranks_match_one_process(single_run, tiny_dir, data, tmp_path):
+    """ds_configs/zero3_offload.json as shipped (parameters and optimizer offloaded to the host,
+    DeepSpeed's own CPU Adam, JIT-built on first use) with every parameter partitioned: 10 fp32 steps
+    on 2 ranks follow the single-process run. The tolerance is 2e-5 rather than 1e-5 because
+    DeepSpeedCPUAdam's vectorised update rounds differently from torch AdamW (measured: <= 5e-6)."""
+    ds = json.loads((REPO / "ds_configs/zero3_offload.json").read_text())
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    (tmp_path / "z3off.json").write_text(json.dumps(ds))
+    out = tmp_path / "run"
+    launch("train.py", _args(tiny_dir, data, out, "train.gradient_accumulation_steps=2",
+                             f"ds_config={tmp_path / 'z3off.json'}", "data.test_file=null"),
+           launcher="deepspeed", nproc=2, timeout=900)
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["optimizer"] == "DeepSpeedCPUAdam" and info["world_size"] == 2
+    one, off = read_jsonl(single_run / "train_log.jsonl"), read_jsonl(out / "train_log.jsonl")
+    assert len(one) == len(off) == 10
+    for a, b in zip(one, off):
+        for k in ("loss", "lm_loss", "cls_loss"):
+            assert a[k] == pytest.approx(b[k], abs=2e-5), (a["step"], k, a[k], b[k])
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=2e-5), (a["step"], a["grad_norm"], b["grad_norm"])
+    from clsgen_dist import CLSGen
+
+    texts = ["Great fun.", "Awful."]
+    p1 = CLSGen.from_pretrained(single_run / "final", device="cpu").predict(texts, explain=False)
+    p2 = CLSGen.from_pretrained(out / "final", device="cpu").predict(texts, explain=False)
+    assert [r["prob"] for r in p1] == pytest.approx([r["prob"] for r in p2], abs=1e-4)
+
+
+def test_gen_only_evaluation_under_partitioned_zero3(tiny_dir, data, tmp_path):
+    """A gen-only run (cls_weight=0) reads P(y=1) off the verdict tokens after its own explanation.
+    Under ZeRO-3 every forward is a collective gather, and the 11 test examples split 6/5 over 2 ranks:
+    the end-of-run evaluation must lock-step its forwards (else it hangs) and give the probabilities
+    that the consolidated checkpoint gives in one plain process from the same explanations."""
+    ds = json.loads((REPO / "ds_configs/zero3.json").read_text())
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    (tmp_path / "z3.json").write_text(json.dumps(ds))
+    out = tmp_path / "run"
+    launch("train.py", _args(tiny_dir, data, out, "train.max_steps=2", "train.eval_every=0", "train.cls_weight=0",
+                             "data.dev_file=null", f"ds_config={tmp_path / 'z3.json'}"),
+           launcher="deepspeed", nproc=2, timeout=600)
+    m = json.loads((out / "eval/metrics.json").read_text())
+    preds = read_jsonl(out / "eval/predictions.jsonl")
+    assert m["prob_source"] == "explanation" and m["n"] == 11 and len(preds) == 11
+    assert all(isinstance(r["explanation"], str) for r in preds)  # gen-only explains every example
+    from clsgen_dist import CLSGen
+    from clsgen_dist.baselines import verdict_probs
+
+    g = CLSGen.from_pretrained(out / "final", device="cpu")
+    texts = {i: t for i, t in enumerate(json.loads(x)["text"] for x in data["test"].read_text().splitlines())}
+    ref = verdict_probs(g.model, g.tokenizer, g.encoder, texts, {i: r["explanation"] for i, r in enumerate(preds)},
+                        max_tokens=64)  # packed differently from the run's: the result must not depend on it
+    assert [r["prob"] for r in preds] == pytest.approx([ref[i] for i in range(11)], abs=1e-5)
+
+
+def test_bf16_run_keeps_the_head_fp32(tiny_dir, data, tmp_path):
+    """bf16, what model.dtype=auto picks on CUDA: DeepSpeed's bf16 engine stores every parameter in
+    bf16, the head included. The head still computes in fp32 (the mid-run dev evaluation and the final
+    one run), the checkpoint's head is fp32, and the reloaded model gives the run's test probabilities."""
+    import torch
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    launch("train.py", _args(tiny_dir, data, out, "model.dtype=bfloat16", "train.max_steps=4", "train.eval_every=2",
+                             "eval.explain_limit=0"))
+    assert json.loads((out / "ds_config.json").read_text())["bf16"]["enabled"] is True
+    assert [r["step"] for r in read_jsonl(out / "eval_log.jsonl")] == [2, 4]
+    head = load_file(str(out / "final/cls_head.safetensors"))
+    assert {k: v.dtype for k, v in head.items()} == {"weight": torch.float32, "bias": torch.float32}
+    assert head["weight"].abs().sum() > 0  # trained away from its zero init
+    preds = read_jsonl(out / "eval/predictions.jsonl")
+    texts = {r["id"]: r["text"] for r in read_jsonl(data["test"])}
+    from clsgen_dist import CLSGen
+
+    g = CLSGen.from_pretrained(out / "final", device="cpu")
+    assert next(g.model.causal_lm.parameters()).dtype == torch.bfloat16 and g.model.cls_head.weight.dtype == torch.float32
+    again = g.predict([texts[r["id"]] for r in preds], explain=False)
+    # packed (run) vs left-padded prefill (predict) in bf16: the same model up to bf16 rounding
+    assert [r["prob"] for r in again] == pytest.approx([r["prob"] for r in preds], abs=1e-2)
 
 
 def test_eval_sharded_over_two_ranks_equals_one_process(single_run, data, tmp_path):

@@ -216,3 +216,26 @@ def test_qlora_zero3_two_ranks_match_one_process(cli_run, tiny_dir, data, tmp_pa
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4), (a["step"], a["grad_norm"], b["grad_norm"])
     p1, p3 = read_jsonl(cli_run / "eval/predictions.jsonl"), read_jsonl(out / "eval/predictions.jsonl")
     assert [r["prob"] for r in p1] == pytest.approx([r["prob"] for r in p3], abs=1e-5)
+
+
+def test_qlora_bf16_storage_zero3_two_ranks_follow_one_process(tiny_dir, data, tmp_path):
+    """QLoRA x ZeRO-3 as on GPUs: bf16 compute, the packed 4-bit weights stored as bf16 elements
+    (bnb_4bit_quant_storage == compute dtype), DeepSpeed's bf16 engine, every parameter partitioned
+    over 2 CPU ranks. Step 1 (same weights, same rows) gives the single-process loss (to 1e-6), which it
+    would not if partitioning or the bf16 cast had touched the packed bytes; later steps agree to bf16
+    rounding, and the gradient norms to 1% (a wrong gradient scale would show)."""
+    ds = json.loads((REPO / "ds_configs/zero3.json").read_text())
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    (tmp_path / "z3.json").write_text(json.dumps(ds))
+    one, two = tmp_path / "one", tmp_path / "two"
+    bf16 = ["model.dtype=bfloat16", "train.eval_every=0", "eval.explain_limit=0", "data.test_file=null"]
+    launch("train.py", _args(tiny_dir, data, one, "train.gradient_accumulation_steps=4", *bf16))
+    launch("train.py", _args(tiny_dir, data, two, "train.gradient_accumulation_steps=2", f"ds_config={tmp_path / 'z3.json'}",
+                             *bf16), launcher="deepspeed", nproc=2)
+    info = json.loads((two / "run_info.json").read_text())
+    assert json.loads((two / "ds_config.json").read_text())["bf16"]["enabled"] is True and info["world_size"] == 2
+    a, b = read_jsonl(one / "train_log.jsonl"), read_jsonl(two / "train_log.jsonl")
+    assert len(a) == len(b) == 4 and a[0]["loss"] == pytest.approx(b[0]["loss"], rel=1e-6)
+    for x, y in zip(a, b):
+        assert x["loss"] == pytest.approx(y["loss"], rel=2e-4), (x["step"], x["loss"], y["loss"])
+        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-2), (x["step"], x["grad_norm"], y["grad_norm"])

@@ -18,7 +18,14 @@ cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="native Tri
 
 def test_triton_interpreter_matches_truth_torch_and_reference():
     """Every small case, fp32 and bf16, with TRITON_INTERPRET=1 in a fresh interpreter process."""
-    pytest.importorskip("triton")
+    triton = pytest.importorskip("triton")
+    import numpy as np
+    from packaging.version import Version
+
+    if Version(triton.__version__) < Version("3.7") and Version(np.__version__) >= Version("2.4"):
+        # Triton <= 3.6's interpreter turns loop bounds into 1-element arrays that numpy >= 2.4
+        # refuses to convert to int (triton-lang/triton#9171, fixed upstream; 3.9 here works)
+        pytest.skip(f"Triton {triton.__version__}'s interpreter does not run under numpy {np.__version__}")
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     env.pop("CUDA_VISIBLE_DEVICES", None)
     script = Path(__file__).with_name("_triton_cases.py")
