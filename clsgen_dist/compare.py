@@ -110,8 +110,9 @@ def plan(args) -> list[dict]:
             steps.append({"mode": m, "dir": d, "train": None, "overrides": [],
                           "eval": [*ev, "--config", config, *regime]})
             continue
+        # launch/eval.py evaluates the test split below: the trainer skips its own final evaluation
         tr = [*launcher, str(REPO / "launch" / "train.py"), "--config", config, *regime, *TRAIN_OVERRIDES[m],
-              f"output_dir={d / 'run'}"]
+              "eval.at_end=false", f"output_dir={d / 'run'}"]
         steps.append({"mode": m, "dir": d, "train": tr, "overrides": TRAIN_OVERRIDES[m],
                       "eval": [*ev, "--checkpoint", str(d / "run" / "final")]})
     return steps

@@ -189,6 +189,9 @@ class EvalConfig:
     """Generate explanations for the first N evaluation examples (-1 = all, 0 = none)."""
     show_examples: int = 1
     """Examples (probability + explanation) printed at the end of training."""
+    at_end: bool = True
+    """Evaluate the test split at the end of training (``output_dir/eval``). ``false`` when a separate
+    ``launch/eval.py`` run evaluates the checkpoint anyway (``launch/compare.py`` does)."""
 
 
 @dataclass

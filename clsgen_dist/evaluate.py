@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -81,7 +82,11 @@ def explain_examples(model, encoder: PromptEncoder, texts: dict[int, str], *, to
 
     out: dict[int, str] = {}
     first = next(iter(texts)) if texts else None
+    t0 = last = time.monotonic()
     for k in range(n):
+        if is_main() and time.monotonic() - last > 30:  # generation of a full split takes minutes on CPU
+            last = time.monotonic()
+            log.info("explaining: %d/%d batches of %d on this rank, %.0f s", k, n, batch_size, last - t0)
         idxs = chunks[k] if k < len(chunks) else []
         prompts = [encoder.encode_prompt(texts[i])[0] for i in idxs] or [encoder.encode_prompt(texts[first])[0]]
         _, gen = prefill_and_decode(model, prompts, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_token_id,

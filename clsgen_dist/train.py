@@ -402,7 +402,7 @@ def run(cfg: Config) -> dict | None:
     if is_main():
         (out / "PREEMPTED").unlink(missing_ok=True)
     save_checkpoint(engine.module, tokenizer, cfg, out / "final")
-    metrics = final_evaluation(tr)
+    metrics = final_evaluation(tr) if cfg.eval.at_end else None
     if writer is not None:
         writer.close()
     return metrics

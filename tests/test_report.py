@@ -46,7 +46,8 @@ def test_report_from_a_tiny_run(tiny_dir, data, tmp_path):
     launch("train.py", ["--config", "launch/configs/tiny_cpu.yaml", f"model.name_or_path={tiny_dir}",
                         f"data.train_file={data['train']}", f"data.dev_file={data['dev']}",
                         f"data.test_file={data['test']}", f"output_dir={run}", "train.eval_every=0",
-                        "eval.explain_limit=0"])
+                        "eval.at_end=false"])
+    assert (run / "final/COMPLETE").is_file() and not (run / "eval").exists()  # eval.py below does it
     out = tmp_path / "eval"
     launch("eval.py", ["--checkpoint", str(run / "final"), "--data", str(data["test"]), "--dev", str(data["dev"]),
                        "--output", str(out), "--explain-limit", "3", "--ppl-tokens", "300", "--bootstrap", "200"])
@@ -97,7 +98,7 @@ def test_compare_dry_run_plans_every_mode(tiny_dir, data, capsys):
     assert len(lines) == 7  # 3 trainings + 4 evaluations
     train = [x for x in lines if "launch/train.py" in x]
     assert all("train.max_steps=3" in x and "model.finetune=full" in x and "train.learning_rate=0.001" in x
-               for x in train)
+               and "eval.at_end=false" in x for x in train)
     assert "train.lm_weight=0" in train[1] and "train.cls_weight=0" in train[2]
     assert "--mode zero_shot" in lines[-1] and "--checkpoint" not in lines[-1]
     assert all(f"--data {data['test']}" in x and f"--dev {data['dev']}" in x for x in lines if "eval.py" in x)
