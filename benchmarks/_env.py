@@ -1,10 +1,13 @@
-"""What every benchmark records next to its figures: the machine, package versions, the git SHA."""
+"""What every benchmark records next to its figures (the machine, package versions, the git SHA),
+and the runner of one measurement in a fresh subprocess."""
 
 from __future__ import annotations
 
 import os
 import platform
+import json
 import subprocess
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,3 +57,20 @@ def git_sha() -> str:
         return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return "uncommitted"
+
+
+def run_worker(cmd: list[str], *, timeout: float, env: dict | None = None) -> dict:
+    """Run a worker process that prints its result as one ``RESULT {json}`` line; returns that dict
+    (+ ``wall_s``), or ``{"status": ...}`` saying why there is none (timeout, crash: its last line)."""
+    t0 = time.time()
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"status": f"timeout after {timeout}s"}
+    for line in reversed(p.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            res = json.loads(line[len("RESULT "):])
+            res["wall_s"] = round(time.time() - t0, 1)
+            return res
+    tail = (p.stderr or p.stdout).strip().splitlines()[-1:] or ["no output"]
+    return {"status": f"error (rc={p.returncode}): {tail[0][:200]}"}

@@ -25,12 +25,11 @@ import datetime as dt
 import json
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from _env import git_sha, machine, versions  # noqa: E402  (benchmarks/ is on sys.path as the script folder)
+from _env import git_sha, machine, run_worker, versions  # noqa: E402  (benchmarks/ is on sys.path as the script folder)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -184,18 +183,7 @@ def _run_worker(args, shape, variant: str, mode: str = "run") -> dict:
            "--shape", ",".join(map(str, shape)), "--reps", str(args.reps), "--rep-ms", str(args.rep_ms)]  # fmt: skip
     if args.chunk_size:
         cmd += ["--chunk-size", str(args.chunk_size)]
-    t0 = time.time()
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        return {"status": f"timeout after {args.timeout}s"}
-    for line in reversed(p.stdout.splitlines()):
-        if line.startswith("RESULT "):
-            res = json.loads(line[len("RESULT ") :])
-            res["wall_s"] = round(time.time() - t0, 1)
-            return res
-    tail = (p.stderr or p.stdout).strip().splitlines()[-1:] or ["no output"]
-    return {"status": f"error (rc={p.returncode}): {tail[0][:200]}"}
+    return run_worker(cmd, timeout=args.timeout)
 
 
 def main(argv=None) -> None:

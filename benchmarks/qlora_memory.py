@@ -41,13 +41,12 @@ import datetime as dt
 import json
 import os
 import resource
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
-from _env import git_sha, machine, versions  # noqa: E402  (benchmarks/ is on sys.path as the script folder)
+from _env import git_sha, machine, run_worker, versions  # noqa: E402  (benchmarks/ is on sys.path as the script folder)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -234,18 +233,7 @@ def _run_worker(args, variant: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", variant, "--device", args.device, "--steps", str(args.steps),
            "--seq", str(args.seq), "--lora-r", str(args.lora_r), "--threads", str(args.threads), "--model", args.model]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    t0 = time.time()
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return {"status": f"timeout after {args.timeout}s"}
-    for line in reversed(p.stdout.splitlines()):
-        if line.startswith("RESULT "):
-            res = json.loads(line[len("RESULT "):])
-            res["wall_s"] = round(time.time() - t0, 1)
-            return res
-    tail = (p.stderr or p.stdout).strip().splitlines()[-1:] or ["no output"]
-    return {"status": f"error (rc={p.returncode}): {tail[0][:200]}"}
+    return run_worker(cmd, timeout=args.timeout, env=env)
 
 
 def main(argv=None) -> None:

@@ -33,7 +33,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .distributed import all_gather_objects, rank, world_size
+from .distributed import all_gather_objects, max_over_ranks, rank, world_size
 
 MODES = ("clsgen", "cls_only", "gen_only", "zero_shot")
 PROB_SOURCE = {"clsgen": "head", "cls_only": "head", "gen_only": "explanation", "zero_shot": "prompt"}
@@ -108,15 +108,16 @@ def verdict_logits(model, contexts: list[list[int]], suffixes: list[list[int]], 
                 seqs.append(list(c) + list(s[:-1]))
                 reads.append((i, k))
     groups: list[list[int]] = []  # consecutive sequences packed up to max_tokens (at least one each)
+    filled = 0  # tokens in groups[-1]
     for j, sq in enumerate(seqs):
-        if groups and sum(len(seqs[g]) for g in groups[-1]) + len(sq) <= max_tokens:
+        if groups and filled + len(sq) <= max_tokens:
             groups[-1].append(j)
+            filled += len(sq)
         else:
             groups.append([j])
+            filled = len(sq)
     device = next(model.parameters()).device
-    from .evaluate import _lockstep_count
-
-    n_forwards = _lockstep_count(len(groups), device)
+    n_forwards = max_over_ranks(len(groups), device)
     dummy = [suffixes[0][0]]
     lp = np.zeros((len(contexts), 2))
     for step in range(n_forwards):

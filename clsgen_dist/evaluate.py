@@ -15,22 +15,11 @@ import torch
 
 from .data import PromptEncoder, eval_batches
 from .data.prompts import Encoded
-from .distributed import all_gather_objects, all_reduce_sum, is_main, rank, world_size
+from .distributed import all_gather_objects, all_reduce_sum, is_main, max_over_ranks, rank, world_size
 from .metrics import classification_metrics, tune_threshold
 from .predict import parse_verdict, prefill_and_decode
 
 log = logging.getLogger("clsgen_dist.evaluate")
-
-
-def _lockstep_count(n_local: int, device) -> int:
-    """The largest per-rank count (every rank must run as many forwards under ZeRO-3)."""
-    if world_size() == 1:
-        return n_local
-    t = torch.tensor([n_local], dtype=torch.float64, device=device)
-    import torch.distributed as dist
-
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
 
 
 @torch.no_grad()
@@ -41,7 +30,7 @@ def score_encoded(model, encoded: list[Encoded], *, max_tokens: int) -> dict[int
     model.eval()
     device = next(model.parameters()).device
     batches = eval_batches(encoded, max_tokens, rank=rank(), world_size=world_size())
-    n = _lockstep_count(len(batches), device)
+    n = max_over_ranks(len(batches), device)
     probs: dict[int, float] = {}
     for k in range(n):
         b = batches[k] if k < len(batches) else (batches[0] if batches else None)
@@ -71,7 +60,7 @@ def explain_examples(model, encoder: PromptEncoder, texts: dict[int, str], *, to
     device = next(model.parameters()).device
     mine = sorted(i for i in texts if i % world_size() == rank())
     chunks = [mine[s:s + batch_size] for s in range(0, len(mine), batch_size)]
-    n = _lockstep_count(len(chunks), device)
+    n = max_over_ranks(len(chunks), device)
     lockstep = world_size() > 1 and any(hasattr(p, "ds_id") for p in model.parameters())
 
     def all_done(local: bool) -> bool:

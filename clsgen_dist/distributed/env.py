@@ -66,6 +66,16 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def max_over_ranks(n_local: int, device: torch.device | str) -> int:
+    """The largest ``n_local`` over ranks: how many collective forwards every rank must run so that
+    ZeRO-3's parameter gathers line up when ranks hold different amounts of work."""
+    if not (dist.is_initialized() and world_size() > 1):
+        return n_local
+    t = torch.tensor([n_local], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def all_gather_objects(obj: Any) -> list[Any]:
     """Every rank's ``obj``, in rank order, on every rank."""
     if not (dist.is_initialized() and world_size() > 1):
