@@ -5,9 +5,12 @@
 
 Variants: ``naive`` (F.linear + F.cross_entropy), ``torch`` (our chunked path), ``triton`` (ours,
 CUDA), ``triton_acc_bf16`` (ours with ``accum_dtype=torch.bfloat16``, the accumulation Liger and
-CCE use by default), ``liger`` (Liger-Kernel fused linear CE) and ``cce`` (Apple cut-cross-entropy)
-when importable. Every variant computes the summed LM cross-entropy over all N rows (no ignored
-rows, no classification positions) and the gradients of the hidden states and of the LM weight.
+CCE use by default), ``triton_acc_bf16_c512`` (the same in 512-row chunks, Liger's chunking at the
+GPU shapes), ``triton_recompute`` / ``triton_recompute_bf16`` (ours with ``grad_mode="recompute"``:
+no logits buffer, the gradients accumulated by the backward kernel in fp32 / bf16), ``liger``
+(Liger-Kernel fused linear CE) and ``cce`` (Apple cut-cross-entropy) when importable. Every variant
+computes the summed LM cross-entropy over all N rows (no ignored rows, no classification
+positions) and the gradients of the hidden states and of the LM weight.
 
 Each (shape, variant) runs in a fresh subprocess, so a crash or an OOM cannot leak into the next
 one and CPU peak memory can be read from ``ru_maxrss``. Memory reported = peak during the timed
@@ -39,9 +42,18 @@ SHAPES = {"cpu": [(4096, 576, 49152)], "cuda": [(8192, 4096, 128256), (16384, 40
 DTYPES = {"cpu": "float32", "cuda": "bfloat16"}
 VARIANTS = {
     "cpu": ["naive", "torch", "liger", "cce"],
-    "cuda": ["naive", "torch", "triton", "triton_acc_bf16", "liger", "cce"],
+    "cuda": ["naive", "torch", "triton", "triton_acc_bf16", "triton_acc_bf16_c512", "triton_recompute",
+             "triton_recompute_bf16", "liger", "cce"],
 }
-OURS = ("torch", "triton", "triton_acc_bf16")
+# our variants -> dual_head_loss keywords (accum_dtype by name: torch is imported in the workers only)
+OURS = {
+    "torch": dict(impl="torch"),
+    "triton": dict(impl="triton"),
+    "triton_acc_bf16": dict(impl="triton", accum_dtype="bfloat16"),
+    "triton_acc_bf16_c512": dict(impl="triton", accum_dtype="bfloat16", chunk_size=512),
+    "triton_recompute": dict(impl="triton", grad_mode="recompute"),
+    "triton_recompute_bf16": dict(impl="triton", grad_mode="recompute", accum_dtype="bfloat16"),
+}
 TIMING = {
     "cpu": "median wall time of the timed steps after one warm-up, all variants interleaved step by step in one process",
     "cuda": "triton.testing.do_bench median after compile/autotune warm-up",
@@ -60,17 +72,18 @@ def _loss_fn(variant: str, chunk_size: int | None = None):
 
     if variant == "naive":
         return lambda h, w, t: F.cross_entropy(F.linear(h, w).float(), t, reduction="sum")
-    if variant in ("torch", "triton", "triton_acc_bf16"):
+    if variant in OURS:
         sys.path.insert(0, str(ROOT))
         from clsgen_dist.ops import dual_head_loss
 
-        impl = "torch" if variant == "torch" else "triton"
-        acc = torch.bfloat16 if variant == "triton_acc_bf16" else torch.float32
+        kw = dict(OURS[variant])
+        kw["accum_dtype"] = getattr(torch, kw.get("accum_dtype", "float32"))
+        kw["chunk_size"] = kw.get("chunk_size", chunk_size)
 
         def ours(h, w, t):
             z = h.new_zeros((0,), dtype=torch.long)
             cw, cb = h.new_zeros((1, h.shape[1]), dtype=torch.float32), h.new_zeros((1,), dtype=torch.float32)
-            return dual_head_loss(h, w, t, cw, cb, z, z, impl=impl, accum_dtype=acc, chunk_size=chunk_size)[0]
+            return dual_head_loss(h, w, t, cw, cb, z, z, **kw)[0]
 
         return ours
     if variant == "liger":
@@ -285,7 +298,9 @@ def render(jsonl: Path, md: Path) -> None:
         "Variants: `naive` = `F.cross_entropy(F.linear(h, W).float(), t, reduction='sum')`; `torch` = our chunked "
         "path (fp32 compute); `triton` = ours on CUDA with the default `accum_dtype=float32` (the LM weight gradient "
         "is held in fp32 until backward: +4·V·H bytes); `triton_acc_bf16` = ours accumulating it in bf16, as Liger "
-        "and CCE do by default; `liger` = `liger_fused_linear_cross_entropy` (defaults); `cce` = "
+        "and CCE do by default; `triton_acc_bf16_c512` = the same in 512-row chunks; `triton_recompute` / "
+        "`triton_recompute_bf16` = ours with `grad_mode='recompute'` (no logits buffer; the backward recomputes "
+        "the logits and accumulates the gradients in fp32 / in bf16 under tile locks); `liger` = `liger_fused_linear_cross_entropy` (defaults); `cce` = "
         "`cut_cross_entropy.linear_cross_entropy` (defaults, i.e. `filter_eps='high'` gradient filtering). "
         "On CUDA every non-naive variant is also compared with naive at full size (relative differences in the "
         "status column).",

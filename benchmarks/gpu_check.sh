@@ -7,7 +7,8 @@
 #    reference, fp32 and bf16, small odd shapes and N=2048 H=1024 V=32000 (single Triton config:
 #    CLSGEN_TRITON_AUTOTUNE=0, to keep compilation short). The interpreter test runs too (CPU).
 # 2. benchmarks/fused_loss_bench.py --device cuda: N in {8192, 16384}, H=4096, V=128256 bf16;
-#    naive / torch / triton / triton_acc_bf16 / liger / cce + the matmul floor, autotuned, each
+#    naive / torch / triton (eager: fp32 and bf16 accumulation, default and 512-row chunks;
+#    recompute: fp32 and bf16 accumulation) / liger / cce + the matmul floor, autotuned, each
 #    variant checked against naive at full size.
 # Baselines come from wheels in .whl/ (liger-kernel, cut-cross-entropy; pure python, installed
 # --no-deps so torch/triton stay as they are); missing wheels just skip those rows.

@@ -190,5 +190,5 @@ def load_base_model(cfg, device):
         from .modeling.build import add_cls_token
 
         add_cls_token(lm, tokenizer, cfg.model.cls_token)
-    model = DualHeadModel(lm, loss_impl=cfg.model.loss_impl, loss_chunk_size=cfg.model.loss_chunk_size)
+    model = DualHeadModel(lm, **cfg.model.loss_options())
     return model.to(device).eval(), tokenizer

@@ -116,7 +116,7 @@ def load_checkpoint(path: str | Path, *, device: torch.device | str = "cpu", dty
         backbone = PeftModel.from_pretrained(base, str(p))
     else:
         backbone = AutoModelForCausalLM.from_pretrained(str(p), dtype=tdtype, attn_implementation=attn)
-    model = DualHeadModel(backbone, loss_impl=cfg.model.loss_impl, loss_chunk_size=cfg.model.loss_chunk_size)
+    model = DualHeadModel(backbone, **cfg.model.loss_options())
     head = load_file(str(p / HEAD_NAME))
     model.cls_head.load_state_dict({k: v.float() for k, v in head.items()})
     model.to(device).eval()

@@ -63,6 +63,15 @@ class ModelConfig:
     ``torch`` (chunked) or ``reference`` (naive, materialises logits: tests only)."""
     loss_chunk_size: int = 1024
     """Rows per chunk in the chunked torch loss."""
+    loss_grad_mode: str = "eager"
+    """How the fused loss makes the LM gradients: ``eager`` (in the forward, one ``[chunk, V]``
+    logits buffer at a time) or ``recompute`` (Triton on CUDA only: the backward recomputes the
+    logits tile by tile; the loss then holds nothing but the gradients -- 4 matmul passes over
+    tokens x hidden x vocabulary instead of 3)."""
+
+    def loss_options(self) -> dict:
+        """Keyword arguments of :class:`~clsgen_dist.modeling.dual_head.DualHeadModel` for the loss."""
+        return dict(loss_impl=self.loss_impl, loss_chunk_size=self.loss_chunk_size, loss_grad_mode=self.loss_grad_mode)
 
     def __post_init__(self) -> None:
         _choice("model.dtype", self.dtype, ("auto", "float32", "bfloat16"))
@@ -77,6 +86,10 @@ class ModelConfig:
         _choice("model.loss_impl", self.loss_impl, ("auto", "triton", "torch", "reference"))
         _positive("model.lora_r", self.lora_r)
         _positive("model.loss_chunk_size", self.loss_chunk_size)
+        _choice("model.loss_grad_mode", self.loss_grad_mode, ("eager", "recompute"))
+        if self.loss_grad_mode == "recompute" and self.loss_impl in ("torch", "reference"):
+            raise ConfigError(f"model.loss_grad_mode=recompute is a Triton kernel (CUDA): it needs model.loss_impl=auto "
+                              f"or triton, got model.loss_impl={self.loss_impl}")
 
 
 @dataclass

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import save_checkpoint
-from .config import Config, dump_config
+from .config import Config, ConfigError, dump_config
 from .data import PackedRows, PromptEncoder, read_examples
 from .distributed import all_reduce_sum, barrier, init_distributed, is_main, rank, world_size
 from .distributed.engine import build_engine, fill_ds_config, load_ds_config, zero_stage
@@ -92,6 +92,16 @@ def encode_train(examples, encoder: PromptEncoder, max_seq_len: int, seed: int) 
 
 
 # ----------------------------------------------------------------------------- run metadata
+
+
+def check_loss_options(model_cfg, device: torch.device) -> None:
+    """The fused loss's options against the device, before any model is built."""
+    from .ops import resolve_impl
+
+    impl = resolve_impl(model_cfg.loss_impl, device)
+    if model_cfg.loss_grad_mode == "recompute" and impl != "triton":
+        raise ConfigError(f"model.loss_grad_mode=recompute needs the Triton loss (CUDA); on {device.type} "
+                          f"model.loss_impl={model_cfg.loss_impl} resolves to {impl}. Use model.loss_grad_mode=eager")
 
 
 def run_info(cfg: Config, device: torch.device) -> dict:
@@ -366,6 +376,7 @@ def run(cfg: Config) -> dict | None:
     setup_logging()
     torch.manual_seed(cfg.train.seed)
     dtype = resolve_dtype(cfg.model.dtype, device)
+    check_loss_options(cfg.model, device)
     ds = fill_ds_config(ds_raw, cfg, world_size=world_size(), dtype=dtype, where=cfg.ds_config)
     model, tokenizer = build_model(cfg.model, device=device, seed=cfg.train.seed)
     encoder = make_encoder(cfg, tokenizer)

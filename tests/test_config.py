@@ -24,11 +24,23 @@ def test_yaml_then_overrides(tmp_path):
     ("data.verdict_template=Answer", "must contain '{label}'"),
     ("resume=maybe", "resume: expected true, false or auto"),
     ("train", "expected key=value"),
+    ("model.loss_grad_mode=lazy", "model.loss_grad_mode: expected one of"),
 ])
 def test_bad_config_messages(override, needle):
     with pytest.raises(ConfigError, match=None) as e:
         load_config(None, [override])
     assert needle in str(e.value)
+
+
+def test_recompute_grad_mode_needs_the_triton_loss():
+    from clsgen_dist.train import check_loss_options
+
+    with pytest.raises(ConfigError, match="needs model.loss_impl=auto or triton, got model.loss_impl=torch"):
+        load_config(None, ["model.loss_impl=torch", "model.loss_grad_mode=recompute"])
+    cfg = load_config(None, ["model.loss_grad_mode=recompute"])  # auto: fine until the device is known
+    with pytest.raises(ConfigError, match="on cpu model.loss_impl=auto resolves to torch"):
+        check_loss_options(cfg.model, torch.device("cpu"))
+    check_loss_options(load_config(None, []).model, torch.device("cpu"))  # the default: eager
 
 
 def test_every_shipped_yaml_loads():

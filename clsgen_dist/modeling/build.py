@@ -166,7 +166,7 @@ def build_model(cfg: ModelConfig, *, device: torch.device | str = "cpu", model_p
         backbone = apply_lora(backbone, cfg)
     else:
         backbone.requires_grad_(True)
-    model = DualHeadModel(backbone, loss_impl=cfg.loss_impl, loss_chunk_size=cfg.loss_chunk_size)
+    model = DualHeadModel(backbone, **cfg.loss_options())
     model.to(device)
     log.info("model: %s (%s, attn=%s, finetune=%s, quantization=%s), trainable %s / %s params", path, dtype, attn,
              cfg.finetune, cfg.quantization,

@@ -49,7 +49,8 @@ class DualHeadModel(nn.Module):
     ``base_model`` (LlamaForCausalLM.model, and the like) returning ``last_hidden_state``.
     """
 
-    def __init__(self, backbone: nn.Module, *, loss_impl: str = "auto", loss_chunk_size: int | None = None) -> None:
+    def __init__(self, backbone: nn.Module, *, loss_impl: str = "auto", loss_chunk_size: int | None = None,
+                 loss_grad_mode: str = "eager") -> None:
         super().__init__()
         self.backbone = backbone
         hidden_size = self.causal_lm.config.hidden_size
@@ -59,6 +60,7 @@ class DualHeadModel(nn.Module):
         nn.init.zeros_(self.cls_head.bias)
         self.loss_impl = loss_impl
         self.loss_chunk_size = loss_chunk_size
+        self.loss_grad_mode = loss_grad_mode
 
     # -- structure ------------------------------------------------------------------------
 
@@ -123,7 +125,8 @@ class DualHeadModel(nn.Module):
         res = dual_head_objective(
             hidden, head.weight, targets, self.cls_head.weight, self.cls_head.bias, cls_index, cls_labels,
             lm_bias=head.bias, num_lm_tokens=num_lm_tokens, num_cls_examples=num_cls_examples,
-            lm_coef=lm_coef, cls_coef=cls_coef, impl=self.loss_impl, chunk_size=self.loss_chunk_size)
+            lm_coef=lm_coef, cls_coef=cls_coef, impl=self.loss_impl, chunk_size=self.loss_chunk_size,
+            grad_mode=self.loss_grad_mode)
         return DualHeadOutput(**res.__dict__)
 
     @torch.no_grad()

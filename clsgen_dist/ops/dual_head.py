@@ -14,6 +14,7 @@ from .reference import IGNORE_INDEX, cls_loss_reference, lm_loss_sum_reference
 log = logging.getLogger("clsgen_dist.ops")
 
 IMPLS = ("auto", "triton", "torch", "reference")
+GRAD_MODES = ("eager", "recompute")
 _resolved: dict[str, str] = {}  # device type -> impl chosen by "auto"
 
 
@@ -86,6 +87,7 @@ def dual_head_loss(
     impl: str = "auto",
     chunk_size: int | None = None,
     accum_dtype: torch.dtype = torch.float32,
+    grad_mode: str = "eager",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """LM cross-entropy and classification BCE of a packed batch, straight from hidden states.
 
@@ -110,6 +112,14 @@ def dual_head_loss(
             held until backward, where it is scaled and cast to ``lm_weight.dtype``). fp32 costs
             ``4·V·H`` bytes while ``lm_weight`` is trained; ``torch.bfloat16`` halves that for a
             bf16 weight at the price of one rounding per chunk.
+        grad_mode: how the LM gradients are made (see ``chunked`` / ``triton_fused``):
+            ``"eager"`` -- in the forward, from one ``[chunk, V]`` logits buffer at a time (three
+            matmul passes over ``N x H x V``; memory = gradients + that buffer);
+            ``"recompute"`` (``impl="triton"`` only) -- the forward keeps only the log-sum-exp and
+            the backward recomputes the logits tile by tile and accumulates the gradients in the
+            kernel (four passes; memory = the gradients alone, in ``accum_dtype``: a 16-bit one
+            gives cut-cross-entropy's footprint and rounding). Keeps ``hidden`` and ``lm_weight``
+            alive until backward, and under ZeRO-3 relies on the weight being gathered for it.
 
     Returns:
         ``lm_loss_sum``: 0-dim fp32, differentiable; sum of token CE over non-ignored rows (0 if none).
@@ -126,6 +136,11 @@ def dual_head_loss(
     """
     _check_inputs(hidden, lm_weight, targets, cls_weight, cls_bias, cls_index, cls_labels, lm_bias)
     impl = resolve_impl(impl, hidden.device)
+    if grad_mode not in GRAD_MODES:
+        raise ValueError(f"dual_head_loss: grad_mode={grad_mode!r}, expected one of {GRAD_MODES}")
+    if grad_mode == "recompute" and impl != "triton":
+        raise ValueError(f"dual_head_loss: grad_mode='recompute' is a Triton kernel, but the implementation "
+                         f"is {impl!r} on {hidden.device.type} (use impl='triton' on CUDA)")
 
     # Classification head: M x H, plain autograd, fp32.
     cls_loss_sum, cls_logits = cls_loss_reference(hidden, cls_weight, cls_bias, cls_index, cls_labels)
@@ -137,12 +152,21 @@ def dual_head_loss(
     valid = targets != IGNORE_INDEX  # [N]
     n_lm_targets = valid.sum()
     keep = valid.nonzero().squeeze(1)  # [n]  <- host sync (data-dependent size)
-    h_sel = hidden.index_select(0, keep)  # [n, H] copy; its backward scatters into zeros [N, H]
-    t_sel = targets.index_select(0, keep)  # [n]
+    if keep.numel() == targets.numel():  # nothing ignored: no [N, H] copy, no scatter in backward
+        h_sel, t_sel = hidden, targets.contiguous()  # the kernels index targets by row
+    else:
+        h_sel = hidden.index_select(0, keep)  # [n, H] copy; its backward scatters into zeros [N, H]
+        t_sel = targets.index_select(0, keep)  # [n]
     if impl == "triton" and h_sel.dtype != lm_weight.dtype:
         h_sel = h_sel.to(lm_weight.dtype)  # the kernel reads one operand dtype
     if lm_bias is not None:
         lm_bias = lm_bias.contiguous()
+    if grad_mode == "recompute":
+        _backend(impl, hidden.device)  # the device check
+        from .triton_fused import RecomputeLinearCrossEntropySum
+
+        lm_loss_sum = RecomputeLinearCrossEntropySum.apply(h_sel, lm_weight, lm_bias, t_sel, accum_dtype)
+        return lm_loss_sum, n_lm_targets, cls_loss_sum, cls_logits
     grad_on = torch.is_grad_enabled()
     needs = (
         grad_on and h_sel.requires_grad,

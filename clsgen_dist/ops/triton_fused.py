@@ -189,6 +189,156 @@ def _softmax_grad_kernel(
         tl.store(row_ptrs + offs_v[None, :], p.to(l_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _locked_add(ptrs, val, mask, lock_ptr):
+    """``*ptrs += val`` under a spin lock: a read-modify-write in the buffer's own dtype (bf16
+    has no native atomic add everywhere, and none in the interpreter). Acquire/release on the lock
+    orders the plain load and store; ``.cg`` reads from L2, past a possibly stale L1 line."""
+    while tl.atomic_cas(lock_ptr, 0, 1) == 1:
+        pass
+    cur = tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+    tl.store(ptrs, (cur.to(tl.float32) + val).to(ptrs.dtype.element_ty), mask=mask)
+    tl.atomic_xchg(lock_ptr, 0)
+
+
+def _recompute_configs() -> list[triton.Config]:
+    if INTERPRET:
+        return [triton.Config({"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_H": 16}, num_warps=4)]
+    # Untuned on hardware so far (no GPU measurement of this kernel yet): the autotuner picks.
+    # Registers: a [BN, BV] fp32 tile of d logits + one [BN or BV, BH] fp32 product at a time.
+    shapes = [(128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3), (64, 256, 64, 8, 3)]
+    if not AUTOTUNE:
+        shapes = shapes[1:2]
+    return [
+        triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_H": bh}, num_warps=w, num_stages=s)
+        for bn, bv, bh, w, s in shapes
+    ]
+
+
+@triton.autotune(
+    configs=_recompute_configs(),
+    key=["V", "H_DIM", "HAS_BIAS", "NEED_DH", "NEED_DW", "LOCKED"],
+    # the kernel accumulates into its outputs: every autotuning trial must start from zeros
+    reset_to_zero=["dh_ptr", "dw_ptr", "db_ptr"],
+)
+@triton.heuristics({"EVEN_H": lambda a: a["H_DIM"] % a["BLOCK_H"] == 0})
+@triton.jit
+def _recompute_grad_kernel(
+    h_ptr,  # [n, H] hidden rows (all with a target)
+    w_ptr,  # [V, H] LM weight
+    b_ptr,  # [V] bias (unused if not HAS_BIAS)
+    t_ptr,  # [n] int64 targets
+    lse_ptr,  # [n] fp32 log-sum-exp from the forward
+    go_ptr,  # [1] fp32 upstream gradient of the summed loss
+    dh_ptr,  # [n, H] d hidden accumulator (zeros)
+    dw_ptr,  # [V, H] d weight accumulator (zeros)
+    db_ptr,  # [V] fp32 d bias accumulator (zeros)
+    dh_lock_ptr,  # [cdiv(n, BLOCK_N), cdiv(H, BLOCK_H)] int32 zeros (LOCKED only)
+    dw_lock_ptr,  # [cdiv(V, BLOCK_V), cdiv(H, BLOCK_H)] int32 zeros (LOCKED only)
+    N,
+    V,
+    H_DIM,
+    stride_hn,
+    stride_hh,
+    stride_wv,
+    stride_wh,
+    stride_dhn,
+    stride_dwv,
+    HAS_BIAS: tl.constexpr,
+    NEED_DH: tl.constexpr,
+    NEED_DW: tl.constexpr,
+    NEED_DB: tl.constexpr,
+    LOCKED: tl.constexpr,  # low-precision accumulators: locked read-modify-write; else atomic adds
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    EVEN_H: tl.constexpr,
+    GROUP_N: tl.constexpr = 8,
+):
+    # One program per [BLOCK_N rows, BLOCK_V columns] tile of the logits. Programs are ordered so
+    # that GROUP_N row blocks sweep the vocabulary together (weight tiles are re-read from L2).
+    pid = tl.program_id(0)
+    blocks_n = tl.cdiv(N, BLOCK_N)
+    blocks_v = tl.cdiv(V, BLOCK_V)
+    per_group = GROUP_N * blocks_v
+    first_n = (pid // per_group) * GROUP_N
+    group_size = tl.minimum(blocks_n - first_n, GROUP_N)
+    pid_n = first_n + (pid % per_group) % group_size
+    pid_v = (pid % per_group) // group_size
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    mask_n = offs_n < N
+    mask_v = offs_v < V
+    rows = offs_n.to(tl.int64)
+    cols = offs_v.to(tl.int64)
+    offs_k0 = tl.arange(0, BLOCK_H)
+    a_base = h_ptr + rows[:, None] * stride_hn  # [BN, 1]
+    w_rows = w_ptr + cols[:, None] * stride_wv  # [BV, 1]
+
+    # 1. the logits tile again, exactly as the forward made it (fp32 accumulator)
+    acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+    for k0 in range(0, H_DIM, BLOCK_H):
+        offs_k = k0 + offs_k0
+        if EVEN_H:
+            a = tl.load(a_base + offs_k[None, :] * stride_hh, mask=mask_n[:, None], other=0.0)
+            b = tl.load(w_rows + offs_k[None, :] * stride_wh, mask=mask_v[:, None], other=0.0)
+        else:
+            mask_k = offs_k < H_DIM
+            a = tl.load(a_base + offs_k[None, :] * stride_hh, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            b = tl.load(w_rows + offs_k[None, :] * stride_wh, mask=mask_v[:, None] & mask_k[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
+
+    # 2. d logits = (softmax - onehot) * upstream gradient, from the forward's fp32 log-sum-exp
+    lse = tl.load(lse_ptr + rows, mask=mask_n, other=0.0)
+    tgt = tl.load(t_ptr + rows, mask=mask_n, other=-1)
+    go = tl.load(go_ptr)
+    p = tl.exp(acc - lse[:, None])
+    p = tl.where(offs_v[None, :] == tgt[:, None], p - 1.0, p)
+    g = tl.where(mask_n[:, None] & mask_v[None, :], p * go, 0.0)  # [BN, BV] fp32
+    if NEED_DB:
+        tl.atomic_add(db_ptr + offs_v, tl.sum(g, axis=0), mask=mask_v)
+    if UPCAST:
+        g_op = g
+    else:
+        g_op = g.to(h_ptr.dtype.element_ty)  # tensor-core operand, as the eager path's bf16 buffer
+
+    # 3. d hidden[rows] += g @ W[cols] and d W[cols] += g.T @ hidden[rows], one column block of H
+    #    at a time; each program starts at its own block so that concurrent tiles rarely meet.
+    chunks = tl.cdiv(H_DIM, BLOCK_H)
+    for i in range(0, chunks):
+        kc = (i + pid) % chunks
+        offs_k = kc * BLOCK_H + offs_k0
+        mask_k = offs_k < H_DIM
+        if NEED_DH:
+            wk = tl.load(w_rows + offs_k[None, :] * stride_wh, mask=mask_v[:, None] & mask_k[None, :], other=0.0)
+            if UPCAST:
+                wk = wk.to(tl.float32)
+            d_h = tl.dot(g_op, wk, input_precision=DOT_PRECISION)  # [BN, BH] fp32
+            dh_ptrs = dh_ptr + rows[:, None] * stride_dhn + offs_k[None, :]
+            if LOCKED:
+                _locked_add(dh_ptrs, d_h, mask_n[:, None] & mask_k[None, :], dh_lock_ptr + pid_n * chunks + kc)
+            else:
+                tl.atomic_add(dh_ptrs, d_h.to(dh_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_k[None, :])
+        if NEED_DW:
+            hk = tl.load(a_base + offs_k[None, :] * stride_hh, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            if UPCAST:
+                hk = hk.to(tl.float32)
+            d_w = tl.dot(tl.trans(g_op), hk, input_precision=DOT_PRECISION)  # [BV, BH] fp32
+            dw_ptrs = dw_ptr + cols[:, None] * stride_dwv + offs_k[None, :]
+            if LOCKED:
+                _locked_add(dw_ptrs, d_w, mask_v[:, None] & mask_k[None, :], dw_lock_ptr + pid_v * chunks + kc)
+            else:
+                tl.atomic_add(dw_ptrs, d_w.to(dw_ptr.dtype.element_ty), mask=mask_v[:, None] & mask_k[None, :])
+
+
 @functools.lru_cache(maxsize=None)
 def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -296,3 +446,92 @@ class TritonChunkBackend:
             if emulate:
                 logits.copy_(logits.to(hidden.dtype))
         return lse - tgt
+
+
+def _min_blocks() -> tuple[int, int, int]:
+    """Smallest (BLOCK_N, BLOCK_V, BLOCK_H) of the recompute configs: lock arrays are sized for
+    them, so that they fit whichever config the autotuner picks."""
+    cfgs = _recompute_grad_kernel.configs
+    return tuple(min(c.kwargs[k] for c in cfgs) for k in ("BLOCK_N", "BLOCK_V", "BLOCK_H"))  # type: ignore[return-value]
+
+
+def recompute_grads(
+    hidden: torch.Tensor,  # [n, H]
+    weight: torch.Tensor,  # [V, H]
+    bias: torch.Tensor | None,  # [V]
+    targets: torch.Tensor,  # [n] int64
+    lse: torch.Tensor,  # [n] fp32
+    grad_out: torch.Tensor,  # 0-dim, upstream gradient of the summed loss
+    needs: tuple[bool, bool, bool],
+    accum_dtype: torch.dtype,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of ``sum_i CE(hidden[i] @ W.T + b, t[i])`` scaled by ``grad_out``, the logits
+    recomputed tile by tile: no ``[chunk, V]`` buffer, only the gradients themselves.
+
+    fp32 / fp64 ``accum_dtype``: both gradients accumulate by atomic adds in that dtype and are
+    cast at the end. A 16-bit ``accum_dtype``: they accumulate in the parameters' own dtype under
+    tile locks, so nothing beyond the returned gradients is allocated (cut-cross-entropy's memory,
+    with its rounding: one per tile added). ``d bias`` is always accumulated in fp32.
+    """
+    need_dh, need_dw, need_db = needs
+    n, hdim = hidden.shape
+    vocab = weight.shape[0]
+    locked = accum_dtype not in (torch.float32, torch.float64)
+    # The interpreter can only round-to-zero into bf16: locked accumulation runs in fp32 there
+    # (same lock code path), cast once at the end.
+    buf_dtype = torch.float32 if (locked and INTERPRET) else accum_dtype
+    dh_dtype = hidden.dtype if locked and not INTERPRET else buf_dtype
+    dw_dtype = weight.dtype if locked and not INTERPRET else buf_dtype
+    dh = hidden.new_zeros((n, hdim), dtype=dh_dtype) if need_dh else None
+    dw = weight.new_zeros((vocab, hdim), dtype=dw_dtype) if need_dw else None
+    db = weight.new_zeros((vocab,), dtype=torch.float32) if need_db else None
+    if n and any(needs):
+        bn, bv, bh = _min_blocks()
+        chunks = triton.cdiv(hdim, bh)
+        dh_lock = hidden.new_zeros((triton.cdiv(n, bn) * chunks,), dtype=torch.int32) if locked and need_dh else None
+        dw_lock = hidden.new_zeros((triton.cdiv(vocab, bv) * chunks,), dtype=torch.int32) if locked and need_dw else None
+        go = grad_out.detach().float().reshape(1)
+        # Pointers a specialisation never reads. Not ``lse``: the autotuner zeroes whatever is
+        # passed as dh/dw/db (``reset_to_zero``) between its trials.
+        dummy = lse.new_zeros(1)
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(vocab, meta["BLOCK_V"]),)  # noqa: E731
+        with _on_device(hidden):
+            _recompute_grad_kernel[grid](
+                hidden, weight, bias if bias is not None else dummy, targets, lse, go,
+                *(x if x is not None else dummy for x in (dh, dw, db, dh_lock, dw_lock)),
+                n, vocab, hdim,
+                hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+                dh.stride(0) if dh is not None else 0, dw.stride(0) if dw is not None else 0,
+                HAS_BIAS=bias is not None, NEED_DH=need_dh, NEED_DW=need_dw, NEED_DB=need_db, LOCKED=locked,
+                UPCAST=INTERPRET and hidden.dtype != torch.float32,
+                DOT_PRECISION=_dot_precision(hidden.dtype),
+            )  # fmt: skip
+    d_hidden = dh.to(hidden.dtype) if dh is not None else None
+    d_weight = dw.to(weight.dtype) if dw is not None else None
+    d_bias = db.to(bias.dtype) if db is not None else None
+    return d_hidden, d_weight, d_bias
+
+
+class RecomputeLinearCrossEntropySum(torch.autograd.Function):
+    """``sum_i CE(hidden[i] @ weight.T + bias, targets[i])``: forward = log-sum-exp only, backward
+    recomputes the logits (``grad_mode="recompute"`` of ``dual_head_loss``).
+
+    Four matmul passes over ``N x H x V`` instead of three, for a memory peak of the gradients
+    alone. Unlike the eager path the weight must still be readable in backward -- under ZeRO-3 the
+    module's pre-backward hook gathers it again (``DualHeadOutput``)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, accum_dtype):
+        with _on_device(hidden):
+            lse, tgt = logits_lse(hidden, weight, bias, targets, None)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.accum_dtype = accum_dtype
+        return (lse - tgt).sum()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        d_hidden, d_weight, d_bias = recompute_grads(
+            hidden, weight, bias, targets, lse, grad_out, tuple(ctx.needs_input_grad[:3]), ctx.accum_dtype
+        )
+        return d_hidden, d_weight, d_bias, None, None

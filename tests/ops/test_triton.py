@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ._triton_cases import BF16_CASES, LARGE, SMALL, check_bf16, check_fp32
+from ._triton_cases import BF16_CASES, GRAD_MODES, LARGE, SMALL, check_bf16, check_bf16_accum, check_fp32, check_model_recompute
 
 ROOT = Path(__file__).resolve().parents[2]
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="native Triton needs CUDA")
@@ -36,19 +36,33 @@ def test_triton_interpreter_matches_truth_torch_and_reference():
     assert p.returncode == 0, "interpreter cases failed:\n" + "\n".join(
         line for line in p.stdout.splitlines() if not line.startswith("PASS")
     )[-8000:] + p.stderr[-3000:]
-    assert p.stdout.count("PASS ") == len(SMALL) + sum(c.name in BF16_CASES for c in SMALL)
+    n_bf16 = sum(c.name in BF16_CASES for c in SMALL)
+    assert p.stdout.count("PASS ") == len(GRAD_MODES) * (len(SMALL) + n_bf16) + n_bf16 + 1  # + the model check
 
 
 @cuda_only
+@pytest.mark.parametrize("grad_mode", GRAD_MODES)
 @pytest.mark.parametrize("case", SMALL + LARGE, ids=lambda c: c.name)
-def test_triton_cuda_fp32(case, seed):
-    check_fp32(case, "cuda", seed)
+def test_triton_cuda_fp32(case, grad_mode, seed):
+    check_fp32(case, "cuda", seed, grad_mode)
+
+
+@cuda_only
+@pytest.mark.parametrize("grad_mode", GRAD_MODES)
+@pytest.mark.parametrize("case", [c for c in SMALL + LARGE if c.name in BF16_CASES], ids=lambda c: c.name)
+def test_triton_cuda_bf16(case, grad_mode, seed):
+    check_bf16(case, "cuda", seed, grad_mode)
 
 
 @cuda_only
 @pytest.mark.parametrize("case", [c for c in SMALL + LARGE if c.name in BF16_CASES], ids=lambda c: c.name)
-def test_triton_cuda_bf16(case, seed):
-    check_bf16(case, "cuda", seed)
+def test_triton_cuda_recompute_bf16_accumulation(case, seed):
+    check_bf16_accum(case, "cuda", seed)
+
+
+@cuda_only
+def test_triton_cuda_model_recompute(seed):
+    check_model_recompute("cuda", seed)
 
 
 @cuda_only
