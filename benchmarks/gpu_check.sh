@@ -15,7 +15,7 @@
 # Writes env.txt, pytest.log, bench.log, fused_loss_results.jsonl, fused_loss.md to $OUT; copy the
 # last two back to benchmarks/. Expected runtime ~4-5 min; hard limits 3 + 4.5 min.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-outputs/gpu_check}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"

@@ -40,6 +40,16 @@ def user_errors():
         raise SystemExit(2) from None
 
 
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
 def _parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     # The deepspeed launcher appends --local_rank=N; the rank is read from the environment instead.
@@ -91,7 +101,8 @@ def eval_main(argv: list[str] | None = None) -> int:
     p.add_argument("--dev-limit", type=int, default=None, help="use only the first N dev examples")
     p.add_argument("--ppl-tokens", type=int, default=4096, help="tokens of general English text for the "
                    "perplexity ratio against the base model (0 = skip)")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
+    p.add_argument("--bootstrap", type=_non_negative, default=1000,
+                   help="bootstrap resamples for the 95%% intervals (0 = none)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (with --config only)")
     args = p.parse_args(argv)
     with user_errors():

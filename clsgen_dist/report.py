@@ -57,7 +57,10 @@ def finalize_metrics(metrics: dict, preds: list[dict], *, dev_labels: Sequence[i
             _note(m, fit["note"])
     else:
         _note(m, "no dev split: the F1 threshold and the temperature were not tuned")
-    ci = bootstrap_ci(y, p, tuned_threshold=m.get("threshold_tuned"), n_resamples=n_resamples, seed=seed)
+    if n_resamples > 0:
+        ci = bootstrap_ci(y, p, tuned_threshold=m.get("threshold_tuned"), n_resamples=n_resamples, seed=seed)
+    else:  # --bootstrap 0: no intervals (every ci95 entry reads "n/a")
+        ci = {"n_resamples": 0, "level": None, "seed": None}
     if ci.get("note"):
         _note(m, "bootstrap: " + ci.pop("note"))
     m["ci95"] = ci
@@ -158,7 +161,7 @@ def _blocks(m: dict, preds: list[dict], plots: list[str], meta: dict, label_name
                  ["probability from", m.get("prob_source", "head")]]))
     b.append(("h2", "Classification"))
     b.append(("p", f"95% intervals: percentile bootstrap, {ci.get('n_resamples')} resamples (seed {ci.get('seed')}), "
-                   f"thresholds held fixed."))
+                   f"thresholds held fixed." if ci.get("n_resamples") else "No intervals (--bootstrap 0)."))
     b.append(("table", ["metric", "value", "95% CI"], [
         ["AUROC", _f(m["auroc"]), _ci(m, "auroc")],
         ["AUPRC (average precision)", _f(m["auprc"]), _ci(m, "auprc")],

@@ -88,6 +88,27 @@ def test_report_from_predictions_with_one_class(tmp_path):
     assert np.array_equal(arrays["labels"], [1, 1, 1, 1])
 
 
+def test_no_bootstrap_gives_a_report_without_intervals(tmp_path, capsys):
+    """``--bootstrap 0`` (no intervals) used to crash inside the bootstrap; a negative count is a
+    user error."""
+    rng = np.random.default_rng(0)
+    preds = [{"id": str(i), "label": int(i % 2), "prob": float(p), "explanation": None, "verdict": None}
+             for i, p in enumerate(rng.uniform(size=20))]
+    base = {"n": 20, "positives": 10, "auroc": 0.5, "auprc": 0.5, "f1": 0.5, "accuracy": 0.5, "brier": 0.3,
+            "ece": 0.2, "threshold": 0.5}
+    m, arrays = finalize_metrics(base, preds, n_resamples=0)
+    assert m["ci95"]["n_resamples"] == 0 and m["ci95"].get("auroc") is None
+    write_report(tmp_path, m, preds, arrays, label_names=["negative", "positive"])
+    md = (tmp_path / "report.md").read_text()
+    assert "No intervals (--bootstrap 0)." in md and "| AUROC | 0.5000 | n/a |" in md
+
+    from clsgen_dist.cli import eval_main
+
+    with pytest.raises(SystemExit) as e:
+        eval_main(["--checkpoint", str(tmp_path), "--output", str(tmp_path / "o"), "--bootstrap", "-5"])
+    assert e.value.code == 2 and "--bootstrap: expected an integer >= 0, got '-5'" in capsys.readouterr().err
+
+
 def test_compare_dry_run_plans_every_mode(tiny_dir, data, capsys):
     from clsgen_dist.compare import main
 

