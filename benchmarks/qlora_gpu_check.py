@@ -127,17 +127,17 @@ def _train_facts(run_dir: Path) -> dict:
 
 
 def _probs(path: Path) -> dict:
-    return {r["id"]: r["prob"] for r in map(json.loads, path.read_text().splitlines()) if r}
+    return {r["id"]: r["prob"] for r in map(json.loads, filter(str.strip, path.read_text().splitlines()))}
 
 
 def run(args) -> int:
     import torch
 
-    assets, out = Path(args.assets), Path(args.out)
+    assets, out = Path(args.assets).resolve(), Path(args.out).resolve()  # the commands run in the repo root
     if not (assets / "smol" / "config.json").exists():
         sys.exit(f"{assets}: no smol/config.json -- run `python benchmarks/qlora_gpu_check.py prepare` first")
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     cuda = torch.cuda.is_available()
     model = _random_model(assets, out, args.seed)
     data = assets / "data"

@@ -127,9 +127,12 @@ def dual_head_loss(
         ``cls_loss_sum``: 0-dim fp32, differentiable; sum of BCE-with-logits over the M positions.
         ``cls_logits``: ``[M]`` fp32, differentiable (attached to the graph; detach for metrics).
 
-    Callers normalise by global counts themselves. Gradients for ``hidden``, ``lm_weight`` and
-    ``lm_bias`` are computed during the forward (only for tensors that require grad, and only
-    when grad mode is on) and scaled by the upstream gradient in backward, which can run once.
+    Callers normalise by global counts themselves. With ``grad_mode="eager"`` the gradients for
+    ``hidden``, ``lm_weight`` and ``lm_bias`` are computed during the forward (only for tensors
+    that require grad, and only when grad mode is on) and scaled by the upstream gradient in
+    backward, which can run once. With ``"recompute"`` they are made in backward (``chunk_size``
+    does not apply), and the rows with a target are saved for it: when some rows are ignored,
+    that is an ``[n, H]`` copy of them.
 
     Sync: dropping ignored rows needs their count on the host (``nonzero``), one device->host
     sync per call on CUDA. ``impl="reference"`` avoids it but holds ``[N, V]`` fp32 logits.

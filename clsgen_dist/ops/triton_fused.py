@@ -24,6 +24,16 @@ Per chunk of rows (see ``chunked.LinearCrossEntropySum`` for why gradients are m
 
 Without gradients (evaluation) step 1 runs over all rows at once with no chunk buffer.
 
+``grad_mode="recompute"`` (``RecomputeLinearCrossEntropySum``): the forward is step 1 without a
+buffer (log-sum-exp and target logit only); the backward is one kernel, ``_recompute_grad_kernel``,
+with a program per ``[BLOCK_N, BLOCK_V]`` logits tile: it recomputes the tile, forms
+``(softmax - onehot) * grad`` from the saved fp32 log-sum-exp, and adds ``g @ W_tile`` into
+``d hidden`` and ``g.T @ h_block`` into ``d W``, one ``BLOCK_H`` column block at a time. Tiles of
+one row block (or one vocabulary block) add into the same rows from different programs: by fp32 /
+fp64 atomic adds, or, for a 16-bit accumulator, by a read-modify-write under a per-(block, column
+block) spin lock -- the accumulator is then the gradient itself and nothing else is allocated.
+Four matmul passes instead of three, and summation order (hence the last bits) varies run to run.
+
 Interpreter (``TRITON_INTERPRET=1``, CPU): bf16 ``tl.dot`` is wrong there, so operands are upcast
 to fp32 before the dot (``UPCAST``); its fp32 -> bf16 cast truncates, so the chunk buffer is fp32
 and torch rounds it where the GPU would (``TritonChunkBackend.compute_dtype``); a single small
@@ -193,11 +203,14 @@ def _softmax_grad_kernel(
 def _locked_add(ptrs, val, mask, lock_ptr):
     """``*ptrs += val`` under a spin lock: a read-modify-write in the buffer's own dtype (bf16
     has no native atomic add everywhere, and none in the interpreter). Acquire/release on the lock
-    orders the plain load and store; ``.cg`` reads from L2, past a possibly stale L1 line."""
+    orders the plain load and store; ``.cg`` reads from L2, past a possibly stale L1 line. The
+    scalar lock operations run on one thread: the barrier keeps it from releasing the lock before
+    every warp of the program has stored its part of the tile."""
     while tl.atomic_cas(lock_ptr, 0, 1) == 1:
         pass
     cur = tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")
     tl.store(ptrs, (cur.to(tl.float32) + val).to(ptrs.dtype.element_ty), mask=mask)
+    tl.debug_barrier()
     tl.atomic_xchg(lock_ptr, 0)
 
 
@@ -207,8 +220,8 @@ def _recompute_configs() -> list[triton.Config]:
     # Untuned on hardware so far (no GPU measurement of this kernel yet): the autotuner picks.
     # Registers: a [BN, BV] fp32 tile of d logits + one [BN or BV, BH] fp32 product at a time.
     shapes = [(128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3), (64, 256, 64, 8, 3)]
-    if not AUTOTUNE:
-        shapes = shapes[1:2]
+    if not AUTOTUNE:  # one config that must fit every dtype (fp32: ~210 KiB of shared memory at 3 stages)
+        shapes = [(64, 128, 64, 4, 2)]
     return [
         triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_H": bh}, num_warps=w, num_stages=s)
         for bn, bv, bh, w, s in shapes
@@ -304,20 +317,22 @@ def _recompute_grad_kernel(
     p = tl.where(offs_v[None, :] == tgt[:, None], p - 1.0, p)
     g = tl.where(mask_n[:, None] & mask_v[None, :], p * go, 0.0)  # [BN, BV] fp32
     if NEED_DB:
-        tl.atomic_add(db_ptr + offs_v, tl.sum(g, axis=0), mask=mask_v)
+        tl.atomic_add(db_ptr + offs_v, tl.sum(g, axis=0), mask=mask_v, sem="relaxed")
     if UPCAST:
         g_op = g
     else:
         g_op = g.to(h_ptr.dtype.element_ty)  # tensor-core operand, as the eager path's bf16 buffer
 
     # 3. d hidden[rows] += g @ W[cols] and d W[cols] += g.T @ hidden[rows], one column block of H
-    #    at a time; each program starts at its own block so that concurrent tiles rarely meet.
+    #    at a time. The tiles that add into the same d hidden rows share pid_n and differ in pid_v
+    #    (and the other way round for d W): starting at column block pid_v (pid_n) spreads them over
+    #    different blocks, so that concurrent programs rarely wait on one lock or address.
     chunks = tl.cdiv(H_DIM, BLOCK_H)
     for i in range(0, chunks):
-        kc = (i + pid) % chunks
-        offs_k = kc * BLOCK_H + offs_k0
-        mask_k = offs_k < H_DIM
         if NEED_DH:
+            kc = (i + pid_v) % chunks
+            offs_k = kc * BLOCK_H + offs_k0
+            mask_k = offs_k < H_DIM
             wk = tl.load(w_rows + offs_k[None, :] * stride_wh, mask=mask_v[:, None] & mask_k[None, :], other=0.0)
             if UPCAST:
                 wk = wk.to(tl.float32)
@@ -326,8 +341,12 @@ def _recompute_grad_kernel(
             if LOCKED:
                 _locked_add(dh_ptrs, d_h, mask_n[:, None] & mask_k[None, :], dh_lock_ptr + pid_n * chunks + kc)
             else:
-                tl.atomic_add(dh_ptrs, d_h.to(dh_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_k[None, :])
+                tl.atomic_add(dh_ptrs, d_h.to(dh_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_k[None, :],
+                              sem="relaxed")  # the order of the adds does not matter
         if NEED_DW:
+            kc = (i + pid_n) % chunks
+            offs_k = kc * BLOCK_H + offs_k0
+            mask_k = offs_k < H_DIM
             hk = tl.load(a_base + offs_k[None, :] * stride_hh, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
             if UPCAST:
                 hk = hk.to(tl.float32)
@@ -336,7 +355,8 @@ def _recompute_grad_kernel(
             if LOCKED:
                 _locked_add(dw_ptrs, d_w, mask_v[:, None] & mask_k[None, :], dw_lock_ptr + pid_v * chunks + kc)
             else:
-                tl.atomic_add(dw_ptrs, d_w.to(dw_ptr.dtype.element_ty), mask=mask_v[:, None] & mask_k[None, :])
+                tl.atomic_add(dw_ptrs, d_w.to(dw_ptr.dtype.element_ty), mask=mask_v[:, None] & mask_k[None, :],
+                              sem="relaxed")
 
 
 @functools.lru_cache(maxsize=None)

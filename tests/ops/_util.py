@@ -234,6 +234,8 @@ CASES = [
     Case("frozen_lm_weight", weight_grad=False),
     Case("frozen_hidden", hidden_grad=False),
     Case("one_row", N=1, M=1, ignore_frac=0.0),
+    # no row ignored: the op passes hidden itself (no index_select copy), here non-contiguous
+    Case("no_ignored", ignore_frac=0.0, noncontig=True, bias=True),
     # every option on: bias, tiny chunks, fp64 accumulation, non-contiguous inputs, peaky logits
     Case("everything", bias=True, chunk_size=5, accum_dtype=torch.float64, noncontig=True, logit_scale=4.0),
 ]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ._triton_cases import BF16_CASES, GRAD_MODES, LARGE, SMALL, check_bf16, check_bf16_accum, check_fp32, check_model_recompute
+from ._triton_cases import BF16_CASES, GRAD_MODES, LARGE, SMALL, check_bf16, check_bf16_accum, check_fp32, check_locked_fp32, check_model_recompute
 
 ROOT = Path(__file__).resolve().parents[2]
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="native Triton needs CUDA")
@@ -37,7 +37,7 @@ def test_triton_interpreter_matches_truth_torch_and_reference():
         line for line in p.stdout.splitlines() if not line.startswith("PASS")
     )[-8000:] + p.stderr[-3000:]
     n_bf16 = sum(c.name in BF16_CASES for c in SMALL)
-    assert p.stdout.count("PASS ") == len(GRAD_MODES) * (len(SMALL) + n_bf16) + n_bf16 + 1  # + the model check
+    assert p.stdout.count("PASS ") == len(GRAD_MODES) * (len(SMALL) + n_bf16) + 2 * n_bf16 + 1  # + the model check
 
 
 @cuda_only
@@ -58,6 +58,46 @@ def test_triton_cuda_bf16(case, grad_mode, seed):
 @pytest.mark.parametrize("case", [c for c in SMALL + LARGE if c.name in BF16_CASES], ids=lambda c: c.name)
 def test_triton_cuda_recompute_bf16_accumulation(case, seed):
     check_bf16_accum(case, "cuda", seed)
+
+
+@cuda_only
+@pytest.mark.parametrize("case", [c for c in SMALL + LARGE if c.name in BF16_CASES], ids=lambda c: c.name)
+def test_triton_cuda_recompute_locks_lose_nothing(case, seed):
+    """The spin-locked accumulation under real concurrency, at fp32 tolerances, three times."""
+    check_locked_fp32(case, "cuda", seed, repeats=3)
+
+
+@cuda_only
+def test_triton_cuda_recompute_memory_is_the_gradients():
+    """grad_mode="recompute" with bf16 accumulation allocates (beyond its inputs) little more than
+    the two gradients it returns; the eager path also holds its [chunk, V] logits buffer."""
+    from clsgen_dist.ops import dual_head_loss
+
+    n, h, v = 4096, 1024, 32000
+    g = torch.Generator(device="cuda").manual_seed(0)
+    hidden = torch.randn(n, h, device="cuda", generator=g, dtype=torch.bfloat16).requires_grad_()
+    weight = (torch.randn(v, h, device="cuda", generator=g, dtype=torch.bfloat16) * h**-0.5).requires_grad_()
+    targets = torch.randint(0, v, (n,), device="cuda", generator=g)
+    z = targets[:0]
+    cw, cb = torch.zeros(1, h, device="cuda"), torch.zeros(1, device="cuda")
+    grads = (n * h + v * h) * 2
+
+    def peak(**kw):
+        hidden.grad = weight.grad = None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        dual_head_loss(hidden, weight, targets, cw, cb, z, z, impl="triton", **kw)[0].backward()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+
+    peak(grad_mode="recompute", accum_dtype=torch.bfloat16)  # compile / autotune outside the measurement
+    recompute = peak(grad_mode="recompute", accum_dtype=torch.bfloat16)
+    eager = peak(grad_mode="eager", accum_dtype=torch.bfloat16, chunk_size=1024)
+    print(f"peak beyond inputs: recompute {recompute / 2**20:.1f} MiB, eager {eager / 2**20:.1f} MiB, "
+          f"gradients {grads / 2**20:.1f} MiB")
+    assert recompute <= grads + 4 * 2**20
+    assert eager >= grads + 1024 * v * 2  # + its [chunk, V] buffer
 
 
 @cuda_only
