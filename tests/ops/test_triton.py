@@ -16,8 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="native Triton needs CUDA")
 
 
-def test_triton_interpreter_matches_truth_torch_and_reference():
-    """Every small case, fp32 and bf16, with TRITON_INTERPRET=1 in a fresh interpreter process."""
+def _interpreter_env() -> dict:
     triton = pytest.importorskip("triton")
     import numpy as np
     from packaging.version import Version
@@ -28,6 +27,12 @@ def test_triton_interpreter_matches_truth_torch_and_reference():
         pytest.skip(f"Triton {triton.__version__}'s interpreter does not run under numpy {np.__version__}")
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env
+
+
+def test_triton_interpreter_matches_truth_torch_and_reference():
+    """Every small case, fp32 and bf16, with TRITON_INTERPRET=1 in a fresh interpreter process."""
+    env = _interpreter_env()
     script = Path(__file__).with_name("_triton_cases.py")
     p = subprocess.run(
         [sys.executable, str(script), "--device", "cpu"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600
@@ -38,6 +43,23 @@ def test_triton_interpreter_matches_truth_torch_and_reference():
     )[-8000:] + p.stderr[-3000:]
     n_bf16 = sum(c.name in BF16_CASES for c in SMALL)
     assert p.stdout.count("PASS ") == len(GRAD_MODES) * (len(SMALL) + n_bf16) + 2 * n_bf16 + 1  # + the model check
+
+
+def test_recompute_under_partitioned_zero3_two_ranks():
+    """grad_mode="recompute" with every parameter partitioned (the tied LM head an empty shard
+    between forward and backward): each parameter's full gradient and its value after one AdamW
+    step equal a single-process run of the materialised loss (see _recompute_zero3.py)."""
+    from tests.integration._run import BIN, clean_env, free_port
+
+    env = {**clean_env(), **{k: v for k, v in _interpreter_env().items() if k in ("TRITON_INTERPRET", "PYTHONPATH")}}
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+           str(Path(__file__).with_name("_recompute_zero3.py"))]
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out[-8000:]
+    line = next((x for x in out.splitlines() if "RECOMPUTE_ZERO3_OK" in x), None)
+    assert line is not None and "ranks=2" in line, out[-4000:]
+    print(line)
 
 
 @cuda_only
