@@ -49,11 +49,12 @@ def test_recompute_under_partitioned_zero3_two_ranks():
     """grad_mode="recompute" with every parameter partitioned (the tied LM head an empty shard
     between forward and backward): each parameter's full gradient and its value after one AdamW
     step equal a single-process run of the materialised loss (see _recompute_zero3.py)."""
-    from tests.integration._run import BIN, clean_env, free_port
+    from tests.integration._run import clean_env, free_port
 
     env = {**clean_env(), **{k: v for k, v in _interpreter_env().items() if k in ("TRITON_INTERPRET", "PYTHONPATH")}}
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-           str(Path(__file__).with_name("_recompute_zero3.py"))]
+    env.update(DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")  # CPU ranks on gloo, on a GPU machine too
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
+           str(Path(__file__).with_name("_recompute_zero3.py"))]  # `deepspeed` itself, found without PATH
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     out = p.stdout + p.stderr
     assert p.returncode == 0, out[-8000:]
