@@ -73,9 +73,11 @@ def train_main(argv: list[str] | None = None) -> int:
 
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             return 0
+        from .distributed import shutdown_distributed
         from .train import run
 
         run(cfg)
+        shutdown_distributed()
     return 0
 
 
@@ -114,12 +116,13 @@ def eval_main(argv: list[str] | None = None) -> int:
             raise ConfigError("key=value overrides apply to --config (zero-shot) only, not to a checkpoint")
         if args.config is None and args.checkpoint is None:
             args.config = str(DEFAULT_CONFIG)
-        from .distributed import is_main
+        from .distributed import is_main, shutdown_distributed
 
         metrics = run_eval(args)
         if metrics is not None and is_main():
             print({k: metrics[k] for k in ("mode", "n", "auroc", "f1", "accuracy", "brier", "ece", "kappa",
                                            "perplexity_ratio") if k in metrics})
+        shutdown_distributed()
     return 0
 
 

@@ -99,10 +99,14 @@ def run_build(args) -> dict:
     logging.basicConfig(level=logging.INFO if is_main() else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     teacher = _teacher(args, settings)
-    return build_explanations(examples, teacher, spec, args.output,
-                              cache_path=default_cache_path(args.output, args.cache), fields=Fields.from_data(cfg.data),
-                              judge=not args.no_judge, stance_threshold=args.stance_threshold,
-                              explain_limit=args.explain_limit, source=str(args.input))
+    stats = build_explanations(examples, teacher, spec, args.output,
+                               cache_path=default_cache_path(args.output, args.cache), fields=Fields.from_data(cfg.data),
+                               judge=not args.no_judge, stance_threshold=args.stance_threshold,
+                               explain_limit=args.explain_limit, source=str(args.input))
+    from .distributed import shutdown_distributed
+
+    shutdown_distributed()
+    return stats
 
 
 def _summary(stats: dict) -> str:
