@@ -133,6 +133,17 @@ def mm_into_f32(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         torch.mm(a.float(), b.float(), out=out)  # CPU has no mixed-dtype mm (interpreter tests only)
 
 
+def mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``out = a @ b`` in ``out.dtype``: fp32 output as ``mm_into_f32``; a 16-bit ``out`` takes one
+    product of 16-bit operands (fp32 accumulation inside the GEMM) or the rounded fp32 product."""
+    if out.dtype == torch.float32:
+        mm_into_f32(out, a, b)
+    elif a.dtype == b.dtype == out.dtype:
+        torch.mm(a, b, out=out)
+    else:
+        out.copy_(torch.mm(a.float(), b.float()))  # CPU / interpreter: fp32 chunk buffers
+
+
 def addmm_acc_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """``acc += a @ b`` in ``acc.dtype`` (the accumulation dtype of the LM weight gradient)."""
     if a.dtype == b.dtype == acc.dtype:
@@ -173,9 +184,13 @@ class LinearCrossEntropySum(torch.autograd.Function):
         rows = max(1, min(rows, n))
         cdt = backend.compute_dtype(weight)
         w_mm = backend.prepare_weight(weight)  # [V, h] as the backend and the d_hidden matmul read it
-        # Gradient buffers live from here to backward. d_hidden is small ([n, h]) and kept fp32;
-        # d_weight is [V, h] in accum_dtype -- the largest buffer of the op when W is trained.
-        dh = hidden.new_empty((n, hidden.shape[1]), dtype=torch.float32) if need_dh else None
+        # Gradient buffers live from here to backward. d_weight is [V, h] in accum_dtype -- the
+        # largest buffer of the op when W is trained. d_hidden ([n, h]) is fp32, or, when
+        # accum_dtype is the inputs' own 16-bit dtype, that dtype (half the bytes; one rounding
+        # before the upstream scaling, as plain 16-bit autograd would round it).
+        dh_dtype = hidden.dtype if accum_dtype in (torch.bfloat16, torch.float16) and hidden.dtype == accum_dtype \
+            else torch.float32
+        dh = hidden.new_empty((n, hidden.shape[1]), dtype=dh_dtype) if need_dh else None
         dw = weight.new_zeros(weight.shape, dtype=accum_dtype) if need_dw else None
         db = weight.new_zeros((vocab,), dtype=torch.float32) if need_db else None
         row_loss = hidden.new_empty((n,), dtype=torch.float32)
@@ -186,7 +201,7 @@ class LinearCrossEntropySum(torch.autograd.Function):
             row_loss[s:e] = backend.chunk(h_c, w_mm, bias, targets[s:e], buf, True)
             dlogits = buf[: e - s]  # [c, V] softmax - onehot, unscaled
             if need_dh:
-                mm_into_f32(dh[s:e], dlogits, w_mm)
+                mm_into(dh[s:e], dlogits, w_mm)
             if need_dw:
                 addmm_acc_(dw, dlogits.t(), h_c if h_c.dtype == cdt else h_c.to(cdt))
             if need_db:
@@ -205,7 +220,7 @@ class LinearCrossEntropySum(torch.autograd.Function):
         g = grad_out.float()
         # Scale in the fp32/accum buffers first, then a single rounding to the parameter dtype.
         # In place: the buffers are ours and die with the graph.
-        d_hidden = dh.mul_(g).to(h_dtype) if dh is not None else None
+        d_hidden = dh.mul_(g).to(h_dtype) if dh is not None else None  # 16-bit dh: scaled in fp32, rounded once
         d_weight = dw.mul_(g.to(dw.dtype)).to(w_dtype) if dw is not None else None
         d_bias = db.mul_(g).to(b_dtype) if db is not None else None
         return d_hidden, d_weight, d_bias, None, None, None, None, None

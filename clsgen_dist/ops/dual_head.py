@@ -111,7 +111,8 @@ def dual_head_loss(
         accum_dtype: dtype in which the LM weight gradient accumulates across chunks (and is
             held until backward, where it is scaled and cast to ``lm_weight.dtype``). fp32 costs
             ``4·V·H`` bytes while ``lm_weight`` is trained; ``torch.bfloat16`` halves that for a
-            bf16 weight at the price of one rounding per chunk.
+            bf16 weight at the price of one rounding per chunk, and (eager, bf16 ``hidden``) also
+            holds ``d hidden`` in bf16 until backward instead of fp32.
         grad_mode: how the LM gradients are made (see ``chunked`` / ``triton_fused``):
             ``"eager"`` -- in the forward, from one ``[chunk, V]`` logits buffer at a time (three
             matmul passes over ``N x H x V``; memory = gradients + that buffer);

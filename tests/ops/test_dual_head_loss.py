@@ -80,13 +80,14 @@ class _OpRecorder(TorchDispatchMode):
 
     def __init__(self, vocab: int):
         super().__init__()
-        self.vocab, self.max_numel, self.mm_rows = vocab, 0, []
+        self.vocab, self.max_numel, self.mm_rows, self.outputs = vocab, 0, [], set()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(t, torch.Tensor):
                 self.max_numel = max(self.max_numel, t.numel())
+                self.outputs.add((tuple(t.shape), t.dtype))
         if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm):
             a, b = (args[0], args[1]) if func.overloadpacket is torch.ops.aten.mm else (args[1], args[2])
             if b.dim() == 2 and b.shape[1] == self.vocab:  # hidden @ W.T
@@ -112,6 +113,24 @@ def test_peak_memory_never_holds_n_by_v_logits(seed: int):
     with ref:
         run_op(inp, impl="reference")
     assert ref.max_numel >= case.N * case.V
+
+
+def test_bf16_accumulation_holds_d_hidden_in_bf16(seed: int):
+    """accum_dtype=bf16 with bf16 inputs: no fp32 [n, H] d-hidden buffer (the fp32 default has one),
+    and d hidden stays within about one bf16 rounding of the fp32-held one, and close to the truth."""
+    case = Case("acc16", N=200, H=24, V=301, M=4, ignore_frac=0.2, bias=True)
+    inp = make_inputs(case, dtype=torch.bfloat16, device="cpu", seed=seed)
+    rows = (int((inp["targets"] != -100).sum()), case.H)
+    runs = {}
+    for acc in (torch.float32, torch.bfloat16):
+        rec = _OpRecorder(case.V)
+        with rec:
+            runs[acc] = run_op(inp, impl="torch", chunk_size=32, accum_dtype=acc)
+        runs[acc]["fp32_dh_buffer"] = (rows, torch.float32) in rec.outputs
+    assert runs[torch.float32]["fp32_dh_buffer"] and not runs[torch.bfloat16]["fp32_dh_buffer"]
+    a, b = runs[torch.bfloat16]["hidden"].double(), runs[torch.float32]["hidden"].double()
+    assert float((a - b).norm() / b.norm()) <= 2**-8
+    compare(runs[torch.bfloat16], reference_f64(inp), **TOL[torch.bfloat16], name=f"acc16/seed={seed}")
 
 
 def test_default_chunk_respects_budget():
