@@ -348,22 +348,22 @@ def _recompute_grad_kernel(
                 tl.atomic_add(dh_ptrs, d_h.to(dh_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_k[None, :],
                               sem="relaxed")  # the order of the adds does not matter
     if NEED_DW:
-        # d W[cols, k-block]^T = hidden[rows, k-block]^T @ g: computed as [BH, BV] so that g is the
-        # right-hand operand as it is (no transpose of the tile in registers)
-        h_cols = h_ptr + rows[None, :] * stride_hn  # [1, BN]
         for i in range(0, chunks):
             kc = (i + pid_n) % chunks
             offs_k = kc * BLOCK_H + offs_k0
             mask_k = offs_k < H_DIM
-            hk_t = tl.load(h_cols + offs_k[:, None] * stride_hh, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            hk = tl.load(a_base + offs_k[None, :] * stride_hh, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
             if UPCAST:
-                hk_t = hk_t.to(tl.float32)
-            d_wt = tl.dot(hk_t, g_op, input_precision=DOT_PRECISION)  # [BH, BV] fp32
-            dw_ptrs = dw_ptr + cols[None, :] * stride_dwv + offs_k[:, None]
+                hk = hk.to(tl.float32)
+            # [BV, BH] with H innermost, as d W is laid out: each thread's neighbouring accumulator
+            # elements are neighbours in memory too (the atomics coalesce); a [BH, BV] product
+            # (g as the right operand, no transpose) compiles to the same registers but scatters them
+            d_w = tl.dot(tl.trans(g_op), hk, input_precision=DOT_PRECISION)  # [BV, BH] fp32
+            dw_ptrs = dw_ptr + cols[:, None] * stride_dwv + offs_k[None, :]
             if LOCKED:
-                _locked_add(dw_ptrs, d_wt, mask_k[:, None] & mask_v[None, :], dw_lock_ptr + pid_v * chunks + kc)
+                _locked_add(dw_ptrs, d_w, mask_v[:, None] & mask_k[None, :], dw_lock_ptr + pid_v * chunks + kc)
             else:
-                tl.atomic_add(dw_ptrs, d_wt.to(dw_ptr.dtype.element_ty), mask=mask_k[:, None] & mask_v[None, :],
+                tl.atomic_add(dw_ptrs, d_w.to(dw_ptr.dtype.element_ty), mask=mask_v[:, None] & mask_k[None, :],
                               sem="relaxed")
 
 
