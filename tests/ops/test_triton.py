@@ -53,7 +53,8 @@ def test_recompute_under_partitioned_zero3_two_ranks():
 
     env = {**clean_env(), **{k: v for k, v in _interpreter_env().items() if k in ("TRITON_INTERPRET", "PYTHONPATH")}}
     env.update(DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")  # CPU ranks on gloo, on a GPU machine too
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
+    port = free_port()
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port),
            str(Path(__file__).with_name("_recompute_zero3.py"))]  # `deepspeed` itself, found without PATH
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     out = p.stdout + p.stderr
@@ -61,6 +62,8 @@ def test_recompute_under_partitioned_zero3_two_ranks():
     line = next((x for x in out.splitlines() if "RECOMPUTE_ZERO3_OK" in x), None)
     assert line is not None and "ranks=2" in line, out[-4000:]
     print(line)
+    # init_distributed unlinked the ranks' DeepSpeed shared-memory all-reduce segments (66 MiB each)
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
 
 
 @cuda_only
