@@ -42,14 +42,18 @@ def resolve_impl(impl: str, device: torch.device) -> str:
     return _resolved[device.type]
 
 
-def _backend(impl: str, device: torch.device):
-    if impl == "torch":
-        return TorchChunkBackend()
+def _require_triton_device(device: torch.device) -> None:
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
             f"dual_head_loss: impl='triton' needs CUDA tensors, got {device.type} "
             "(TRITON_INTERPRET=1 runs the CPU interpreter)"
         )
+
+
+def _backend(impl: str, device: torch.device):
+    if impl == "torch":
+        return TorchChunkBackend()
+    _require_triton_device(device)
     from .triton_fused import TritonChunkBackend  # lazy: Triton is optional
 
     return TritonChunkBackend()
@@ -166,7 +170,7 @@ def dual_head_loss(
     if lm_bias is not None:
         lm_bias = lm_bias.contiguous()
     if grad_mode == "recompute":
-        _backend(impl, hidden.device)  # the device check
+        _require_triton_device(hidden.device)
         from .triton_fused import RecomputeLinearCrossEntropySum
 
         lm_loss_sum = RecomputeLinearCrossEntropySum.apply(h_sel, lm_weight, lm_bias, t_sel, accum_dtype)

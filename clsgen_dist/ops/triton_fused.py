@@ -214,6 +214,41 @@ def _locked_add(ptrs, val, mask, lock_ptr):
     tl.atomic_xchg(lock_ptr, 0)
 
 
+@triton.jit
+def _add_product(
+    a,  # [R, K] left operand (K = the logits tile's other side)
+    b_rows,  # [K, 1] pointers to the K rows of the right operand, one row of H each
+    mask_b,  # [K]
+    stride_bh,
+    out_rows,  # [R, 1] pointers to the R output rows, H contiguous
+    mask_out,  # [R]
+    lock_ptr,  # this row block's locks, one per column block (LOCKED only)
+    start,  # first column block
+    H_DIM,
+    LOCKED: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    """``out[:, k] += a @ b[:, k]`` for every ``BLOCK_H`` column block ``k`` of H, from ``start``
+    round: by relaxed atomic adds, or under the column block's lock (16-bit accumulators)."""
+    chunks = tl.cdiv(H_DIM, BLOCK_H)
+    for i in range(0, chunks):
+        kc = (i + start) % chunks
+        offs_k = kc * BLOCK_H + tl.arange(0, BLOCK_H)
+        mask_k = offs_k < H_DIM
+        b = tl.load(b_rows + offs_k[None, :] * stride_bh, mask=mask_b[:, None] & mask_k[None, :], other=0.0)
+        if UPCAST:
+            b = b.to(tl.float32)
+        d = tl.dot(a, b, input_precision=DOT_PRECISION)  # [R, BLOCK_H] fp32
+        ptrs = out_rows + offs_k[None, :]
+        mask = mask_out[:, None] & mask_k[None, :]
+        if LOCKED:
+            _locked_add(ptrs, d, mask, lock_ptr + kc)
+        else:
+            tl.atomic_add(ptrs, d.to(ptrs.dtype.element_ty), mask=mask, sem="relaxed")  # order does not matter
+
+
 def _recompute_configs() -> list[triton.Config]:
     if INTERPRET:
         return [triton.Config({"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_H": 16}, num_warps=4)]
@@ -327,44 +362,21 @@ def _recompute_grad_kernel(
     else:
         g_op = g.to(h_ptr.dtype.element_ty)  # tensor-core operand, as the eager path's bf16 buffer
 
-    # 3. d hidden[rows] += g @ W[cols] and d W[cols] += g.T @ hidden[rows], one column block of H
-    #    at a time. The tiles that add into the same d hidden rows share pid_n and differ in pid_v
-    #    (and the other way round for d W): starting at column block pid_v (pid_n) spreads them over
-    #    different blocks, so that concurrent programs rarely wait on one lock or address.
+    # 3. d hidden[rows] += g @ W[cols] and d W[cols] += g.T @ hidden[rows]. The tiles that add into
+    #    the same d hidden rows share pid_n and differ in pid_v (and the other way round for d W):
+    #    starting at column block pid_v (pid_n) spreads them over different blocks, so that
+    #    concurrent programs rarely wait on one lock or address.
     chunks = tl.cdiv(H_DIM, BLOCK_H)
     if NEED_DH:
-        for i in range(0, chunks):
-            kc = (i + pid_v) % chunks
-            offs_k = kc * BLOCK_H + offs_k0
-            mask_k = offs_k < H_DIM
-            wk = tl.load(w_rows + offs_k[None, :] * stride_wh, mask=mask_v[:, None] & mask_k[None, :], other=0.0)
-            if UPCAST:
-                wk = wk.to(tl.float32)
-            d_h = tl.dot(g_op, wk, input_precision=DOT_PRECISION)  # [BN, BH] fp32
-            dh_ptrs = dh_ptr + rows[:, None] * stride_dhn + offs_k[None, :]
-            if LOCKED:
-                _locked_add(dh_ptrs, d_h, mask_n[:, None] & mask_k[None, :], dh_lock_ptr + pid_n * chunks + kc)
-            else:
-                tl.atomic_add(dh_ptrs, d_h.to(dh_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_k[None, :],
-                              sem="relaxed")  # the order of the adds does not matter
+        _add_product(g_op, w_rows, mask_v, stride_wh, dh_ptr + rows[:, None] * stride_dhn, mask_n,
+                     dh_lock_ptr + pid_n * chunks, pid_v, H_DIM, LOCKED, UPCAST, DOT_PRECISION, BLOCK_H)
     if NEED_DW:
-        for i in range(0, chunks):
-            kc = (i + pid_n) % chunks
-            offs_k = kc * BLOCK_H + offs_k0
-            mask_k = offs_k < H_DIM
-            hk = tl.load(a_base + offs_k[None, :] * stride_hh, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-            if UPCAST:
-                hk = hk.to(tl.float32)
-            # [BV, BH] with H innermost, as d W is laid out: each thread's neighbouring accumulator
-            # elements are neighbours in memory too (the atomics coalesce); a [BH, BV] product
-            # (g as the right operand, no transpose) compiles to the same registers but scatters them
-            d_w = tl.dot(tl.trans(g_op), hk, input_precision=DOT_PRECISION)  # [BV, BH] fp32
-            dw_ptrs = dw_ptr + cols[:, None] * stride_dwv + offs_k[None, :]
-            if LOCKED:
-                _locked_add(dw_ptrs, d_w, mask_v[:, None] & mask_k[None, :], dw_lock_ptr + pid_v * chunks + kc)
-            else:
-                tl.atomic_add(dw_ptrs, d_w.to(dw_ptr.dtype.element_ty), mask=mask_v[:, None] & mask_k[None, :],
-                              sem="relaxed")
+        # [BV, BH] products with H innermost, as d W is laid out: each thread's neighbouring
+        # accumulator elements are neighbours in memory too (the atomics coalesce); a [BH, BV]
+        # product (g as the right operand, no transpose) compiles to the same registers but
+        # scatters them
+        _add_product(tl.trans(g_op), a_base, mask_n, stride_hh, dw_ptr + cols[:, None] * stride_dwv, mask_v,
+                     dw_lock_ptr + pid_v * chunks, pid_n, H_DIM, LOCKED, UPCAST, DOT_PRECISION, BLOCK_H)
 
 
 @functools.lru_cache(maxsize=None)
