@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ._triton_cases import BF16_CASES, GRAD_MODES, LARGE, SMALL, check_bf16, check_bf16_accum, check_fp32, check_locked_fp32, check_model_recompute
+from ._triton_cases import (BF16_CASES, GRAD_MODES, LARGE, SMALL, check_bf16, check_bf16_accum, check_fp32,
+                            check_locked_fp32, check_model_recompute)
 
 ROOT = Path(__file__).resolve().parents[2]
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="native Triton needs CUDA")
