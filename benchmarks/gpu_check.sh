@@ -6,14 +6,17 @@
 # 1. pytest tests/ops natively on CUDA: Triton vs float64 truth, vs the torch path and the
 #    reference, fp32 and bf16, small odd shapes and N=2048 H=1024 V=32000 (single Triton config:
 #    CLSGEN_TRITON_AUTOTUNE=0, to keep compilation short). The interpreter test runs too (CPU).
+# 1b. The torch_varlen attention path on CUDA (the real kernel against the CPU tests' reference, and
+#    packed == alone), then benchmarks/packed_attention_bench.py (sdpa vs torch_varlen, 60 s cap).
 # 2. benchmarks/fused_loss_bench.py --device cuda: N in {8192, 16384}, H=4096, V=128256 bf16;
 #    naive / torch / triton (eager: fp32 and bf16 accumulation, default and 512-row chunks;
 #    recompute: fp32 and bf16 accumulation) / liger / cce + the matmul floor, autotuned, each
 #    variant checked against naive at full size.
 # Baselines come from wheels in .whl/ (liger-kernel, cut-cross-entropy; pure python, installed
 # --no-deps so torch/triton stay as they are); missing wheels just skip those rows.
-# Writes env.txt, pytest.log, bench.log, fused_loss_results.jsonl, fused_loss.md to $OUT; copy the
-# last two back to benchmarks/. Hard limits 4 min (tests) + 5.5 min (bench): "all" fits one 10-min
+# Writes env.txt, pytest.log, bench.log, attention_bench.log, fused_loss_results.jsonl, fused_loss.md,
+# packed_attention_results.jsonl, packed_attention.md to $OUT; copy the results and tables back to
+# benchmarks/. Hard limits 4 min (tests) + 5.5 min (bench): "all" fits one 10-min
 # device call only just; `tests` and `bench` as two calls leave room for a rerun of either.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -48,11 +51,20 @@ cat "$OUT/env.txt"
 RC_TEST=0
 RC_BENCH=0
 if [ "$STAGE" != bench ]; then
-echo "== pytest tests/ops (CUDA native + interpreter)"
-CLSGEN_TRITON_AUTOTUNE=0 timeout 240 python3 -m pytest -q tests/ops -p no:cacheprovider -rs --durations=8 > "$OUT/pytest.log" 2>&1
+echo "== pytest tests/ops (CUDA native + interpreter) + torch_varlen attention on CUDA"
+# The attention tests need only SmolLM2's tokenizer files, carried in outputs/gpu_assets/smol.
+[ -d outputs/gpu_assets/smol ] && export CLSGEN_TEST_TOKENIZER="$PWD/outputs/gpu_assets/smol"
+CLSGEN_TRITON_AUTOTUNE=0 timeout 200 python3 -m pytest -q tests/ops \
+  tests/modeling/test_attention.py::test_reference_matches_the_real_kernel \
+  tests/modeling/test_packing_equivalence.py -p no:cacheprovider -rs --durations=8 > "$OUT/pytest.log" 2>&1
 RC_TEST=$?
 tail -n 25 "$OUT/pytest.log"
 echo "pytest rc=$RC_TEST ($((SECONDS - T0))s so far)"
+echo "== packed attention benchmark (sdpa vs torch_varlen [vs flash-attn])"
+[ -f benchmarks/packed_attention_results.jsonl ] && cp benchmarks/packed_attention_results.jsonl "$OUT/"
+timeout 60 python3 benchmarks/packed_attention_bench.py --device cuda --jsonl "$OUT/packed_attention_results.jsonl" \
+  --md "$OUT/packed_attention.md" > "$OUT/attention_bench.log" 2>&1 || echo "attention bench failed (see attention_bench.log)"
+grep '^| ' "$OUT/attention_bench.log" | tail -n 8
 fi
 
 if [ "$STAGE" != tests ]; then

@@ -184,8 +184,10 @@ def load_base_model(cfg, device):
     device = torch.device(device)
     path = resolve_model_path(cfg.model.name_or_path)
     tokenizer = load_tokenizer(path)
-    lm = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(cfg.model.dtype, device),
-                                              attn_implementation=resolve_attn(cfg.model.attn_implementation, device))
+    dtype = resolve_dtype(cfg.model.dtype, device)
+    lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
+                                              attn_implementation=resolve_attn(cfg.model.attn_implementation, device,
+                                                                               dtype))
     if cfg.model.cls_position == "token":
         from .modeling.build import add_cls_token
 

@@ -103,7 +103,7 @@ def load_checkpoint(path: str | Path, *, device: torch.device | str = "cpu", dty
     cfg = check_checkpoint(p)
     device = torch.device(device)
     tdtype = resolve_dtype(dtype or cfg.model.dtype, device)
-    attn = resolve_attn(attn_implementation or cfg.model.attn_implementation, device)
+    attn = resolve_attn(attn_implementation or cfg.model.attn_implementation, device, tdtype)
     tokenizer = load_tokenizer(str(p))
     if (p / "adapter_config.json").is_file():
         from peft import PeftModel

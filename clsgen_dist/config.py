@@ -33,8 +33,11 @@ class ModelConfig:
     """Backbone weight dtype: ``auto`` (bf16 on CUDA, fp32 on CPU), ``float32`` or ``bfloat16``.
     The classification head is always fp32."""
     attn_implementation: str = "auto"
-    """``auto`` (flash_attention_2 on CUDA when flash-attn is installed, else sdpa), ``sdpa``,
-    ``flash_attention_2`` or ``eager``. Packed rows never attend across examples on any of them."""
+    """``auto``, ``torch_varlen``, ``flash_attention_2``, ``sdpa`` or ``eager``. ``auto``: on CUDA,
+    flash-attn's varlen kernel when the package is installed, else PyTorch's own varlen flash kernel
+    (``torch_varlen``, 16-bit weights), else ``sdpa``; on CPU ``sdpa``. Packed rows never attend
+    across examples on any of them; the two varlen kernels skip the cross-example work that SDPA
+    masks."""
     finetune: str = "lora"
     """``lora`` (peft adapters on the backbone, default) or ``full`` (every backbone weight)."""
     quantization: str = "none"
@@ -76,7 +79,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _choice("model.dtype", self.dtype, ("auto", "float32", "bfloat16"))
         _choice("model.attn_implementation", self.attn_implementation,
-                ("auto", "sdpa", "flash_attention_2", "eager"))
+                ("auto", "sdpa", "flash_attention_2", "torch_varlen", "eager"))
         _choice("model.finetune", self.finetune, ("lora", "full"))
         _choice("model.quantization", self.quantization, ("none", "nf4"))
         if self.quantization != "none" and self.finetune != "lora":

@@ -94,9 +94,13 @@ def encode_train(examples, encoder: PromptEncoder, max_seq_len: int, seed: int) 
 # ----------------------------------------------------------------------------- run metadata
 
 
-def check_loss_options(model_cfg, device: torch.device) -> None:
-    """The fused loss's options against the device, before any model is built."""
+def check_device_options(model_cfg, device: torch.device, dtype: torch.dtype) -> None:
+    """The attention implementation and the fused loss's options against the device and dtype,
+    before any model is built."""
+    from .modeling.build import resolve_attn
     from .ops import resolve_impl
+
+    resolve_attn(model_cfg.attn_implementation, device, dtype)
 
     impl = resolve_impl(model_cfg.loss_impl, device)
     if model_cfg.loss_grad_mode == "recompute" and impl != "triton":
@@ -376,7 +380,7 @@ def run(cfg: Config) -> dict | None:
     setup_logging()
     torch.manual_seed(cfg.train.seed)
     dtype = resolve_dtype(cfg.model.dtype, device)
-    check_loss_options(cfg.model, device)
+    check_device_options(cfg.model, device, dtype)
     ds = fill_ds_config(ds_raw, cfg, world_size=world_size(), dtype=dtype, where=cfg.ds_config)
     model, tokenizer = build_model(cfg.model, device=device, seed=cfg.train.seed)
     encoder = make_encoder(cfg, tokenizer)

@@ -25,10 +25,13 @@ def smol_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def tokenizer(smol_dir):
+def tokenizer(request):
+    """The real SmolLM2 tokenizer. ``CLSGEN_TEST_TOKENIZER`` may name a folder holding just its
+    tokenizer files (the GPU check carries one instead of the 540 MB model)."""
     from clsgen_dist.modeling import load_tokenizer
 
-    return load_tokenizer(str(smol_dir))
+    path = os.environ.get("CLSGEN_TEST_TOKENIZER") or str(request.getfixturevalue("smol_dir"))
+    return load_tokenizer(path)
 
 
 def make_tiny_llama(tokenizer, path: Path, *, seed: int = 0, layers: int = 2, hidden: int = 64,

@@ -33,14 +33,14 @@ def test_bad_config_messages(override, needle):
 
 
 def test_recompute_grad_mode_needs_the_triton_loss():
-    from clsgen_dist.train import check_loss_options
+    from clsgen_dist.train import check_device_options
 
     with pytest.raises(ConfigError, match="needs model.loss_impl=auto or triton, got model.loss_impl=torch"):
         load_config(None, ["model.loss_impl=torch", "model.loss_grad_mode=recompute"])
     cfg = load_config(None, ["model.loss_grad_mode=recompute"])  # auto: fine until the device is known
     with pytest.raises(ConfigError, match="on cpu model.loss_impl=auto resolves to torch"):
-        check_loss_options(cfg.model, torch.device("cpu"))
-    check_loss_options(load_config(None, []).model, torch.device("cpu"))  # the default: eager
+        check_device_options(cfg.model, torch.device("cpu"), torch.float32)
+    check_device_options(load_config(None, []).model, torch.device("cpu"), torch.float32)  # the default: eager
 
 
 def test_every_shipped_yaml_loads():

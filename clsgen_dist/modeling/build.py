@@ -7,10 +7,14 @@ from pathlib import Path
 
 import torch
 
-from ..config import ModelConfig
+from ..config import ConfigError, ModelConfig
+from .attention import register as _register_attention
+from .attention import torch_varlen_available
 from .dual_head import DualHeadModel
 
 log = logging.getLogger("clsgen_dist.modeling")
+
+_register_attention()  # attn_implementation="torch_varlen" (modeling/attention.py)
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -28,17 +32,29 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
 
 
-def resolve_attn(attn: str, device: torch.device) -> str:
-    if attn != "auto":
-        return attn
-    if device.type == "cuda":
+def resolve_attn(attn: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """``auto`` → flash-attn's ``flash_attention_2`` on CUDA when the package is installed, else
+    PyTorch's varlen flash kernel (``torch_varlen``) for 16-bit weights on CUDA, else ``sdpa``.
+    An explicit ``torch_varlen`` is checked against the device and dtype here, before loading."""
+    half = dtype in (torch.bfloat16, torch.float16)
+    if attn == "auto":
+        if device.type != "cuda":
+            return "sdpa"
         try:
             import flash_attn  # noqa: F401
 
             return "flash_attention_2"
         except ImportError:
             pass
-    return "sdpa"
+        return "torch_varlen" if half and torch_varlen_available() else "sdpa"
+    if attn == "torch_varlen":
+        why = ("it runs on CUDA only" if device.type != "cuda" else
+               f"this torch ({torch.__version__}) has no torch.nn.attention.varlen" if not torch_varlen_available()
+               else f"it needs 16-bit weights, got {dtype}; set model.dtype=bfloat16" if not half else None)
+        if why:
+            raise ConfigError(f"model.attn_implementation=torch_varlen: {why} (on {device.type}); "
+                              "use model.attn_implementation=sdpa")
+    return attn
 
 
 def load_tokenizer(path: str):
@@ -149,7 +165,7 @@ def build_model(cfg: ModelConfig, *, device: torch.device | str = "cpu", model_p
         raise FileNotFoundError(f"model.name_or_path: {path} does not exist (no model hub is used at run time; "
                                 f"point at a local HF model folder, or use 'default')")
     dtype = resolve_dtype(cfg.dtype, device)
-    attn = resolve_attn(cfg.attn_implementation, device)
+    attn = resolve_attn(cfg.attn_implementation, device, dtype)
     if seed is not None:
         torch.manual_seed(seed)
     tokenizer = load_tokenizer(path)

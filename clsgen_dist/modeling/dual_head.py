@@ -91,11 +91,11 @@ class DualHeadModel(nn.Module):
         """Final hidden states of a packed ``[1, T]`` sequence → ``[T, H]``.
 
         No attention mask and no cache: transformers then derives the per-example (block-diagonal
-        causal) mask from the restarting ``position_ids`` (SDPA/eager), and flash-attn runs its
-        varlen kernel on ``cu_seqlens``.
+        causal) mask from the restarting ``position_ids`` (SDPA/eager), and the varlen kernels
+        (flash-attn's, or PyTorch's with ``torch_varlen``) run on ``cu_seqlens``.
         """
         kwargs = {}
-        if cu_seqlens is not None and self.config._attn_implementation == "flash_attention_2":
+        if cu_seqlens is not None and self.config._attn_implementation in ("flash_attention_2", "torch_varlen"):
             cu = cu_seqlens.to(device=input_ids.device, dtype=torch.int32)
             kwargs = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_seqlen, max_length_k=max_seqlen)
         out = self.trunk(input_ids=input_ids, position_ids=position_ids, attention_mask=None, use_cache=False,

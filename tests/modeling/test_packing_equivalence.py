@@ -16,8 +16,15 @@ def _encoded(tokenizer, toy_rows, n=5):
 
 
 def _attn_impls():
+    """Every path this machine has: SDPA and eager on CPU; on CUDA PyTorch's varlen kernel
+    (``torch_varlen``) and flash-attn's when it is installed. (``test_attention.py`` checks
+    ``torch_varlen``'s plumbing on CPU with a stand-in for the CUDA-only kernel.)"""
+    from clsgen_dist.modeling.attention import torch_varlen_available
+
     impls = ["sdpa", "eager"]
     if torch.cuda.is_available():
+        if torch_varlen_available():
+            impls.append("torch_varlen")
         try:
             import flash_attn  # noqa: F401
 
@@ -29,8 +36,9 @@ def _attn_impls():
 
 @pytest.mark.parametrize("attn", _attn_impls())
 def test_packed_row_equals_each_example_alone(tiny_dir, tokenizer, toy_rows, attn):
-    device = "cuda" if attn == "flash_attention_2" else "cpu"
-    dtype = torch.bfloat16 if attn == "flash_attention_2" else torch.float32
+    on_gpu = attn in ("flash_attention_2", "torch_varlen")
+    device = "cuda" if on_gpu else "cpu"
+    dtype = torch.bfloat16 if on_gpu else torch.float32
     backbone = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=dtype, attn_implementation=attn).to(device)
     model = DualHeadModel(backbone).eval()
     exs = _encoded(tokenizer, toy_rows)
