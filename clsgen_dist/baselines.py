@@ -26,7 +26,6 @@ prefix and ``ctx`` the context,
 
 from __future__ import annotations
 
-import math
 import re
 from typing import Sequence
 
@@ -34,6 +33,7 @@ import numpy as np
 import torch
 
 from .distributed import all_gather_objects, max_over_ranks, rank, world_size
+from .predict import sigmoid
 
 MODES = ("clsgen", "cls_only", "gen_only", "zero_shot")
 PROB_SOURCE = {"clsgen": "head", "cls_only": "head", "gen_only": "explanation", "zero_shot": "prompt"}
@@ -145,10 +145,6 @@ def verdict_logits(model, contexts: list[list[int]], suffixes: list[list[int]], 
                 tok = torch.tensor(suffixes[k], device=device)[:, None]
                 lp[i, k] = logp[r0:r0 + n_read].gather(1, tok).sum().item()
     return (lp[:, 1] - lp[:, 0]).tolist()
-
-
-def sigmoid(x: float) -> float:
-    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
 
 
 def verdict_probs(model, tokenizer, encoder, texts: dict[int, str], explanations: dict[int, str] | None, *,

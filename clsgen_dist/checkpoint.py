@@ -87,11 +87,29 @@ def save_checkpoint(model: DualHeadModel, tokenizer, cfg: Config, out_dir: str |
 
 
 def check_checkpoint(path: str | Path) -> Config:
-    """The checkpoint's run config, or CheckpointError if ``path`` is not a complete checkpoint."""
+    """The checkpoint's run config, or CheckpointError saying what is missing: the folder, its
+    marker and config, the head, the weights (adapter or full model), or a LoRA adapter's base."""
     p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such checkpoint folder")
+    if not p.is_dir():
+        raise CheckpointError(f"{p}: is a file; expected a checkpoint folder (e.g. outputs/run/final)")
     if not (p / MARKER).is_file() or not (p / CONFIG_NAME).is_file():
         raise CheckpointError(f"{p}: not a complete clsgen checkpoint (missing {MARKER} or {CONFIG_NAME})")
-    return load_config(p / CONFIG_NAME)
+    adapter = (p / "adapter_config.json").is_file()
+    weights = (["adapter_model.safetensors"] if adapter else
+               ["model.safetensors", "model.safetensors.index.json"])
+    missing = [name for name in [HEAD_NAME] + (["config.json"] if not adapter else []) if not (p / name).is_file()]
+    if not any((p / w).is_file() for w in weights):
+        missing.append(" or ".join(weights))
+    if missing:
+        raise CheckpointError(f"{p}: incomplete clsgen checkpoint, missing {', '.join(missing)}")
+    cfg = load_config(p / CONFIG_NAME)
+    base = cfg.model.name_or_path
+    if adapter and base != "default" and not Path(base).exists():
+        raise CheckpointError(f"{p}: the LoRA adapter's base model {base} (model.name_or_path in {CONFIG_NAME}) "
+                              f"does not exist; it is needed to load the adapter (or load a merged export)")
+    return cfg
 
 
 def load_checkpoint(path: str | Path, *, device: torch.device | str = "cpu", dtype: str | None = None,

@@ -40,14 +40,38 @@ def user_errors():
         raise SystemExit(2) from None
 
 
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
+def int_at_least(minimum: int):
+    """argparse ``type``: an integer >= ``minimum`` (a usage error naming the flag otherwise)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
+def check_output_path(path: str, *, folder: bool, flag: str = "--output") -> None:
+    """Fail before any compute if ``path`` cannot receive the output: a folder where a file goes (or
+    a file where a folder goes), or a nearest existing parent that is a file or is not writable."""
+    import os
+
+    from .config import ConfigError
+
+    p = Path(path)
+    if p.exists() and p.is_dir() != folder:
+        raise ConfigError(f"{flag} {p}: is a {'folder' if p.is_dir() else 'file'}; expected "
+                          f"{'a folder (it is created if missing)' if folder else 'a file path'}")
+    parent = p if folder and p.is_dir() else p.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{flag} {p}: {parent} is a file, so {p} cannot be created")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {p}: {parent} is not writable")
 
 
 def _parser(description: str) -> argparse.ArgumentParser:
@@ -96,20 +120,21 @@ def eval_main(argv: list[str] | None = None) -> int:
                    "the base model's verdict tokens right after the prompt (zero_shot)")
     p.add_argument("--config", default=None, help="with --mode zero_shot and no --checkpoint: the run config whose "
                    "base model, prompt and data are used (default: launch/configs/default.yaml)")
-    p.add_argument("--explain-limit", type=int, default=None, help="generate explanations for the first N "
-                   "examples (-1 = all; default: the checkpoint's eval.explain_limit; gen_only explains all)")
-    p.add_argument("--max-new-tokens", type=int, default=None)
-    p.add_argument("--limit", type=int, default=None, help="use only the first N examples")
-    p.add_argument("--dev-limit", type=int, default=None, help="use only the first N dev examples")
-    p.add_argument("--ppl-tokens", type=int, default=4096, help="tokens of general English text for the "
-                   "perplexity ratio against the base model (0 = skip)")
-    p.add_argument("--bootstrap", type=_non_negative, default=1000,
+    p.add_argument("--explain-limit", type=int_at_least(-1), default=None, help="generate explanations for the "
+                   "first N examples (-1 = all; default: the checkpoint's eval.explain_limit; gen_only explains all)")
+    p.add_argument("--max-new-tokens", type=int_at_least(1), default=None)
+    p.add_argument("--limit", type=int_at_least(1), default=None, help="use only the first N examples")
+    p.add_argument("--dev-limit", type=int_at_least(1), default=None, help="use only the first N dev examples")
+    p.add_argument("--ppl-tokens", type=int_at_least(0), default=4096, help="tokens of general English text for "
+                   "the perplexity ratio against the base model (0 = skip)")
+    p.add_argument("--bootstrap", type=int_at_least(0), default=1000,
                    help="bootstrap resamples for the 95%% intervals (0 = none)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (with --config only)")
     args = p.parse_args(argv)
     with user_errors():
         from .evaluate_cli import run_eval
 
+        check_output_path(args.output, folder=True)
         if args.overrides and args.checkpoint:
             from .config import ConfigError
 
@@ -133,15 +158,21 @@ def predict_main(argv: list[str] | None = None) -> int:
     g.add_argument("--text", action="append", help="a text to classify (repeatable)")
     g.add_argument("--data", help="a file with a text column (labels optional)")
     p.add_argument("--no-explain", action="store_true", help="probability only (no generation)")
-    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int_at_least(1), default=None)
     p.add_argument("--output", default=None, help="write JSONL here instead of printing")
     args = p.parse_args(argv)
     with user_errors():
         import json
 
+        from .config import ConfigError
         from .data.reading import read_examples
         from .predict import CLSGen
 
+        if args.output:
+            check_output_path(args.output, folder=False)
+        for i, t in enumerate(args.text or []):
+            if not t.strip():
+                raise ConfigError(f"--text number {i + 1} is empty; expected the text to classify")
         m = CLSGen.from_pretrained(args.checkpoint)
         if args.data:
             d = m.cfg.data
@@ -153,7 +184,7 @@ def predict_main(argv: list[str] | None = None) -> int:
         res = m.predict(texts, explain=not args.no_explain, max_new_tokens=args.max_new_tokens)
         rows = [{"id": i, **r} for i, r in zip(ids, res)]
         if args.output:
-            from .evaluate import write_jsonl_atomic
+            from .fileio import write_jsonl_atomic
 
             write_jsonl_atomic(Path(args.output), rows)
         else:

@@ -149,6 +149,9 @@ class DataConfig:
             raise ConfigError(f"data.verdict_template must contain '{{label}}', got {self.verdict_template!r}")
         if self.max_seq_len < 32:
             raise ConfigError(f"data.max_seq_len must be >= 32, got {self.max_seq_len}")
+        for name in ("teacher_limit", "train_limit", "dev_limit", "test_limit"):
+            if getattr(self, name) is not None:
+                _positive(f"data.{name}", getattr(self, name))
 
 
 @dataclass

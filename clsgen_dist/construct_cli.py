@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 
-from .cli import DEFAULT_CONFIG, _parser, user_errors
+from .cli import DEFAULT_CONFIG, _parser, check_output_path, int_at_least, user_errors
 
 log = logging.getLogger("clsgen_dist.data.construct")
 
@@ -35,19 +35,19 @@ def _parse(argv: list[str] | None):
     p.add_argument("--mode", choices=("conditioned", "unconditioned"), default="conditioned",
                    help="conditioned: told the gold label, writes the rationale (default); unconditioned: "
                         "predicts and explains")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N examples of --input")
-    p.add_argument("--explain-limit", type=int, default=None,
+    p.add_argument("--limit", type=int_at_least(1), default=None, help="use only the first N examples of --input")
+    p.add_argument("--explain-limit", type=int_at_least(-1), default=None,
                    help="send only the first N examples to the teacher; the rest are written cls-only")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int_at_least(1), default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=16, help="local teacher: prompts decoded together")
+    p.add_argument("--batch-size", type=int_at_least(1), default=16, help="local teacher: prompts decoded together")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="local teacher: auto = bf16 on CUDA and on CPUs with native bf16, else fp32")
-    p.add_argument("--concurrency", type=int, default=8, help="endpoint: requests in flight per rank")
+    p.add_argument("--concurrency", type=int_at_least(1), default=8, help="endpoint: requests in flight per rank")
     p.add_argument("--timeout", type=float, default=120.0, help="endpoint: seconds per attempt")
-    p.add_argument("--max-retries", type=int, default=5, help="endpoint: retries on 429/5xx/timeouts")
+    p.add_argument("--max-retries", type=int_at_least(0), default=5, help="endpoint: retries on 429/5xx/timeouts")
     p.add_argument("--backoff", type=float, default=1.0, help="endpoint: first retry delay (doubles)")
     p.add_argument("--no-judge", action="store_true",
                    help="conditioned mode: trust every non-empty rationale instead of judging its stance")
@@ -125,6 +125,7 @@ def _summary(stats: dict) -> str:
 def build_data_main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     with user_errors():
+        check_output_path(args.output, folder=False)
         stats = run_build(args)
         from .distributed import is_main
 

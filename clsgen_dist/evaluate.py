@@ -3,11 +3,7 @@ are gathered on every rank and rank 0 writes them. No example is dropped or coun
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -15,9 +11,10 @@ import torch
 
 from .data import PromptEncoder, eval_batches
 from .data.prompts import Encoded
+from .fileio import write_json_atomic, write_jsonl_atomic
 from .distributed import all_gather_objects, all_reduce_sum, is_main, max_over_ranks, rank, world_size
 from .metrics import classification_metrics, tune_threshold
-from .predict import parse_verdict, prefill_and_decode
+from .predict import parse_verdict, prefill_and_decode, sigmoid
 
 log = logging.getLogger("clsgen_dist.evaluate")
 
@@ -40,7 +37,7 @@ def score_encoded(model, encoded: list[Encoded], *, max_tokens: int) -> dict[int
         logits = model.cls_logits(b.input_ids, b.position_ids, b.cls_index, b.cu_seqlens, b.max_seqlen)
         if k < len(batches):
             for idx, lg in zip(b.example_index.tolist(), logits.tolist()):
-                probs[idx] = 1.0 / (1.0 + math.exp(-lg))
+                probs[idx] = sigmoid(lg)
     merged: dict[int, float] = {}
     for part in all_gather_objects(probs):
         for idx, p in part.items():
@@ -142,24 +139,6 @@ def dev_threshold(model, encoder, examples, *, cfg) -> float:
     encoded = [encoder.encode(ex.text, ex.label, None, index=i) for i, ex in enumerate(examples)]
     probs = score_encoded(model, encoded, max_tokens=cfg.data.max_seq_len * max(1, cfg.train.micro_batch_size))
     return tune_threshold([ex.label for ex in examples], [probs[i] for i in range(len(examples))])
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(obj, fh, indent=2)
-        fh.write("\n")
-    os.replace(tmp, path)
-
-
-def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        for r in rows:
-            fh.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
 
 
 def write_results(out_dir: str | Path, metrics: dict, preds: list[dict]) -> None:

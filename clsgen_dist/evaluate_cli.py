@@ -4,6 +4,7 @@ each rank a shard — and write ``metrics.json``, ``predictions.jsonl`` and the 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from .checkpoint import check_checkpoint, load_checkpoint
 from .data.reading import read_examples
@@ -59,6 +60,8 @@ def run_eval(args) -> dict:
         raise CheckpointError("--checkpoint is required (only --mode zero_shot can use --config instead)")
     device = init_distributed()
     setup_logging()
+    if is_main():  # metrics.json marks a complete folder: never leave an old one next to a new, partial report
+        (Path(args.output) / "metrics.json").unlink(missing_ok=True)
     model, tokenizer, cfg, mode = _load(args, device)
     if args.max_new_tokens is not None:
         cfg.eval.max_new_tokens = args.max_new_tokens

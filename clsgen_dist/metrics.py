@@ -27,14 +27,17 @@ class MetricError(ValueError):
 
 
 def _as_arrays(labels, probs) -> tuple[np.ndarray, np.ndarray]:
-    y = np.asarray(labels, dtype=np.int64)
+    raw = np.asarray(labels)
     p = np.asarray(probs, dtype=np.float64)
-    if y.shape != p.shape or y.ndim != 1:
-        raise MetricError(f"labels and probs must be 1-D of equal length, got {y.shape} and {p.shape}")
-    if len(y) == 0:
+    if raw.shape != p.shape or raw.ndim != 1:
+        raise MetricError(f"labels and probs must be 1-D of equal length, got {raw.shape} and {p.shape}")
+    if len(raw) == 0:
         raise MetricError("no examples to evaluate")
-    if not np.isin(y, (0, 1)).all():
-        raise MetricError(f"labels must be 0 or 1, got {sorted(set(y.tolist()))[:5]}")
+    # checked before any cast: int64 would turn a label of 0.9 into 0 and True into 1 silently
+    if raw.dtype == bool or not np.isin(raw, (0, 1)).all():
+        bad = sorted({repr(v) for v in raw.tolist() if isinstance(v, bool) or v not in (0, 1)})[:5]
+        raise MetricError(f"labels must be 0 or 1, got {', '.join(bad)}")
+    y = raw.astype(np.int64)
     if not np.isfinite(p).all() or p.min() < 0 or p.max() > 1:
         raise MetricError("probabilities must be finite and in [0, 1]")
     return y, p
@@ -47,13 +50,14 @@ def _add_note(out: dict, text: str) -> None:
 # ----------------------------------------------------------------------------- point metrics
 
 
-def tune_threshold(labels, probs) -> float:
-    """The probability threshold maximising F1 (on dev); ties → the smallest such threshold."""
+def tune_threshold(labels, probs) -> float | None:
+    """The probability threshold maximising F1 (on dev); ties → the smallest such threshold.
+    None when the labels hold one class (no threshold is better than another)."""
     from sklearn.metrics import precision_recall_curve
 
-    y, p = np.asarray(labels), np.asarray(probs, dtype=np.float64)
+    y, p = _as_arrays(labels, probs)
     if len(np.unique(y)) < 2:
-        return 0.5
+        return None
     prec, rec, thr = precision_recall_curve(y, p)
     f1 = np.where(prec + rec > 0, 2 * prec * rec / np.maximum(prec + rec, 1e-12), 0.0)[:-1]
     return float(thr[int(np.argmax(f1))])

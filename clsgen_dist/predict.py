@@ -100,6 +100,11 @@ def prefill_and_decode(
     return cls_logits, gen
 
 
+def sigmoid(x: float) -> float:
+    """P(y=1) of a logit, without overflow at either end (``math.exp(800)`` raises)."""
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
 class CLSGen:
     """A trained CLSGen model for inference."""
 
@@ -139,7 +144,7 @@ class CLSGen:
                                              eos_id=self.tokenizer.eos_token_id,
                                              pad_id=self.tokenizer.pad_token_id, explain=explain)
             for lg, g in zip(logits.tolist(), gen):
-                prob = 1.0 / (1.0 + math.exp(-lg))
+                prob = sigmoid(lg)
                 expl = self._decode(g) if explain else None
                 verdict = (parse_verdict(expl, self.cfg.data.label_names, self.cfg.data.verdict_template)
                            if explain else None)

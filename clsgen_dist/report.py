@@ -55,6 +55,8 @@ def finalize_metrics(metrics: dict, preds: list[dict], *, dev_labels: Sequence[i
                  nll_calibrated=nll(y, pc))
         if fit.get("note"):
             _note(m, fit["note"])
+        if m.get("threshold_tuned") is None:
+            _note(m, "the dev split holds one class: the F1 threshold was not tuned")
     else:
         _note(m, "no dev split: the F1 threshold and the temperature were not tuned")
     if n_resamples > 0:

@@ -22,7 +22,8 @@ from .data import PackedRows, PromptEncoder, read_examples
 from .distributed import all_reduce_sum, barrier, init_distributed, is_main, rank, world_size
 from .distributed.engine import build_engine, fill_ds_config, load_ds_config, zero_stage
 from .logs import setup_logging
-from .evaluate import dev_threshold, evaluate_split, write_json_atomic, write_results
+from .evaluate import dev_threshold, evaluate_split, write_results
+from .fileio import write_json_atomic
 from .modeling import build_model
 from .modeling.build import resolve_dtype
 from .predict import make_encoder
@@ -294,10 +295,14 @@ def final_evaluation(tr: Trainer) -> dict | None:
     limit = max(cfg.eval.explain_limit, cfg.eval.show_examples) if cfg.eval.explain_limit >= 0 else -1
     metrics, preds = evaluate_split(tr.model, tr.tokenizer, tr.encoder, tr.splits["test"], cfg=cfg,
                                     explain_limit=limit, dev_threshold=thr, prob_source=source)
+    if "dev" in tr.splits and thr is None:
+        metrics["note"] = "; ".join(filter(None, [metrics.get("note"),
+                                                  "the dev split holds one class: the F1 threshold was not tuned"]))
     write_results(tr.out / "eval", metrics, preds)
     if is_main():
-        print(f"\n== test: n={metrics['n']} AUROC={_fmt(metrics['auroc'])} F1={metrics['f1']:.4f} "
-              f"F1(dev-tuned thr {metrics.get('threshold_tuned', 0.5):.3f})={metrics.get('f1_tuned', metrics['f1']):.4f} "
+        tuned = (f"F1(dev-tuned thr {metrics['threshold_tuned']:.3f})={metrics['f1_tuned']:.4f} "
+                 if "threshold_tuned" in metrics else "")
+        print(f"\n== test: n={metrics['n']} AUROC={_fmt(metrics['auroc'])} F1={metrics['f1']:.4f} {tuned}"
               f"acc={metrics['accuracy']:.4f} Brier={metrics['brier']:.4f}", flush=True)
         for r, ex in list(zip(preds, tr.splits["test"]))[: cfg.eval.show_examples]:
             print(f"\n-- example {r['id']} (label {cfg.data.label_names[r['label']]}): P(y=1)={r['prob']:.3f}\n"

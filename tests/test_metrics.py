@@ -95,6 +95,24 @@ def test_malformed_inputs_raise_metric_error():
         M.classification_metrics([], [])
     with pytest.raises(M.MetricError, match="in \\[0, 1\\]"):
         M.classification_metrics([0, 1], [0.5, 1.5])
+    # checked before any cast to int: 0.9 must not become 0, nor 2 pass as a class
+    with pytest.raises(M.MetricError, match="labels must be 0 or 1, got 0.2, 0.9"):
+        M.classification_metrics([0.9, 0.2, 1], [0.1, 0.2, 0.8])
+    with pytest.raises(M.MetricError, match="labels must be 0 or 1, got 2"):
+        M.tune_threshold([0, 2], [0.1, 0.2])
+    assert M.classification_metrics([0.0, 1.0], [0.1, 0.8])["auroc"] == 1.0  # float 0/1 labels are fine
+
+
+def test_dev_tuned_threshold_is_none_for_one_class_dev():
+    from clsgen_dist.report import finalize_metrics
+
+    assert M.tune_threshold([1, 1], [0.3, 0.8]) is None
+    assert M.tune_threshold([0, 1, 1], [0.3, 0.2, 0.8]) == pytest.approx(0.2)
+    preds = [{"label": i % 2, "prob": p} for i, p in enumerate([0.2, 0.7, 0.4, 0.9])]
+    metrics = M.classification_metrics([r["label"] for r in preds], [r["prob"] for r in preds], tuned_threshold=None)
+    m, _ = finalize_metrics(metrics, preds, dev_labels=[1, 1], dev_probs=[0.3, 0.8], n_resamples=0)
+    assert m.get("threshold_tuned") is None and m["f1_tuned"] is None
+    assert "the dev split holds one class: the F1 threshold was not tuned" in m["note"]
 
 
 def test_bootstrap_vectorised_equals_a_loop_over_the_same_resamples():
@@ -198,3 +216,14 @@ def test_explanation_body_drops_the_last_verdict():
     assert explanation_body("No verdict here.", "Verdict: {label}") == "No verdict here."
     assert explanation_body("verdict: positive", "Verdict: {label}") == ""
     assert math.isclose(M.expected_calibration_error([1], [1.0]), 0.0)
+
+
+def test_logit_to_probability_is_stable_at_both_ends():
+    """Evaluation and prediction turn head logits into P(y=1) with this; a very confident logit
+    must give 0 or 1, not an OverflowError from math.exp."""
+    from scipy.special import expit
+
+    from clsgen_dist.predict import sigmoid
+
+    xs = [-800.0, -40.0, -3.5, -1e-9, 0.0, 2.25, 40.0, 800.0]
+    assert [sigmoid(x) for x in xs] == pytest.approx(expit(np.array(xs)).tolist(), rel=1e-15, abs=0)

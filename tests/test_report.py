@@ -63,6 +63,14 @@ def test_report_from_a_tiny_run(tiny_dir, data, tmp_path):
 
     assert m["auroc"] == pytest.approx(roc_auc_score([r["label"] for r in preds], [r["prob"] for r in preds]))
 
+    # a failed rerun into the same folder removes metrics.json: the old one must not vouch for it
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine", "label": 7}\n')
+    proc = launch("eval.py", ["--checkpoint", str(run / "final"), "--data", str(bad), "--output", str(out),
+                              "--ppl-tokens", "0"], check=False)
+    assert proc.returncode == 2 and f"{bad}: line 1: field 'label' = 7 is not a label" in proc.stderr
+    assert not (out / "metrics.json").exists()
+
     # zero-shot: the base model of the same config, no checkpoint; its perplexity ratio is 1
     zs = tmp_path / "zs"
     launch("eval.py", ["--mode", "zero_shot", "--config", "launch/configs/tiny_cpu.yaml",

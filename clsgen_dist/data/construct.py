@@ -38,7 +38,6 @@ import logging
 import os
 import re
 import string
-import tempfile
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -47,6 +46,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ..config import ConfigError
+from ..fileio import write_json_atomic, write_jsonl_atomic
 from .reading import Example, read_examples
 from .teachers import (Generation, GenerationSettings, LocalTeacher, Messages, TeacherError,  # noqa: F401
                        local_teacher_id)
@@ -358,21 +358,6 @@ def stats_path(output: str | os.PathLike) -> Path:
     return out.with_name(out.stem + ".stats.json")
 
 
-def _write_atomic(path: Path, write: Callable) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            write(fh)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes owner-only files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 # ----------------------------------------------------------------------------- the pipeline
 
 
@@ -613,8 +598,8 @@ def build_explanations(
         }
         sp = stats_path(output)
         sp.unlink(missing_ok=True)  # an old stats file must not vouch for the new output
-        _write_atomic(output, lambda fh: fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-        _write_atomic(sp, lambda fh: fh.write(json.dumps(stats, indent=2, ensure_ascii=False) + "\n"))
+        write_jsonl_atomic(output, records)
+        write_json_atomic(sp, stats)
         _warn_if_weak(stats)
     barrier()
     return broadcast_object(stats)

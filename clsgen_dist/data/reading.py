@@ -120,7 +120,10 @@ def read_examples(
     require_label: bool = True,
     limit: int | None = None,
 ) -> list[Example]:
-    """Read and validate examples. Raises DataError naming file, row and field on bad input."""
+    """Read and validate examples (the first ``limit`` when given). Raises DataError naming file,
+    row and field on bad input."""
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be a positive number of examples, got {limit}")
     p = Path(path)
     rows, word = load_records(p)
     if not rows:

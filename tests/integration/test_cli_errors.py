@@ -51,4 +51,124 @@ def test_bad_data_subprocess_exit_code_and_no_traceback(tmp_path):
 def test_missing_file_and_checkpoint(tmp_path):
     proc = launch("eval.py", ["--checkpoint", str(tmp_path / "nope"), "--data", "x.jsonl", "--output",
                               str(tmp_path / "o")], check=False)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "not a complete clsgen checkpoint" in proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "no such checkpoint folder" in proc.stderr
+
+
+# ----------------------------------------------------------------------------- outputs, checkpoints, flags
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_dir, tmp_path_factory):
+    """A real (untrained) LoRA checkpoint of the tiny model, and one of its full fine-tuning twin."""
+    from clsgen_dist.checkpoint import save_checkpoint
+    from clsgen_dist.config import load_config
+    from clsgen_dist.modeling import build_model
+
+    out = {}
+    for finetune in ("lora", "full"):
+        cfg = load_config(None, [f"model.name_or_path={tiny_dir}", "model.dtype=float32", f"model.finetune={finetune}",
+                                 "data.label_names=[negative, positive]"])
+        model, tok = build_model(cfg.model)
+        out[finetune] = save_checkpoint(model, tok, cfg, tmp_path_factory.mktemp("ckpt") / finetune)
+    return out
+
+
+def _main_error(capsys, main, *args) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(list(args))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err, err
+    return err
+
+
+def test_unusable_output_paths_fail_before_any_work(capsys, tmp_path, ckpt):
+    from clsgen_dist.cli import eval_main, predict_main
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x\n")
+    a_dir = tmp_path / "a_dir"
+    a_dir.mkdir()
+    # predict: --output must be a file path, creatable
+    err = _main_error(capsys, predict_main, "--checkpoint", str(ckpt["lora"]), "--text", "ok", "--output", str(a_dir))
+    assert f"--output {a_dir}: is a folder; expected a file path" in err
+    err = _main_error(capsys, predict_main, "--checkpoint", str(ckpt["lora"]), "--text", "ok",
+                      "--output", str(a_file / "out.jsonl"))
+    assert f"{a_file} is a file, so {a_file / 'out.jsonl'} cannot be created" in err
+    # eval: --output is a folder; checked before the checkpoint is even read
+    err = _main_error(capsys, eval_main, "--checkpoint", str(tmp_path / "nope"), "--output", str(a_file))
+    assert f"--output {a_file}: is a file; expected a folder" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_dir", "a_file"] and not list(a_dir.iterdir())
+
+
+def test_out_of_range_flags_and_blank_texts(capsys, ckpt):
+    from clsgen_dist.cli import eval_main, predict_main
+
+    c = str(ckpt["lora"])
+    assert "--limit: expected an integer >= 1, got '0'" in _main_error(
+        capsys, eval_main, "--checkpoint", c, "--output", "/tmp/never", "--limit", "0")
+    assert "--dev-limit: expected an integer >= 1, got '-1'" in _main_error(
+        capsys, eval_main, "--checkpoint", c, "--output", "/tmp/never", "--dev-limit", "-1")
+    assert "--max-new-tokens: expected an integer >= 1, got '-1'" in _main_error(
+        capsys, predict_main, "--checkpoint", c, "--text", "ok", "--max-new-tokens", "-1")
+    assert "--text number 2 is empty" in _main_error(capsys, predict_main, "--checkpoint", c, "--text", "ok",
+                                                     "--text", "   ")
+    assert "data.test_limit must be a positive integer, got 0" in _main_error(capsys, train_main, "data.test_limit=0")
+
+
+def test_incomplete_checkpoints_say_what_is_missing(capsys, tmp_path, ckpt):
+    import shutil
+
+    from clsgen_dist.checkpoint import CheckpointError, check_checkpoint
+    from clsgen_dist.cli import predict_main
+
+    def broken(kind, *remove):
+        d = tmp_path / f"{kind}-{'-'.join(remove)}"
+        shutil.copytree(ckpt[kind], d)
+        for name in remove:
+            (d / name).unlink()
+        return d
+
+    for c in ckpt.values():
+        check_checkpoint(c)  # complete ones pass
+    d = broken("lora", "cls_head.safetensors")
+    err = _main_error(capsys, predict_main, "--checkpoint", str(d), "--text", "ok")
+    assert f"{d}: incomplete clsgen checkpoint, missing cls_head.safetensors" in err
+    with pytest.raises(CheckpointError, match="missing adapter_model.safetensors$"):
+        check_checkpoint(broken("lora", "adapter_model.safetensors"))
+    with pytest.raises(CheckpointError, match="missing model.safetensors or model.safetensors.index.json"):
+        check_checkpoint(broken("full", "model.safetensors"))
+    with pytest.raises(CheckpointError, match="is a file; expected a checkpoint folder"):
+        check_checkpoint(ckpt["lora"] / "cls_head.safetensors")
+    moved = broken("lora")
+    cfg_file = moved / "clsgen_config.yaml"
+    cfg_file.write_text(_with_base(cfg_file.read_text(), "/nonexistent/base"))
+    with pytest.raises(CheckpointError, match="the LoRA adapter's base model /nonexistent/base"):
+        check_checkpoint(moved)
+
+
+def _with_base(yaml_text: str, base: str) -> str:
+    import yaml
+
+    cfg = yaml.safe_load(yaml_text)
+    cfg["model"]["name_or_path"] = base
+    return yaml.safe_dump(cfg)
+
+
+def test_atomic_writes_leave_nothing_behind_on_failure(tmp_path):
+    import os
+    import stat
+
+    from clsgen_dist.fileio import write_json_atomic, write_jsonl_atomic
+
+    out = tmp_path / "preds.jsonl"
+    write_jsonl_atomic(out, [{"id": 1}])
+    old = os.umask(0o022)
+    try:
+        write_json_atomic(tmp_path / "m.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "m.json").stat().st_mode) == 0o644  # not mkstemp's 0600
+    with pytest.raises(TypeError):
+        write_jsonl_atomic(out, [{"id": 2}, {"id": object()}])  # fails half-way through
+    assert out.read_text() == '{"id": 1}\n'  # untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "preds.jsonl"]  # no temporary file left
