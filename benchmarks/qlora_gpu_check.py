@@ -146,7 +146,7 @@ def run(args) -> int:
         f"data.train_file={data / 'train.jsonl'}", f"data.dev_file={data / 'dev.jsonl'}",
         f"data.test_file={data / 'test.jsonl'}", f"train.max_steps={args.steps}", f"train.eval_every={args.steps}",
         f"eval.explain_limit={args.explain}", f"data.train_limit={args.train_limit}",
-        f"data.dev_limit={args.eval_limit}", f"data.test_limit={args.eval_limit}", *args.set,
+        f"data.dev_limit={args.eval_limit}", f"data.test_limit={args.eval_limit}", "overwrite=true", *args.set,
     ]  # fmt: skip
     py = sys.executable
     results = []

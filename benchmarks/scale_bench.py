@@ -69,7 +69,7 @@ def run_one(model: str, stage: str, nproc: int, steps: int, out: Path, finetune:
            f"train.max_steps={steps}", "train.micro_batch_size=1", f"train.gradient_accumulation_steps={2 // nproc}",
            "train.eval_every=0", "data.max_seq_len=512", "data.default_dev_size=16", "data.default_test_size=16",
            "eval.explain_limit=0", "eval.show_examples=0",
-           f"ds_config={dsf}", f"output_dir={run_dir}"]
+           f"ds_config={dsf}", f"output_dir={run_dir}", "overwrite=true"]
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // nproc)), HF_HUB_OFFLINE="1")
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)

@@ -11,6 +11,8 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+from .fileio import check_output_path  # noqa: F401  (used by the CLIs below and construct_cli)
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO / "launch" / "configs" / "default.yaml"
 
@@ -52,26 +54,6 @@ def int_at_least(minimum: int):
         return value
 
     return parse
-
-
-def check_output_path(path: str, *, folder: bool, flag: str = "--output") -> None:
-    """Fail before any compute if ``path`` cannot receive the output: a folder where a file goes (or
-    a file where a folder goes), or a nearest existing parent that is a file or is not writable."""
-    import os
-
-    from .config import ConfigError
-
-    p = Path(path)
-    if p.exists() and p.is_dir() != folder:
-        raise ConfigError(f"{flag} {p}: is a {'folder' if p.is_dir() else 'file'}; expected "
-                          f"{'a folder (it is created if missing)' if folder else 'a file path'}")
-    parent = p if folder and p.is_dir() else p.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ConfigError(f"{flag} {p}: {parent} is a file, so {p} cannot be created")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"{flag} {p}: {parent} is not writable")
 
 
 def _parser(description: str) -> argparse.ArgumentParser:

@@ -112,7 +112,7 @@ def plan(args) -> list[dict]:
             continue
         # launch/eval.py evaluates the test split below: the trainer skips its own final evaluation
         tr = [*launcher, str(REPO / "launch" / "train.py"), "--config", config, *regime, *TRAIN_OVERRIDES[m],
-              "eval.at_end=false", f"output_dir={d / 'run'}"]
+              "eval.at_end=false", f"output_dir={d / 'run'}", "overwrite=true"]
         steps.append({"mode": m, "dir": d, "train": tr, "overrides": TRAIN_OVERRIDES[m],
                       "eval": [*ev, "--checkpoint", str(d / "run" / "final")]})
     return steps

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,6 +89,8 @@ class ModelConfig:
         _choice("model.cls_position", self.cls_position, ("last_prompt", "token"))
         _choice("model.loss_impl", self.loss_impl, ("auto", "triton", "torch", "reference"))
         _positive("model.lora_r", self.lora_r)
+        _number("model.lora_alpha", self.lora_alpha, low=0, low_open=True)
+        _number("model.lora_dropout", self.lora_dropout, low=0, high=1, high_open=True)
         _positive("model.loss_chunk_size", self.loss_chunk_size)
         _choice("model.loss_grad_mode", self.loss_grad_mode, ("eager", "recompute"))
         if self.loss_grad_mode == "recompute" and self.loss_impl in ("torch", "reference"):
@@ -152,6 +155,9 @@ class DataConfig:
         for name in ("teacher_limit", "train_limit", "dev_limit", "test_limit"):
             if getattr(self, name) is not None:
                 _positive(f"data.{name}", getattr(self, name))
+        for name in ("teacher_max_new_tokens", "teacher_batch_size", "default_train_size", "default_dev_size",
+                     "default_test_size"):
+            _positive(f"data.{name}", getattr(self, name))
 
 
 @dataclass
@@ -176,7 +182,8 @@ class TrainConfig:
     """Weight of the LM (explanation) term."""
     log_every: int = 1
     eval_every: int = 0
-    """Evaluate on the dev split every N steps (0 = only at the end)."""
+    """Evaluate on the dev split every N steps (0 = never during training; the dev split still tunes
+    the end-of-run F1 threshold)."""
     save_every: int = 0
     """Write a resumable checkpoint (``output_dir/checkpoints/step-N``: model, optimizer, scheduler,
     RNG states) every N steps (0 = none; SIGTERM always writes one before exiting)."""
@@ -193,6 +200,15 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         _choice("train.lr_scheduler", self.lr_scheduler, ("cosine", "linear", "constant"))
+        _number("train.learning_rate", self.learning_rate, low=0, low_open=True)
+        if self.head_learning_rate is not None:
+            _number("train.head_learning_rate", self.head_learning_rate, low=0)
+        _number("train.weight_decay", self.weight_decay, low=0)
+        _number("train.max_grad_norm", self.max_grad_norm, low=0)  # 0 = no clipping
+        if self.peak_tflops is not None:
+            _number("train.peak_tflops", self.peak_tflops, low=0, low_open=True)
+        _number("train.cls_weight", self.cls_weight, low=0)
+        _number("train.lm_weight", self.lm_weight, low=0)
         if self.cls_weight < 0 or self.lm_weight < 0 or self.cls_weight + self.lm_weight == 0:
             raise ConfigError(f"train.cls_weight/lm_weight must be >= 0 and not both 0, "
                               f"got {self.cls_weight}/{self.lm_weight}")
@@ -212,6 +228,14 @@ class EvalConfig:
     """Evaluate the test split at the end of training (``output_dir/eval``). ``false`` when a separate
     ``launch/eval.py`` run evaluates the checkpoint anyway (``launch/compare.py`` does)."""
 
+    def __post_init__(self) -> None:
+        _positive("eval.batch_size", self.batch_size)
+        _positive("eval.max_new_tokens", self.max_new_tokens)
+        if self.explain_limit < -1:
+            raise ConfigError(f"eval.explain_limit must be -1 (all), 0 (none) or a count, got {self.explain_limit}")
+        if self.show_examples < 0:
+            raise ConfigError(f"eval.show_examples must be >= 0, got {self.show_examples}")
+
 
 @dataclass
 class Config:
@@ -224,12 +248,18 @@ class Config:
     """DeepSpeed JSON; its ``"auto"`` values are filled from this config."""
     resume: Any = False
     """``true``: continue from the latest complete checkpoint in ``output_dir/checkpoints`` (error if
-    there is none); ``auto``: the same if one exists, else start fresh (SLURM requeue); ``false``."""
+    there is none, or if it was trained with other settings); ``auto``: the same if one exists, else
+    start fresh, replacing what an earlier attempt left (SLURM requeue); ``false``: start fresh."""
+    overwrite: bool = False
+    """With ``resume=false``: replace an earlier run found in ``output_dir`` (its checkpoints, final
+    model, evaluation and logs). Without it, a fresh start in such a folder is an error."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.resume, str) and self.resume.lower() in ("true", "false"):
-            self.resume = self.resume.lower() == "true"
-        if self.resume not in (True, False, "auto"):
+        # a real bool or "auto" afterwards: 0 and 1 compare equal to False and True, so they are refused
+        # rather than silently taken for the other one
+        if isinstance(self.resume, str) and self.resume.lower() in ("true", "false", "auto"):
+            self.resume = {"true": True, "false": False}.get(self.resume.lower(), "auto")
+        if not (isinstance(self.resume, bool) or self.resume == "auto"):
             raise ConfigError(f"resume: expected true, false or auto, got {self.resume!r}")
 
     def to_dict(self) -> dict:
@@ -249,14 +279,63 @@ def _positive(key: str, value: Any) -> None:
         raise ConfigError(f"{key} must be a positive integer, got {value!r}")
 
 
+def _number(key: str, value: Any, *, low: float | None = None, high: float | None = None,
+            low_open: bool = False, high_open: bool = False) -> None:
+    """A finite number within the given bounds, or ConfigError naming the key and the range."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
+        hi = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
+        raise ConfigError(f"{key} must be a finite number {' and '.join(filter(None, [lo, hi]))}, got {value!r}")
+
+
+class _Raw(str):
+    """A ``key=value`` override's text, parsed according to the field's type (see ``_coerce``)."""
+
+
+_NULLS = ("null", "~", "none", "None", "Null", "NULL")
+
+
+def _text(key: str, value: Any) -> str:
+    """A string field: an override's text as typed (only matching outer quotes removed), or a YAML
+    string. YAML turns ``no``/``yes``/``on``/``off`` into booleans and ``a: b`` into a mapping: those
+    are refused with the fix rather than turned into ``'False'`` or ``"{'a': 'b'}"``."""
+    if isinstance(value, _Raw):
+        text = str(value)
+        if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+            try:
+                return str(yaml.safe_load(text))
+            except yaml.YAMLError:
+                return text
+        return text
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a string, got the boolean {value!r} (YAML reads unquoted yes/no/on/off "
+                          f"as booleans); quote it, e.g. \"no\"")
+    if value is None or isinstance(value, (dict, list)):
+        raise ConfigError(f"{key}: expected a string, got {value!r}"
+                          + (" (an unquoted ': ' makes a YAML mapping; quote the text)" if isinstance(value, dict)
+                             else ""))
+    return str(value)
+
+
 def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Coerce a YAML/CLI value to a field's declared type, or raise ConfigError."""
+    """Coerce a YAML value or a ``key=value`` override (:class:`_Raw`) to a field's declared type,
+    or raise ConfigError."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
+    if isinstance(value, _Raw) and tp is not str:
+        if origin is list or (origin is not None and list in map(typing.get_origin, args)):
+            value = _yaml(key, value, loader=yaml.BaseLoader)  # [no, yes] stays two strings
+        elif not (type(None) in args and str in args and value not in _NULLS):
+            value = _yaml(key, value)
     if tp is Any:
         return value
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        if value is None and type(None) in args:
+        if (value is None or (isinstance(value, _Raw) and value in _NULLS)) and type(None) in args:
             return None
         errors = []
         for a in args:
@@ -289,18 +368,31 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             if f != int(f):
                 raise ValueError
             return int(f)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
     if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
         try:
-            return float(value)
+            f = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        if not math.isfinite(f):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return f
     if tp is str:
-        if value is None:
-            raise ConfigError(f"{key}: expected a string, got null")
-        return str(value)
+        return _text(key, value)
     return value
+
+
+def _yaml(key: str, raw: str, loader=yaml.SafeLoader) -> Any:
+    """An override's text as a YAML value (``""`` stays ``""``)."""
+    if raw == "":
+        return ""
+    try:
+        return yaml.load(str(raw), Loader=loader)
+    except yaml.YAMLError:
+        return str(raw)
 
 
 def _build(cls: type, values: dict, prefix: str) -> Any:
@@ -336,7 +428,10 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults ← YAML file ← ``key=value`` overrides (values parsed as YAML scalars)."""
+    """Defaults ← YAML file ← ``key=value`` overrides. An override's text is taken as typed for a
+    string field (``data.instruction=Classify: is it positive?``), read as YAML otherwise
+    (``train.learning_rate=1e-4``, ``data.dev_file=null``), and list items stay strings
+    (``data.label_names=[no, yes]``)."""
     tree: dict = {}
     if path is not None:
         p = Path(path)
@@ -355,11 +450,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value (e.g. train.max_steps=10)")
         key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            value = raw
-        _set_dotted(tree, key.strip(), value)
+        _set_dotted(tree, key.strip(), _Raw(raw))  # parsed by _coerce once the field's type is known
     try:
         return _build(Config, tree, "")
     except TypeError as e:  # e.g. a dataclass __init__ complaint

@@ -70,14 +70,28 @@ def merged_backbone(checkpoint: str | Path, *, dtype: torch.dtype = torch.bfloat
     return model.merge_and_unload(), cfg
 
 
+def check_export_target(src: Path, out: Path) -> None:
+    """The export replaces ``out`` whole: refuse the checkpoint itself, a folder that contains it
+    (``--output runs/a`` for ``runs/a/final`` would delete the run), a file, and a non-empty folder
+    that is not a clsgen checkpoint (an earlier export is replaced)."""
+    s, o = src.resolve(), out.resolve()
+    if o == s or o in s.parents:
+        raise CheckpointError(f"--output {out} is {'the checkpoint' if o == s else 'a folder holding the checkpoint'} "
+                              f"{src}; the export replaces its --output folder whole: choose a new folder")
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"--output {out}: is a file; expected a folder (created if missing)")
+    if out.is_dir() and any(out.iterdir()) and not (out / CONFIG_NAME).is_file():
+        raise CheckpointError(f"--output {out}: a non-empty folder that is not a clsgen checkpoint; the export "
+                              f"replaces its --output folder whole: choose a new or empty folder")
+
+
 def export_merged(checkpoint: str | Path, output: str | Path, *, dtype: str = "bfloat16",
                   base: str = "dequantized", device: str | torch.device | None = None) -> Path:
     """Write the merged model of ``checkpoint`` as a full checkpoint at ``output`` (atomically)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     src, out = Path(checkpoint), Path(output)
-    if src.resolve() == out.resolve():
-        raise CheckpointError(f"--output must differ from --checkpoint ({src})")
+    check_export_target(src, out)
     merged, cfg = merged_backbone(src, dtype=DTYPES[dtype], base=base, device=device)
     cfg.model.finetune, cfg.model.quantization = "full", "none"
     with atomic_folder(out) as tmp:

@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader (or a crash) never sees a half-written output file."""
+"""Output files: atomic writes (a reader, or a crash, never sees a half-written file) and the check
+that an output path can be written, made before any work."""
 
 from __future__ import annotations
 
@@ -34,3 +35,21 @@ def write_json_atomic(path: str | os.PathLike, obj) -> None:
 
 def write_jsonl_atomic(path: str | os.PathLike, rows) -> None:
     write_atomic(path, lambda fh: fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def check_output_path(path: str, *, folder: bool, flag: str = "--output") -> None:
+    """Fail before any compute if ``path`` cannot receive the output: a folder where a file goes (or
+    a file where a folder goes), or a nearest existing parent that is a file or is not writable."""
+    from .config import ConfigError
+
+    p = Path(path)
+    if p.exists() and p.is_dir() != folder:
+        raise ConfigError(f"{flag} {p}: is a {'folder' if p.is_dir() else 'file'}; expected "
+                          f"{'a folder (it is created if missing)' if folder else 'a file path'}")
+    parent = p if folder and p.is_dir() else p.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{flag} {p}: {parent} is a file, so {p} cannot be created")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {p}: {parent} is not writable")

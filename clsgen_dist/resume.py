@@ -4,7 +4,7 @@ Layout (``output_dir/checkpoints/step-00000010/``)::
 
     global_step…/ or *_model_states.pt, *_optim_states.pt   DeepSpeed engine state (model, optimizer, LR scheduler)
     rng_rank{r}.pt                                           every rank's RNG states
-    trainer_state.json                                       step, world size, ZeRO stage, config digest
+    trainer_state.json                                       step, world size, ZeRO stage, the run settings
     COMPLETE                                                 written last, after every rank finished
 
 The newest folder *with* ``COMPLETE`` is the latest checkpoint, so a process killed in the middle of a
@@ -117,7 +117,66 @@ def _set_rng_state(s: dict) -> None:
         torch.cuda.set_rng_state(s["cuda"])
 
 
-def save_training_state(engine, out: Path, step: int, *, zero_stage: int, keep: int) -> Path:
+# Keys that may change between attempts of one run; every other config value is a training setting
+# that a checkpoint must be resumed with (check_resume_settings). The micro-batch size and gradient
+# accumulation may change with the number of ranks as long as the rows per step stay the same.
+_FREE_KEYS = {"output_dir", "resume", "overwrite", "ds_config", "train.eval_every", "train.save_every",
+              "train.save_total_limit", "train.log_every", "train.peak_tflops", "train.micro_batch_size",
+              "train.gradient_accumulation_steps"}
+
+
+def training_settings(cfg, ranks: int | None = None) -> dict:
+    """The config flattened to ``{"train.learning_rate": 0.0002, ...}`` (JSON values), without
+    evaluation and the keys in ``_FREE_KEYS``, plus ``rows_per_step`` (micro-batch × accumulation ×
+    ranks)."""
+    flat: dict = {}
+
+    def walk(node: dict, prefix: str) -> None:
+        for k, v in node.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                flat[f"{prefix}{k}"] = v
+
+    walk(json.loads(json.dumps(cfg.to_dict())), "")
+    out = {k: v for k, v in flat.items() if k not in _FREE_KEYS and not k.startswith("eval.")}
+    t = cfg.train
+    out["rows_per_step"] = t.micro_batch_size * t.gradient_accumulation_steps * (ranks or world_size())
+    return out
+
+
+def check_resume_settings(ckpt: Path, cfg, ranks: int) -> None:
+    """ConfigError if ``ckpt`` was trained with other settings than ``cfg`` (learning rate, schedule,
+    data, model, ...): resuming would silently continue the old run under the new config's name."""
+    old = json.loads((ckpt / STATE).read_text()).get("settings")
+    if old is None:  # written before the settings were recorded
+        log.warning("%s records no run settings; resuming without checking them", ckpt)
+        return
+    new = training_settings(cfg, ranks)
+    diff = [k for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
+    if diff:
+        shown = "; ".join(f"{k}={old.get(k)!r} there, {new.get(k)!r} now" for k in diff[:5])
+        raise ConfigError(f"resume: {ckpt} was trained with other settings ({shown}{'; …' if len(diff) > 5 else ''}). "
+                          f"Resume with the run's own settings (its config.yaml), or start a new output_dir")
+
+
+# What a run leaves in its output_dir, and what a fresh start there replaces.
+RUN_ARTIFACTS = ("checkpoints", "final", "eval", "train_log.jsonl", "eval_log.jsonl", "tensorboard", "PREEMPTED")
+
+
+def earlier_run(out: Path) -> list[str]:
+    """The artifacts of an earlier run present in ``out``."""
+    return [name for name in RUN_ARTIFACTS if (Path(out) / name).exists()]
+
+
+def clear_earlier_run(out: Path) -> None:
+    for name in earlier_run(out):
+        p = Path(out) / name
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def save_training_state(engine, out: Path, step: int, *, zero_stage: int, keep: int,
+                        settings: dict | None = None) -> Path:
     """Collective: every rank writes its shard; rank 0 marks the folder complete last."""
     root = checkpoint_root(out)
     tag = f"step-{step:08d}"
@@ -132,7 +191,7 @@ def save_training_state(engine, out: Path, step: int, *, zero_stage: int, keep: 
     fault_point("during_save", step)
     barrier()
     if is_main():
-        state = {"step": step, "world_size": world_size(), "zero_stage": zero_stage}
+        state = {"step": step, "world_size": world_size(), "zero_stage": zero_stage, "settings": settings}
         (path / STATE).write_text(json.dumps(state, indent=2) + "\n")
         (path / MARKER).write_text("ok\n")
         _prune(root, keep)
@@ -196,12 +255,16 @@ def load_training_state(engine, ckpt: Path) -> int:
     return int(state["step"])
 
 
-def resolve_resume(resume, out: Path) -> Path | None:
-    """``resume``: False → None; True → the latest checkpoint (error if none); "auto" → latest or None."""
-    if resume is False or resume in ("false", "no", None):
-        return None
-    ck = latest_checkpoint(out)
+def resolve_resume(resume, out: Path, *, overwrite: bool = False) -> Path | None:
+    """``resume``: False → None; True → the latest checkpoint (error if none); "auto" → latest or None.
+    None means a fresh start: with ``resume=false`` and an earlier run in ``out`` that is an error
+    unless ``overwrite`` (the fresh start then replaces it, see ``clear_earlier_run``)."""
+    ck = None if resume is False else latest_checkpoint(out)
     if ck is None and resume is True:
         raise ConfigError(f"resume=true but {checkpoint_root(out)} holds no complete checkpoint "
                           f"(use resume=auto to start fresh when there is none)")
+    found = earlier_run(out)
+    if ck is None and resume is False and found and not overwrite:
+        raise ConfigError(f"output_dir {out} already holds a run ({', '.join(found)}): continue it with "
+                          f"resume=auto, replace it with overwrite=true, or choose another output_dir")
     return ck

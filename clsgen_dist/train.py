@@ -27,8 +27,9 @@ from .fileio import write_json_atomic
 from .modeling import build_model
 from .modeling.build import resolve_dtype
 from .predict import make_encoder
-from .resume import (StopFlag, fault_point, latest_checkpoint, load_training_state, resolve_resume,
-                     save_training_state)
+from .fileio import check_output_path
+from .resume import (StopFlag, check_resume_settings, clear_earlier_run, fault_point, latest_checkpoint,
+                     load_training_state, resolve_resume, save_training_state, training_settings)
 
 log = logging.getLogger("clsgen_dist.train")
 REPO = Path(__file__).resolve().parent.parent
@@ -114,13 +115,18 @@ def run_info(cfg: Config, device: torch.device) -> dict:
     import peft
     import transformers
 
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                             timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        sha = None
+    def git(*args: str) -> str | None:
+        try:
+            p = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=5)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return p.stdout.strip() if p.returncode == 0 else None
+
+    sha = git("rev-parse", "HEAD") or None
+    status = git("status", "--porcelain", "--untracked-files=no") if sha else None
     return {
-        "argv": sys.argv, "git_sha": sha, "python": platform.python_version(), "torch": torch.__version__,
+        "argv": sys.argv, "git_sha": sha, "git_dirty": None if status is None else bool(status),
+        "python": platform.python_version(), "torch": torch.__version__,
         "transformers": transformers.__version__, "peft": peft.__version__, "deepspeed": deepspeed.__version__,
         "device": str(device), "world_size": world_size(), "host": platform.node(), "cpus": os.cpu_count(),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
@@ -156,6 +162,7 @@ class Trainer:
         t = self.cfg.train
         W = world_size()
         t0 = time.perf_counter()
+        lr = self.engine.get_lr()[0]  # this step's rate: the step's last engine.step() advances the schedule
         mbs = self.rows.micro_batches(step, micro_batch_size=t.micro_batch_size,
                                       grad_accum=t.gradient_accumulation_steps, rank=rank(), world_size=W)
         # Global normalisers: one all-reduce per step (a sync point), before any forward.
@@ -183,7 +190,7 @@ class Trainer:
         return {"step": step + 1, "loss": loss, "lm_loss": lm_sum / n_lm if n_lm else 0.0,
                 "cls_loss": cls_sum / n_cls if n_cls else 0.0, "tokens_per_s": n_tok / dt,
                 "tokens_per_s_per_rank": n_tok / dt / W, "packing_efficiency": n_tok / cap,
-                "lr": self.engine.get_lr()[0], "grad_norm": float(gnorm) if gnorm is not None else None,
+                "lr": lr, "grad_norm": float(gnorm) if gnorm is not None else None,
                 "mfu": flops / dt / W / self.peak_flops if self.peak_flops else None,
                 "lm_tokens": int(n_lm), "examples": int(n_cls), "step_time_s": dt, "stop": stop > 0}
 
@@ -218,7 +225,7 @@ class Trainer:
         every = self.cfg.train.save_every
         if force or (every and (step + 1) % every == 0 and step + 1 < self.cfg.train.max_steps):
             save_training_state(self.engine, self.out, step + 1, zero_stage=self.zero_stage,
-                                keep=self.cfg.train.save_total_limit)
+                                keep=self.cfg.train.save_total_limit, settings=training_settings(self.cfg))
 
     def train(self, start_step: int = 0) -> bool:
         """Steps ``start_step .. max_steps``; False if stopped early by a signal (state saved)."""
@@ -314,19 +321,30 @@ def final_evaluation(tr: Trainer) -> dict | None:
 
 
 def prepare_output(cfg: Config, ds: dict, info: dict, *, resume_step: int | None = None) -> Path:
-    """Write the run's metadata; the step log restarts, or on resume keeps the steps up to the
-    checkpoint (lines a killed run logged after it are dropped)."""
+    """Write the run's metadata. A fresh start first removes an earlier run's artifacts (allowed by
+    ``resolve_resume``); a resumed one keeps the step and dev logs up to the checkpoint (lines a killed
+    attempt logged after it are dropped) and the earlier attempts' ``run_info`` under ``attempts``."""
     out = Path(cfg.output_dir)
     if is_main():
         out.mkdir(parents=True, exist_ok=True)
+        info_file = out / "run_info.json"
+        if resume_step is None:
+            clear_earlier_run(out)
+        elif info_file.is_file():
+            before = json.loads(info_file.read_text())
+            info["attempts"] = before.pop("attempts", []) + [before]
         dump_config(cfg, out / "config.yaml")
         write_json_atomic(out / "ds_config.json", ds)
-        write_json_atomic(out / "run_info.json", info)
-        logf = out / "train_log.jsonl"
-        keep = []
-        if resume_step is not None and logf.is_file():
-            keep = [ln for ln in logf.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= resume_step]
-        logf.write_text("".join(ln + "\n" for ln in keep))
+        write_json_atomic(info_file, info)
+        for name in ("train_log.jsonl", "eval_log.jsonl"):
+            logf, keep = out / name, []
+            if resume_step is not None and logf.is_file():
+                keep = [ln for ln in logf.read_text().splitlines()
+                        if ln.strip() and json.loads(ln)["step"] <= resume_step]
+            if keep or name == "train_log.jsonl":
+                logf.write_text("".join(ln + "\n" for ln in keep))
+            else:
+                logf.unlink(missing_ok=True)
     barrier()
     return out
 
@@ -380,6 +398,11 @@ def run(cfg: Config) -> dict | None:
     """Train and evaluate as configured; returns the test metrics (None without a test split)."""
     ds_raw = load_ds_config(_repo_path(cfg.ds_config))
     setup_logging()  # before the process group: all ranks log at INFO until it exists
+    check_output_path(cfg.output_dir, folder=True, flag="output_dir")
+    resume_from = resolve_resume(cfg.resume, Path(cfg.output_dir), overwrite=cfg.overwrite)
+    if resume_from is not None:  # before the process group: the launcher's variables count the ranks
+        ranks = int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
+        check_resume_settings(resume_from, cfg, ranks)
     splits = load_splits(cfg)  # user data is validated before any process group or model exists
     device = init_distributed()
     setup_logging()
@@ -390,7 +413,6 @@ def run(cfg: Config) -> dict | None:
     model, tokenizer = build_model(cfg.model, device=device, seed=cfg.train.seed)
     encoder = make_encoder(cfg, tokenizer)
     rows, stats = encode_train(splits["train"], encoder, cfg.data.max_seq_len, cfg.train.seed)
-    resume_from = resolve_resume(cfg.resume, Path(cfg.output_dir))
     out = prepare_output(cfg, ds, {**run_info(cfg, device), "data": stats}, resume_step=_ckpt_step(resume_from))
     if is_main():
         log.info("train data: %d examples (%d with explanations), %d packed rows, packing efficiency %.3f, "

@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 bash launch/setup.sh
 export PATH="${CLSGEN_VENV:-$PWD/.venv}/bin:$PATH" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/clsgen_dist/torch_extensions}
-exec deepspeed launch/train.py "$@"
+exec deepspeed launch/train.py overwrite=true "$@"  # each quick start replaces the last one's outputs/default

@@ -25,11 +25,47 @@ def test_yaml_then_overrides(tmp_path):
     ("resume=maybe", "resume: expected true, false or auto"),
     ("train", "expected key=value"),
     ("model.loss_grad_mode=lazy", "model.loss_grad_mode: expected one of"),
+    # 0 and 1 equal False and True: refused rather than taken for the other one
+    ("resume=0", "resume: expected true, false or auto, got 0"),
+    ("resume=1", "resume: expected true, false or auto, got 1"),
+    ("train.max_steps=.inf", "train.max_steps: expected an integer, got inf"),
+    ("train.learning_rate=.nan", "train.learning_rate: expected a finite number"),
+    ("train.learning_rate=true", "train.learning_rate: expected a number, got True"),
+    ("train.learning_rate=-1e-4", "train.learning_rate must be a finite number > 0"),
+    ("train.max_grad_norm=-1", "train.max_grad_norm must be a finite number >= 0"),
+    ("train.weight_decay=-0.1", "train.weight_decay must be a finite number >= 0"),
+    ("model.lora_dropout=1.5", "model.lora_dropout must be a finite number >= 0 and < 1"),
+    ("model.lora_alpha=-8", "model.lora_alpha must be a finite number > 0"),
+    ("eval.batch_size=0", "eval.batch_size must be a positive integer"),
+    ("eval.max_new_tokens=-3", "eval.max_new_tokens must be a positive integer"),
+    ("eval.explain_limit=-2", "eval.explain_limit must be -1 (all), 0 (none) or a count"),
+    ("data.teacher_batch_size=0", "data.teacher_batch_size must be a positive integer"),
 ])
 def test_bad_config_messages(override, needle):
     with pytest.raises(ConfigError, match=None) as e:
         load_config(None, [override])
     assert needle in str(e.value)
+
+
+def test_text_overrides_are_taken_as_typed(tmp_path):
+    """A string field gets the override's text, not a YAML reading of it (which made a mapping of
+    'Classify: ...', cut '#…' as a comment and turned no/yes into 'False'/'True')."""
+    cfg = load_config(None, ["data.instruction=Classify: is it positive?", "data.label_names=[no, yes]",
+                             "data.verdict_template=Verdict: {label}", "data.system_prompt=Rate it #1 or #2",
+                             "data.id_field='quoted'", "data.dev_file=null", "train.learning_rate=1e-4",
+                             "model.lora_target_modules=[q_proj, v_proj]", "resume=auto"])
+    d = cfg.data
+    assert d.instruction == "Classify: is it positive?" and d.label_names == ["no", "yes"]
+    assert d.verdict_template == "Verdict: {label}" and d.system_prompt == "Rate it #1 or #2"
+    assert d.id_field == "quoted" and d.dev_file is None and cfg.train.learning_rate == 1e-4
+    assert cfg.model.lora_target_modules == ["q_proj", "v_proj"] and cfg.resume == "auto"
+    # in a YAML file, unquoted no/yes are booleans: refused with the fix, never turned into 'False'
+    f = tmp_path / "c.yaml"
+    f.write_text("data:\n  label_names: [no, yes]\n")
+    with pytest.raises(ConfigError, match="data.label_names: expected a string, got the boolean False.*quote it"):
+        load_config(f)
+    f.write_text("data:\n  label_names: ['no', 'yes']\n  instruction: 'Classify: is it positive?'\n")
+    assert load_config(f).data.label_names == ["no", "yes"]
 
 
 def test_recompute_grad_mode_needs_the_triton_loss():
@@ -41,6 +77,15 @@ def test_recompute_grad_mode_needs_the_triton_loss():
     with pytest.raises(ConfigError, match="on cpu model.loss_impl=auto resolves to torch"):
         check_device_options(cfg.model, torch.device("cpu"), torch.float32)
     check_device_options(load_config(None, []).model, torch.device("cpu"), torch.float32)  # the default: eager
+
+
+def test_head_learning_rate_zero_freezes_the_head_not_defaults_it():
+    from clsgen_dist.distributed.engine import param_groups
+
+    model = torch.nn.ModuleDict({"body": torch.nn.Linear(2, 2), "cls_head": torch.nn.Linear(2, 1)})
+    lrs = lambda *ov: [g["lr"] for g in param_groups(model, load_config(None, ["train.learning_rate=0.1", *ov]))]  # noqa: E731
+    assert lrs() == [0.1, 0.1] and lrs("train.head_learning_rate=0.5") == [0.1, 0.5]
+    assert lrs("train.head_learning_rate=0") == [0.1, 0.0]
 
 
 def test_every_shipped_yaml_loads():

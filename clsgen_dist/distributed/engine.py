@@ -109,7 +109,7 @@ def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
         if not p.requires_grad:
             continue
         (head if name.startswith("cls_head.") else rest).append(p)
-    head_lr = cfg.train.head_learning_rate or cfg.train.learning_rate
+    head_lr = cfg.train.learning_rate if cfg.train.head_learning_rate is None else cfg.train.head_learning_rate
     groups = [{"params": rest, "lr": cfg.train.learning_rate, "weight_decay": cfg.train.weight_decay},
               {"params": head, "lr": head_lr, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]

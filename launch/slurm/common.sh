@@ -60,3 +60,40 @@ distributed_cmd() {
       ;;
   esac
 }
+
+# setting_from_args KEY DEFAULT ARGS...: the value of the last KEY=value among ARGS, else DEFAULT.
+# The scripts pass output_dir= and ds_config= to the trainer and must know the values that win.
+setting_from_args() {
+  local key=$1 value=$2 a
+  shift 2
+  for a in "$@"; do
+    case $a in "$key="*) value=${a#"$key="} ;; esac
+  done
+  printf '%s\n' "$value"
+}
+
+# run_requeueable: run CMD; USR1 (--signal=B:USR1@N, N seconds before the time limit) or TERM
+# (preemption) is forwarded to it as SIGTERM, every rank saves a checkpoint and exits, and if the
+# run left $OUTPUT_DIR/PREEMPTED the job requeues itself (it then continues with resume=auto).
+# Returns the run's exit status. Under CLSGEN_DRY_RUN=1 it only prints CMD.
+run_requeueable() {
+  if [ "${CLSGEN_DRY_RUN:-0}" = 1 ]; then
+    run "${CMD[@]}"
+    return 0
+  fi
+  local child status=0
+  # shellcheck disable=SC2329  # invoked by the trap
+  forward() { kill -TERM "$child" 2>/dev/null || true; }
+  trap forward USR1 TERM
+  "${CMD[@]}" &
+  child=$!
+  wait "$child" || status=$?
+  while kill -0 "$child" 2>/dev/null; do  # a trapped signal interrupts wait: wait again for the save
+    wait "$child" || status=$?
+  done
+  if [ -f "$OUTPUT_DIR/PREEMPTED" ] && [ -n "${SLURM_JOB_ID:-}" ]; then
+    echo "stopped early (checkpoint saved): requeueing job $SLURM_JOB_ID"
+    scontrol requeue "$SLURM_JOB_ID"
+  fi
+  return "$status"
+}

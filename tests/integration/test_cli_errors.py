@@ -21,8 +21,10 @@ def test_unknown_config_key_lists_valid_ones(capsys):
     assert "gradient_accumulation_steps" in err
 
 
-def test_bad_values(capsys):
+def test_bad_values(capsys, tmp_path):
     assert "train.max_steps must be a positive integer" in _train(capsys, "train.max_steps=0")
+    (tmp_path / "f").write_text("x")
+    assert f"output_dir {tmp_path / 'f'}: is a file; expected a folder" in _train(capsys, f"output_dir={tmp_path / 'f'}")
     assert "model.finetune: expected one of" in _train(capsys, "model.finetune=qlora")
     assert "config file not found" in _train(capsys, "--config", "/nonexistent.yaml")
 
@@ -172,3 +174,26 @@ def test_atomic_writes_leave_nothing_behind_on_failure(tmp_path):
         write_jsonl_atomic(out, [{"id": 2}, {"id": object()}])  # fails half-way through
     assert out.read_text() == '{"id": 1}\n'  # untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "preds.jsonl"]  # no temporary file left
+
+
+def test_export_never_replaces_the_checkpoint_or_a_folder_holding_it(tmp_path, ckpt):
+    from clsgen_dist.checkpoint import CheckpointError, check_checkpoint
+    from clsgen_dist.export import export_merged
+
+    src = ckpt["lora"]
+    before = sorted(p.name for p in src.parent.iterdir())
+    for out, needle in [(src, "is the checkpoint"), (src.parent, "a folder holding the checkpoint"),
+                        (src.parent.parent, "a folder holding the checkpoint")]:
+        with pytest.raises(CheckpointError, match=needle):
+            export_merged(src, out)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("mine\n")
+    with pytest.raises(CheckpointError, match="a non-empty folder that is not a clsgen checkpoint"):
+        export_merged(src, tmp_path / "notes")
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(CheckpointError, match="is a file"):
+        export_merged(src, tmp_path / "f")
+    assert sorted(p.name for p in src.parent.iterdir()) == before and (tmp_path / "notes" / "keep.txt").is_file()
+    check_checkpoint(src)
+    out = export_merged(src, tmp_path / "merged", dtype="float32")  # a new folder, then replacing that export
+    assert export_merged(src, out, dtype="float32") == out and check_checkpoint(out).model.finetune == "full"

@@ -77,6 +77,20 @@ def test_train_dry_run_deepspeed_hostfile(fakebin, nodes):
     assert "launch/train.py" in cmd
 
 
+def test_output_dir_argument_wins_and_qlora_is_requeueable(fakebin):
+    """An output_dir= argument is the one the script watches for PREEMPTED (and passes on); the
+    single-GPU QLoRA script asks for the time-limit signal and goes through the same requeue path."""
+    env = _slurm_env(fakebin, ["n1"], SLURM_GPUS_ON_NODE="1")
+    cmd = _dry("launch/slurm/qlora_1gpu.sbatch", env, "output_dir=runs/mine", "train.max_steps=5")
+    assert cmd == ["python", "launch/train.py", "--config", "launch/configs/qlora_8b.yaml", "model.quantization=nf4",
+                   "output_dir=runs/mine", "resume=auto", "output_dir=runs/mine", "train.max_steps=5"]
+    cmd = _dry("launch/slurm/train.sbatch", env | {"OUTPUT_DIR": "runs/env"}, "ds_config=ds_configs/zero2.json")
+    i = cmd.index("launch/train.py")
+    assert cmd[i + 3:i + 5] == ["ds_config=ds_configs/zero2.json", "output_dir=runs/env"]
+    text = (REPO / "launch/slurm/qlora_1gpu.sbatch").read_text()
+    assert "#SBATCH --signal=B:USR1@300" in text and "run_requeueable" in text
+
+
 def test_eval_dry_run(fakebin):
     env = _slurm_env(fakebin, ["a", "b"], CHECKPOINT="runs/x/final", DATA="t.jsonl", OUTPUT="runs/x/eval")
     cmd = _dry("launch/slurm/eval.sbatch", env, "--dev", "d.jsonl")

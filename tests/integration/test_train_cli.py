@@ -37,6 +37,11 @@ def test_single_process_run_writes_everything(single_run):
         assert r["loss"] == pytest.approx(r["cls_loss"] + r["lm_loss"], rel=1e-5)
         assert 0 < r["packing_efficiency"] <= 1 and r["tokens_per_s"] > 0
     assert log[-1]["lm_loss"] < log[0]["lm_loss"]  # it learns
+    from clsgen_dist.config import load_config
+    from clsgen_dist.distributed.engine import lr_lambda
+
+    f = lr_lambda(load_config(out / "config.yaml"))  # the logged lr is the one each step trained with
+    assert [r["lr"] for r in log] == pytest.approx([3e-3 * f(s) for s in range(10)], rel=1e-9)
     for f in ("config.yaml", "ds_config.json", "run_info.json", "final/COMPLETE", "final/cls_head.safetensors",
               "final/model.safetensors", "eval/metrics.json", "eval/predictions.jsonl"):
         assert (out / f).is_file(), f
