@@ -95,7 +95,8 @@ def eval_main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default=None, help="labelled JSONL/CSV/Parquet file or saved dataset (default: the "
                    "test split of the run config)")
     p.add_argument("--output", required=True, help="folder for metrics.json, predictions.jsonl and the report")
-    p.add_argument("--dev", default=None, help="labelled dev file: tunes the F1 threshold and fits the temperature")
+    p.add_argument("--dev", default=None, help="labelled dev file: tunes the F1 threshold and fits the temperature "
+                   "(default with no --data: the run config's dev split)")
     p.add_argument("--mode", default="auto", choices=["auto", "clsgen", "cls_only", "gen_only", "zero_shot"],
                    help="where P(y=1) comes from (auto: from the checkpoint's loss weights): the classification "
                    "head (clsgen, cls_only), the verdict tokens after the model's own explanation (gen_only), or "

@@ -69,7 +69,10 @@ def run_eval(args) -> dict:
     read = lambda path, limit=None: read_examples(  # noqa: E731
         path, text_field=d.text_field, label_field=d.label_field, explanation_field=None, id_field=d.id_field,
         label_names=d.label_names, limit=limit)
-    data, dev = args.data or default_eval_files(cfg)["test"], args.dev
+    data, dev = args.data, args.dev
+    if data is None:  # the run's own test split, tuned on the run's own dev split unless --dev says otherwise
+        files = default_eval_files(cfg)
+        data, dev = files["test"], dev or files["dev"]
     examples = read(data, args.limit)
     encoder = make_encoder(cfg, tokenizer)
     source = PROB_SOURCE[mode]

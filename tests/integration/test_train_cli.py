@@ -194,14 +194,16 @@ def test_eval_sharded_over_two_ranks_equals_one_process(single_run, data, tmp_pa
     ck = single_run / "final"
     common = ["--checkpoint", str(ck), "--data", str(data["test"]), "--dev", str(data["dev"]), "--explain-limit", "3"]
     launch("eval.py", common + ["--output", str(tmp_path / "one")])
-    launch("eval.py", common + ["--output", str(tmp_path / "two")], launcher="torchrun", nproc=2)
+    # no --data/--dev: the run's own test and dev splits (data.test_file / data.dev_file of its config)
+    launch("eval.py", ["--checkpoint", str(ck), "--explain-limit", "3", "--output", str(tmp_path / "two")],
+           launcher="torchrun", nproc=2)
     p1, p2 = read_jsonl(tmp_path / "one/predictions.jsonl"), read_jsonl(tmp_path / "two/predictions.jsonl")
     assert [r["id"] for r in p1] == [r["id"] for r in p2] == [f"r{i}" for i in range(10, 21)]
     for a, b in zip(p1, p2):
         assert a["prob"] == pytest.approx(b["prob"], abs=1e-6) and a["explanation"] == b["explanation"]
     m1 = json.loads((tmp_path / "one/metrics.json").read_text())
     m2 = json.loads((tmp_path / "two/metrics.json").read_text())
-    for k in ("n", "auroc", "f1", "f1_tuned", "accuracy", "brier"):
+    for k in ("n", "auroc", "f1", "f1_tuned", "threshold_tuned", "temperature", "accuracy", "brier"):
         assert m1[k] == pytest.approx(m2[k], abs=1e-6), k  # batches differ in grouping: float rounding
     # and the metrics are those of the predictions (independent recomputation)
     from sklearn.metrics import roc_auc_score
