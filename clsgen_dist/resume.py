@@ -146,9 +146,10 @@ def training_settings(cfg, ranks: int | None = None) -> dict:
 
 
 def check_resume_settings(ckpt: Path, cfg, ranks: int) -> None:
-    """ConfigError if ``ckpt`` was trained with other settings than ``cfg`` (learning rate, schedule,
-    data, model, ...): resuming would silently continue the old run under the new config's name."""
-    old = json.loads((ckpt / STATE).read_text()).get("settings")
+    """ConfigError if ``ckpt`` (a checkpoint folder, or the ``DONE`` file of a finished run) was
+    trained with other settings than ``cfg`` (learning rate, schedule, data, model, ...): resuming
+    would silently continue the old run under the new config's name."""
+    old = json.loads((ckpt / STATE if ckpt.is_dir() else ckpt).read_text()).get("settings")
     if old is None:  # written before the settings were recorded
         log.warning("%s records no run settings; resuming without checking them", ckpt)
         return
@@ -160,8 +161,12 @@ def check_resume_settings(ckpt: Path, cfg, ranks: int) -> None:
                           f"Resume with the run's own settings (its config.yaml), or start a new output_dir")
 
 
+# Written last by a run that finished (final checkpoint saved, test split evaluated).
+DONE = "DONE"
+
 # What a run leaves in its output_dir, and what a fresh start there replaces.
-RUN_ARTIFACTS = ("checkpoints", "final", "eval", "train_log.jsonl", "eval_log.jsonl", "tensorboard", "PREEMPTED")
+RUN_ARTIFACTS = ("checkpoints", "final", "eval", "train_log.jsonl", "eval_log.jsonl", "tensorboard", "PREEMPTED",
+                 DONE)
 
 
 def earlier_run(out: Path) -> list[str]:

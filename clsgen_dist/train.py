@@ -28,7 +28,7 @@ from .modeling import build_model
 from .modeling.build import resolve_dtype
 from .predict import make_encoder
 from .fileio import check_output_path
-from .resume import (StopFlag, check_resume_settings, clear_earlier_run, fault_point, latest_checkpoint,
+from .resume import (DONE, StopFlag, check_resume_settings, clear_earlier_run, fault_point, latest_checkpoint,
                      load_training_state, resolve_resume, save_training_state, training_settings)
 
 log = logging.getLogger("clsgen_dist.train")
@@ -399,9 +399,16 @@ def run(cfg: Config) -> dict | None:
     ds_raw = load_ds_config(_repo_path(cfg.ds_config))
     setup_logging()  # before the process group: all ranks log at INFO until it exists
     check_output_path(cfg.output_dir, folder=True, flag="output_dir")
+    ranks = int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)  # before the process group
+    done = Path(cfg.output_dir) / DONE
+    if cfg.resume is not False and done.is_file():  # e.g. a requeue after the run finished: nothing to do
+        check_resume_settings(done, cfg, ranks)
+        if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
+            print(f"{cfg.output_dir} holds a finished run ({done}); nothing to resume", flush=True)
+        metrics = Path(cfg.output_dir) / "eval" / "metrics.json"
+        return json.loads(metrics.read_text()) if metrics.is_file() else None
     resume_from = resolve_resume(cfg.resume, Path(cfg.output_dir), overwrite=cfg.overwrite)
-    if resume_from is not None:  # before the process group: the launcher's variables count the ranks
-        ranks = int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
+    if resume_from is not None:
         check_resume_settings(resume_from, cfg, ranks)
     splits = load_splits(cfg)  # user data is validated before any process group or model exists
     device = init_distributed()
@@ -447,6 +454,8 @@ def run(cfg: Config) -> dict | None:
     metrics = final_evaluation(tr) if cfg.eval.at_end else None
     if writer is not None:
         writer.close()
+    if is_main():
+        write_json_atomic(out / DONE, {"step": cfg.train.max_steps, "settings": training_settings(cfg)})
     return metrics
 
 

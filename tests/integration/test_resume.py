@@ -115,29 +115,34 @@ def test_two_rank_checkpoint_resumes_on_one_rank(straight, tiny_dir, data, tmp_p
 
 def test_output_dir_of_an_earlier_run(tiny_dir, data, tmp_path):
     """A fresh start never mixes with an earlier run in the same folder: an error by default,
-    replaced with overwrite=true; a resume must use the checkpoint's settings and keeps the dev log
-    up to the checkpoint and the earlier attempt's run_info."""
-    fast = ["train.max_steps=6", "train.save_every=2", "train.eval_every=2", "eval.at_end=false"]
-    dev = ["data.dev_file=" + str(data), "data.dev_limit=8"]
-    launch("train.py", _args(tiny_dir, data, tmp_path, *fast, *dev))
-    assert (tmp_path / "final/COMPLETE").is_file()
+    replaced with overwrite=true. A resume must use the checkpoint's settings, keeps the dev log up to
+    the checkpoint and the earlier attempt's run_info; resuming a finished run does nothing."""
+    fast = ["train.max_steps=6", "train.save_every=2", "train.eval_every=2", "eval.at_end=false",
+            "data.dev_file=" + str(data), "data.dev_limit=8"]
+    launch("train.py", _args(tiny_dir, data, tmp_path, *fast))
+    assert (tmp_path / "final/COMPLETE").is_file() and (tmp_path / "DONE").is_file()
     proc = launch("train.py", _args(tiny_dir, data, tmp_path, *fast), check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"output_dir {tmp_path} already holds a run (checkpoints, final, train_log.jsonl, eval_log.jsonl" \
         in proc.stderr and "overwrite=true" in proc.stderr
-    # resuming with another learning rate would continue the old schedule under the new config's name
-    proc = launch("train.py", _args(tiny_dir, data, tmp_path, *fast, *dev, "resume=true", "train.learning_rate=1e-3"),
-                  check=False)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "was trained with other settings (train.learning_rate=0.003 there, 0.001 now)" in proc.stderr
     # a fresh start with overwrite=true replaces everything the first run left (checkpoints included)
-    proc = _fault(_args(tiny_dir, data, tmp_path, *fast, *dev, "overwrite=true", "train.save_every=3"), "after_step:4")
+    proc = _fault(_args(tiny_dir, data, tmp_path, *fast, "overwrite=true", "train.save_every=3"), "after_step:4")
     assert proc.returncode == -signal.SIGKILL
     assert [p.name for p in (tmp_path / "checkpoints").glob("step-*")] == ["step-00000003"]
-    assert not (tmp_path / "final").exists()
+    assert not (tmp_path / "final").exists() and not (tmp_path / "DONE").exists()
     assert [r["step"] for r in read_jsonl(tmp_path / "eval_log.jsonl")] == [2, 4]
-    launch("train.py", _args(tiny_dir, data, tmp_path, *fast, *dev, "train.save_every=3", "resume=auto"))
+    # resuming with another learning rate would continue the old schedule under the new config's name
+    proc = launch("train.py", _args(tiny_dir, data, tmp_path, *fast, "train.save_every=3", "resume=true",
+                                    "train.learning_rate=1e-3"), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "step-00000003 was trained with other settings (train.learning_rate=0.003 there, 0.001 now)" in proc.stderr
+    launch("train.py", _args(tiny_dir, data, tmp_path, *fast, "train.save_every=3", "resume=auto"))
     assert [r["step"] for r in read_jsonl(tmp_path / "eval_log.jsonl")] == [2, 4, 6]  # 4 re-run once, not twice
     info = json.loads((tmp_path / "run_info.json").read_text())
     assert len(info["attempts"]) == 1 and "overwrite=true" in info["attempts"][0]["argv"]
     assert "resume=auto" in info["argv"] and isinstance(info["git_dirty"], (bool, type(None)))
+    # a requeue of the finished run: nothing retrains, nothing is rewritten
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    proc = launch("train.py", _args(tiny_dir, data, tmp_path, *fast, "train.save_every=3", "resume=auto"))
+    assert "holds a finished run" in proc.stdout
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == before
