@@ -311,6 +311,11 @@ def explanation_metrics(probs, verdicts: Sequence[int | None], texts: Sequence[s
                           f"{None if texts is None else len(texts)}")
     explained = len(p) if texts is None else sum(t is not None for t in texts)
     keep = [i for i, v in enumerate(verdicts) if v is not None]
+    bad = [i for i in keep if verdicts[i] not in (0, 1) or isinstance(verdicts[i], bool)
+           or (texts is not None and texts[i] is None)]
+    if bad:
+        raise MetricError(f"verdict {verdicts[bad[0]]!r} at index {bad[0]}: verdicts are 0, 1 or None, and None "
+                          f"where there is no explanation")
     out: dict = {"explained": int(explained), "verdicts_parsed": len(keep),
                  "verdict_parse_rate": len(keep) / explained if explained else None,
                  "alignment_auroc": None, "kappa": None, "agreement": None}

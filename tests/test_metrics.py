@@ -100,6 +100,11 @@ def test_malformed_inputs_raise_metric_error():
         M.classification_metrics([0.9, 0.2, 1], [0.1, 0.2, 0.8])
     with pytest.raises(M.MetricError, match="labels must be 0 or 1, got 2"):
         M.tune_threshold([0, 2], [0.1, 0.2])
+    # a verdict needs an explanation to come from (the parse rate reached 3.0 this way)
+    with pytest.raises(M.MetricError, match="verdict 1 at index 1"):
+        M.explanation_metrics([0.2, 0.9], [0, 1], ["No.", None])
+    with pytest.raises(M.MetricError, match="verdict 2 at index 0"):
+        M.explanation_metrics([0.2], [2], ["Hm."])
     assert M.classification_metrics([0.0, 1.0], [0.1, 0.8])["auroc"] == 1.0  # float 0/1 labels are fine
 
 
