@@ -19,11 +19,16 @@ from .data.prompts import PromptEncoder
 
 
 def make_encoder(cfg, tokenizer) -> PromptEncoder:
+    from .config import ConfigError
+
     d = cfg.data
-    return PromptEncoder(tokenizer, instruction=d.instruction, label_names=d.label_names,
-                         verdict_template=d.verdict_template, system_prompt=d.system_prompt,
-                         max_seq_len=d.max_seq_len,
-                         cls_token=cfg.model.cls_token if cfg.model.cls_position == "token" else None)
+    try:
+        return PromptEncoder(tokenizer, instruction=d.instruction, label_names=d.label_names,
+                             verdict_template=d.verdict_template, system_prompt=d.system_prompt,
+                             max_seq_len=d.max_seq_len,
+                             cls_token=cfg.model.cls_token if cfg.model.cls_position == "token" else None)
+    except ValueError as e:  # the config does not fit this tokenizer's template
+        raise ConfigError(str(e)) from None
 
 
 def parse_verdict(text: str, label_names: Sequence[str], verdict_template: str = "Verdict: {label}") -> int | None:

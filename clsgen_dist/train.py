@@ -69,11 +69,13 @@ def teacher_explanations(cfg: Config, train: Path, *, default: bool) -> Path:
 
     d = cfg.data
     tag = "default" if d.teacher == "default" else Path(d.teacher).name
-    name = f"{train.stem}.{tag}-n{d.teacher_limit or 'all'}-t{d.teacher_max_new_tokens}.explained.jsonl"
+    # training reads only the first data.train_limit rows: the teacher explains no more than those
+    limit = min((n for n in (d.teacher_limit, d.train_limit) if n is not None), default=None)
+    name = f"{train.stem}.{tag}-n{limit or 'all'}-t{d.teacher_max_new_tokens}.explained.jsonl"
     out = train.parent / name if default else Path(cfg.output_dir) / "teacher" / name
     # one item cache per folder: changing the limit or the output name regenerates nothing already made
     return ensure_explanations(train, out, teacher_dir=d.teacher, data=d, max_new_tokens=d.teacher_max_new_tokens,
-                               batch_size=d.teacher_batch_size, explain_limit=d.teacher_limit,
+                               batch_size=d.teacher_batch_size, explain_limit=limit,
                                cache_path=out.parent / "teacher_cache.jsonl")
 
 
@@ -85,6 +87,7 @@ def encode_train(examples, encoder: PromptEncoder, max_seq_len: int, seed: int) 
         "with_explanation": sum(e.n_lm > 0 for e in encoded),
         "truncated_documents": sum(e.truncated for e in encoded),
         "truncated_explanations": sum(e.answer_truncated for e in encoded),
+        "conflicting_explanations": sum(e.verdict_conflict for e in encoded),
         "tokens": sum(len(e) for e in encoded),
         "answer_tokens": sum(e.n_lm for e in encoded),
         "rows": len(rows.rows),
@@ -423,9 +426,10 @@ def run(cfg: Config) -> dict | None:
     out = prepare_output(cfg, ds, {**run_info(cfg, device), "data": stats}, resume_step=_ckpt_step(resume_from))
     if is_main():
         log.info("train data: %d examples (%d with explanations), %d packed rows, packing efficiency %.3f, "
-                 "%d documents truncated, %d explanations truncated", stats["examples"], stats["with_explanation"],
-                 stats["rows"], stats["packing_efficiency"], stats["truncated_documents"],
-                 stats["truncated_explanations"])
+                 "%d documents truncated, %d explanations truncated, %d explanations stating another label "
+                 "(classification only)", stats["examples"], stats["with_explanation"], stats["rows"],
+                 stats["packing_efficiency"], stats["truncated_documents"], stats["truncated_explanations"],
+                 stats["conflicting_explanations"])
     engine = build_engine(model, cfg, ds)
     writer = None
     if is_main():

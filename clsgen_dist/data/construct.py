@@ -237,10 +237,19 @@ def parse_teacher_verdict(text: str, label_names: Sequence[str],
     return spans[-1][2] if spans else None
 
 
+# What may precede a verdict statement on its line for the line to be that statement alone:
+# markdown and a short lead-in ("**Final answer: positive**", "My verdict - negative").
+_LEAD_IN = re.compile(r"[\s*#>_\-–—]*(?:(?:final|my|the|overall|predicted)\s+)*", re.IGNORECASE)
+
+
 def strip_verdict(text: str, label_names: Sequence[str], verdict_template: str = "Verdict: {label}") -> str:
     """``text`` without the verdict statement(s) that end it ("... Verdict: positive"): the training
-    target gets exactly one verdict line, the one the trainer appends. A statement followed by
-    more words ("The answer is positive because ...") is part of the rationale and stays."""
+    target gets exactly one verdict line, the one the trainer appends. A statement is removed with
+    its line when nothing but a lead-in precedes it there ("Final answer: positive"), or from where it
+    starts when it follows a finished sentence; one inside a sentence ("..., and the answer is
+    negative.") or followed by more words ("The answer is positive because ...") is part of the
+    rationale and stays. (Verdict lines elsewhere in the text are removed when the example is
+    encoded, see ``PromptEncoder.strip_verdict_lines``.)"""
     t = text.strip()
     while t:
         line_start = t.rfind("\n") + 1
@@ -249,7 +258,15 @@ def strip_verdict(text: str, label_names: Sequence[str], verdict_template: str =
                 if re.fullmatch(r"[\s.!*\"'`)\]]*", line[e:])]
         if not ends:
             break
-        t = t[: line_start + ends[-1][0]].rstrip(" \t*-–—:>\n")
+        start = ends[-1][0]
+        before = line[:start]
+        if _LEAD_IN.fullmatch(before):
+            cut = line_start
+        elif re.search(r"[.!?:][\s*\"')\]]*$", before):
+            cut = line_start + start
+        else:  # mid-sentence: the statement is part of the rationale
+            break
+        t = t[:cut].rstrip(" \t*-–—:>\n")
     return t.strip()
 
 
@@ -407,7 +424,8 @@ def _explain_chunk(teacher, spec: PromptSpec, jobs: list[_Job], *, judge: bool) 
                 verdicts[i] = None if p is None or p == 0.5 else int(p > 0.5)
     else:  # conditioned without a judge: the teacher's rationale is trusted to argue the gold label
         verdicts = [j.label if r else None for j, r in zip(jobs, rationales)]
-    return [{"key": j.key, "raw": g.text, "rationale": r, "truncated": g.truncated, "verdict": v, "stance": s}
+    return [{"key": j.key, "raw": g.text, "rationale": r, "truncated": g.truncated, "verdict": v, "stance": s,
+             **({"error": g.error} if g.error else {})}
             for j, g, r, v, s in zip(jobs, gens, rationales, verdicts, stances)]
 
 
@@ -422,16 +440,25 @@ def _run_jobs(teacher, spec: PromptSpec, jobs: list[_Job], *, judge: bool, sink:
         return
     pool = ThreadPoolExecutor(max_workers=teacher.concurrency, thread_name_prefix="teacher")
     pending = {pool.submit(_explain_chunk, teacher, spec, c, judge=judge) for c in chunks}
+    error: BaseException | None = None
     try:
-        while pending:
+        while pending and error is None:
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for f in done:
-                sink(f.result())  # re-raises a worker's TeacherError here
-    except BaseException:
+            for f in done:  # every finished chunk reaches the sink (the cache), even after a failure
+                if f.exception() is None:
+                    sink(f.result())
+                elif error is None:
+                    error = f.exception()
+    except BaseException as e:  # KeyboardInterrupt while waiting
+        error = e
+    if error is not None:
         if hasattr(teacher, "cancel"):
             teacher.cancel()  # in-flight requests give up at their next attempt
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
+        pool.shutdown(wait=True, cancel_futures=True)
+        for f in pending:  # chunks that completed while the others were giving up
+            if f.done() and not f.cancelled() and f.exception() is None:
+                sink(f.result())
+        raise error
     pool.shutdown(wait=True)
 
 
@@ -570,7 +597,7 @@ def build_explanations(
     def sink(entries: list[dict]) -> None:
         meta = {"teacher": teacher.id, "prompt_version": version}
         entries = [{**e, **meta} for e in entries]
-        cache.append(entries)
+        cache.append([e for e in entries if "error" not in e])  # a refused item is asked again next time
         for e in entries:
             new[e["key"]] = e
         progress.update(len(entries))
@@ -583,8 +610,17 @@ def build_explanations(
     stats = None
     for part in all_gather_objects(new):
         cached.update(part)
+    # refused items are never cached, so every rank holds all of them after the gather
+    asked = {k for k in keys if k is not None}
+    refused_keys = [k for k in asked if "error" in cached.get(k, {})]
+    if asked and len(refused_keys) == len(asked):  # on every rank: a fault of the setup, not of the items
+        raise TeacherError(f"the teacher refused every item; the first refusal: {cached[refused_keys[0]]['error']}")
     if is_main():
         entries = [cached[k] if k is not None else None for k in keys]
+        refused = [e["error"] for e in entries if e is not None and "error" in e]
+        if refused:
+            log.warning("the teacher refused %d of %d items (classification only; asked again on a rerun); "
+                        "the first refusal: %s", len(refused), len(entries), refused[0])
         ok = [e is not None and _consistent(ex, e, spec, stance_threshold) for ex, e in zip(examples, entries)]
         records = [_record(ex, e, k, fields, teacher.id, version) for ex, e, k in zip(examples, entries, ok)]
         dt = time.perf_counter() - t0
@@ -594,6 +630,7 @@ def build_explanations(
             "mode": spec.mode, "generation": _gen_key(teacher, judge), "stance_threshold": stance_threshold,
             **compute_stats(examples, entries, ok, spec),
             "generated": len(todo), "from_cache": sum(k is not None for k in keys) - len(todo),
+            "refused": len(refused),
             "elapsed_s": round(dt, 3), "generated_per_s": round(len(todo) / dt, 3) if todo else None,
         }
         sp = stats_path(output)

@@ -7,10 +7,16 @@
 Targets are aligned to rows (``targets[i]`` is the token at ``i+1``) and are -100 everywhere except
 the rows that predict answer tokens, so no target ever crosses an example boundary once packed.
 Over-long examples lose document tokens (from the end), never the answer's verdict line.
+
+Text from the data (documents, explanations) is tokenized with ``split_special_tokens=True``: a
+literal ``<|im_end|>`` in a review is text, not the control token that ends a turn. An
+explanation's own verdict lines are removed (the trainer appends the one verdict line); one that
+names another label than the gold one makes the example classification-only.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -27,7 +33,8 @@ class Encoded:
     index: int  # position of the example in its split
     n_lm: int  # answer tokens with a target
     truncated: bool  # document tokens were dropped
-    answer_truncated: bool = False  # explanation tokens were dropped to fit
+    answer_truncated: bool = False  # explanation tokens were dropped to fit (or all of them: n_lm == 0)
+    verdict_conflict: bool = False  # the explanation stated another label: classification only
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -47,6 +54,7 @@ class PromptEncoder:
         max_seq_len: int = 512,
         cls_token: str | None = None,
         min_doc_tokens: int = 16,
+        min_explanation_tokens: int = 8,
     ) -> None:
         self.tok = tokenizer
         self.instruction = instruction
@@ -55,6 +63,7 @@ class PromptEncoder:
         self.system_prompt = system_prompt
         self.max_seq_len = max_seq_len
         self.min_doc_tokens = min_doc_tokens
+        self.min_explanation_tokens = min_explanation_tokens
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no eos token; the answer needs an end-of-turn token")
         self.eos_id = tokenizer.eos_token_id
@@ -65,6 +74,34 @@ class PromptEncoder:
                 raise ValueError(f"cls token {cls_token!r} is not in the tokenizer's vocabulary")
             self.cls_ids = ids
         self._prefix, self._suffix = self._template_parts()
+        head, _, tail = verdict_template.partition("{label}")
+        names = "|".join(re.escape(n) for n in sorted(self.label_names, key=len, reverse=True))
+        # a whole line stating a verdict in the template's form, markdown allowed: "**Verdict: no**."
+        self._verdict_line_re = re.compile(
+            rf"^[\s*#>_\-]*{re.escape(head.strip())}\s*[*_]*\s*({names})\s*[*_]*\s*{re.escape(tail.strip())}"
+            rf"[\s.!*_]*$", re.IGNORECASE)
+        fixed = len(self._prefix) + len(self._suffix) + len(self.cls_ids)
+        if max_seq_len < fixed + min_doc_tokens:
+            raise ValueError(f"data.max_seq_len={max_seq_len} is too short: the prompt template takes {fixed} "
+                             f"tokens, and at least {min_doc_tokens} are kept for the document "
+                             f"(use data.max_seq_len >= {fixed + min_doc_tokens})")
+
+    def _ids(self, text: str) -> list[int]:
+        """Token ids of text from the data: special-token strings in it stay plain text."""
+        return self.tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+    def strip_verdict_lines(self, explanation: str) -> tuple[str, set[int]]:
+        """``explanation`` without its lines that state a verdict in the template's form, and the
+        labels those lines named."""
+        lower = [n.lower() for n in self.label_names]
+        keep, stated = [], set()
+        for line in explanation.splitlines():
+            m = self._verdict_line_re.match(line)
+            if m:
+                stated.add(lower.index(m.group(1).lower()))
+            else:
+                keep.append(line)
+        return "\n".join(keep).strip(), stated
 
     # -- prompt ---------------------------------------------------------------------------
 
@@ -96,7 +133,7 @@ class PromptEncoder:
     def encode_prompt(self, text: str, *, max_len: int | None = None) -> tuple[list[int], bool]:
         """Prompt ids (ending at the classification position) and whether the document was cut."""
         max_len = self.max_seq_len if max_len is None else max_len
-        doc = self.tok(text.strip(), add_special_tokens=False)["input_ids"]
+        doc = self._ids(text.strip())
         budget = max_len - len(self._prefix) - len(self._suffix) - len(self.cls_ids)
         if budget < 1:
             raise ValueError(f"max_seq_len={max_len} leaves no room for the document "
@@ -109,18 +146,25 @@ class PromptEncoder:
 
     def encode(self, text: str, label: int, explanation: str | None, index: int = 0) -> Encoded:
         """Tokenize one training example. Without an explanation the sequence is the prompt alone
-        (classification term only)."""
+        (classification term only); so it is when the explanation states another label than
+        ``label``, or when fewer than ``min_explanation_tokens`` of it would fit."""
         answer: list[int] = []
-        answer_truncated = False
+        answer_truncated = conflict = False
         if explanation:
-            body = self.tok(explanation.strip() + "\n", add_special_tokens=False)["input_ids"]
+            explanation, stated = self.strip_verdict_lines(explanation)
+            if stated - {int(label)}:
+                explanation, conflict = None, True
+        if explanation:
+            body = self._ids(explanation + "\n")
             verdict = self.tok(self.verdict_line(label), add_special_tokens=False)["input_ids"]
             fixed = len(self._prefix) + len(self._suffix) + len(self.cls_ids) + self.min_doc_tokens
             room = self.max_seq_len - fixed - len(verdict) - 1
-            if len(body) > room:  # explanation too long even with a minimal document: cut its end
-                body = body[: max(room, 0)]
+            if len(body) > room:  # too long even with a minimal document: cut its end, keep the newline
+                newline = self.tok("\n", add_special_tokens=False)["input_ids"]
+                keep = room - len(newline)
+                body = self._ids(explanation)[:keep] + newline if keep >= self.min_explanation_tokens else []
                 answer_truncated = True
-            answer = body + verdict + [self.eos_id]
+            answer = body + verdict + [self.eos_id] if body else []
         prompt, truncated = self.encode_prompt(text, max_len=self.max_seq_len - len(answer))
         ids = prompt + answer
         p = len(prompt)
@@ -129,4 +173,5 @@ class PromptEncoder:
         for i in range(p - 1, len(ids) - 1):
             targets[i] = ids[i + 1]
         return Encoded(input_ids=ids, targets=targets, cls_pos=p - 1, label=int(label), index=index,
-                       n_lm=len(answer), truncated=truncated, answer_truncated=answer_truncated)
+                       n_lm=len(answer), truncated=truncated, answer_truncated=answer_truncated,
+                       verdict_conflict=conflict)

@@ -43,6 +43,17 @@ def _locate_bad_json_line(path: Path) -> str:
     return "could not be parsed"
 
 
+def _check_utf8(p: Path) -> None:
+    """DataError naming the first line that is not UTF-8 (text formats are read as UTF-8)."""
+    with p.open("rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{p}: line {lineno}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column "
+                                f"{e.start + 1}); save the file as UTF-8") from None
+
+
 def load_records(path: str | Path) -> tuple[list[dict], str]:
     """Load every row of ``path`` as a dict. Returns (rows, row_word) where row_word says how rows
     are numbered in messages ("line" for JSONL, "row" otherwise)."""
@@ -68,11 +79,13 @@ def load_records(path: str | Path) -> tuple[list[dict], str]:
                         f"{', '.join(sorted(_SUFFIX_BUILDER))} or a saved dataset folder")
     if p.stat().st_size == 0:
         raise DataError(f"{p}: the file is empty")
+    if builder in ("json", "csv"):
+        _check_utf8(p)
     if p.suffix.lower() == ".jsonl":
         # Parse JSONL ourselves: exact line numbers in errors, and no Arrow schema inference
         # surprises (e.g. a column that is null in the first rows).
         rows = []
-        with p.open("r", encoding="utf-8") as fh:
+        with p.open("r", encoding="utf-8-sig") as fh:  # -sig: a byte-order mark is not part of line 1
             for lineno, line in enumerate(fh, 1):
                 if not line.strip():
                     continue
@@ -94,15 +107,16 @@ def load_records(path: str | Path) -> tuple[list[dict], str]:
 
 
 def parse_label(value: Any, label_names: Sequence[str]) -> int:
-    """0/1 (int, bool, float, numeric string) or one of ``label_names`` (case-insensitive)."""
+    """0/1 (int, bool, float, numeric string such as "1" or "1.0") or one of ``label_names``
+    (case-insensitive)."""
     if isinstance(value, bool):
         return int(value)
     if isinstance(value, (int, float)) and value in (0, 1):
         return int(value)
     if isinstance(value, str):
         s = value.strip().lower()
-        if s in ("0", "1"):
-            return int(s)
+        if s in ("0", "1", "0.0", "1.0"):
+            return int(float(s))
         names = [n.strip().lower() for n in label_names]
         if s in names:
             return names.index(s)

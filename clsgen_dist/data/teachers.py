@@ -86,15 +86,25 @@ class Generation:
     text: str
     truncated: bool
     """Stopped by ``max_new_tokens`` rather than by the end-of-turn token."""
+    error: str | None = None
+    """Why the teacher refused this one item (e.g. HTTP 400: the prompt exceeds its context); the
+    example then trains the classification head only."""
+
+
+_NEGATION = re.compile(r"(?:\b(?:not|no|never|neither|nor)|n't)\s+(?:\w+\s+)?$", re.IGNORECASE)
 
 
 def first_name(text: str, names: Sequence[str]) -> int | None:
-    """Index of the label name that occurs first (as a word, any case) in ``text``; None if none."""
+    """Index of the label name that occurs first (as a word, any case) in ``text`` and is not negated
+    ("not positive", "isn't really negative", "neither ... nor ..."); None if there is none."""
     best = None
     for i, n in enumerate(names):
-        m = re.search(rf"(?<![\w-]){re.escape(n)}(?![\w-])", text, flags=re.IGNORECASE)
-        if m and (best is None or m.start() < best[0]):
-            best = (m.start(), i)
+        for m in re.finditer(rf"(?<![\w-]){re.escape(n)}(?![\w-])", text, flags=re.IGNORECASE):
+            if _NEGATION.search(text[max(0, m.start() - 40):m.start()]):
+                continue
+            if best is None or m.start() < best[0]:
+                best = (m.start(), i)
+            break
     return None if best is None else best[1]
 
 
@@ -105,9 +115,11 @@ def _fingerprint(folder: Path) -> str:
     """Cheap identity of a model folder: config + each weight file's name, size, first and last MiB.
     A retrained model saved into the same folder gets a new fingerprint (and a fresh cache key)."""
     h = hashlib.sha256()
-    cfg = folder / "config.json"
-    if cfg.is_file():
-        h.update(cfg.read_bytes())
+    # the config and everything that shapes the prompts: tokenizer files and the chat template
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "chat_template.jinja", "chat_template.json", "generation_config.json"):
+        if (folder / name).is_file():
+            h.update(name.encode() + (folder / name).read_bytes())
     for f in sorted(folder.glob("*")):
         if f.suffix not in (".safetensors", ".bin", ".pt", ".gguf"):
             continue
@@ -344,10 +356,12 @@ class LocalTeacher:
 
 
 def _redact(url: str) -> str:
-    """``url`` without any user:password part."""
+    """``url`` without any user:password part and with its query values hidden (keys travel there)."""
     u = urllib.parse.urlsplit(url)
     if u.username or u.password:
         u = u._replace(netloc=u.hostname + (f":{u.port}" if u.port else ""))
+    if u.query:
+        u = u._replace(query="&".join(f"{k}=***" for k, _ in urllib.parse.parse_qsl(u.query, keep_blank_values=True)))
     return urllib.parse.urlunsplit(u)
 
 
@@ -361,6 +375,11 @@ def chat_endpoint(url: str) -> str:
     if not path.endswith("/chat/completions"):
         path += "/chat/completions" if path.endswith("/v1") else "/v1/chat/completions"
     return urllib.parse.urlunsplit(u._replace(path=path))
+
+
+class ItemRejected(TeacherError):
+    """The endpoint refused one request as invalid (HTTP 400, 413, 422: typically a prompt longer
+    than its context window). Only that item goes without an explanation."""
 
 
 class _Retryable(Exception):
@@ -398,6 +417,9 @@ class HTTPTeacher:
             if not key:
                 raise ConfigError(f"--api-key-env {api_key_env}: that environment variable is not set or empty")
             self._headers["Authorization"] = f"Bearer {key}"
+        self._secrets = [s for s in (os.environ.get(api_key_env) if api_key_env else None,
+                                     urllib.parse.urlsplit(self.endpoint).password) if s]
+        self._secrets += [v for _, v in urllib.parse.parse_qsl(urllib.parse.urlsplit(self.endpoint).query) if v]
         self._stop = threading.Event()
         self._rng = random.Random(settings.seed)
         u = urllib.parse.urlsplit(_redact(self.endpoint))
@@ -443,11 +465,14 @@ class HTTPTeacher:
                 raw = resp.read()
         except urllib.error.HTTPError as e:
             detail = e.read()[:300].decode("utf-8", "replace").strip()
-            if e.code == 429 or e.code >= 500:
+            for secret in self._secrets:  # a server may echo the key back in its error
+                detail = detail.replace(secret, "***")
+            if e.code in (408, 429) or e.code >= 500:
                 ra = e.headers.get("Retry-After") if e.headers else None
                 raise _Retryable(f"HTTP {e.code}", float(ra) if ra and ra.strip().isdigit() else None) from None
-            raise TeacherError(f"the teacher endpoint {_redact(self.endpoint)} refused the request: HTTP {e.code} "
-                               f"{e.reason}: {detail}") from None
+            error = ItemRejected if e.code in (400, 413, 422) else TeacherError
+            raise error(f"the teacher endpoint {_redact(self.endpoint)} refused the request: HTTP {e.code} "
+                        f"{e.reason}: {detail}") from None
         except urllib.error.URLError as e:
             raise _Retryable(f"{e.reason}") from None
         except (TimeoutError, ConnectionError, http.client.HTTPException, OSError) as e:
@@ -494,7 +519,11 @@ class HTTPTeacher:
         partial assistant turn, and a strong model does not need the push)."""
         out = []
         for m in batch:
-            r = self._post(self._payload(m, max_tokens=self.settings.max_new_tokens, greedy=self.settings.greedy))
+            try:
+                r = self._post(self._payload(m, max_tokens=self.settings.max_new_tokens, greedy=self.settings.greedy))
+            except ItemRejected as e:
+                out.append(Generation("", truncated=False, error=str(e)))
+                continue
             out.append(Generation(r["text"].strip(), truncated=r["finish_reason"] == "length"))
         return out
 
@@ -506,7 +535,11 @@ class HTTPTeacher:
         one-word answer has no probability to calibrate)."""
         out = []
         for m in batch:
-            r = self._post(self._payload(m, max_tokens=self.judge_max_tokens, greedy=True))
+            try:
+                r = self._post(self._payload(m, max_tokens=self.judge_max_tokens, greedy=True))
+            except ItemRejected:
+                out.append(None)
+                continue
             i = first_name(r["text"], names)
             out.append(None if i is None else float(i))
         return out

@@ -67,6 +67,10 @@ def test_strip_verdict_and_clean_rationale():
     assert strip_verdict("Warm.\nAnswer: positive\nVerdict: positive", NAMES) == "Warm."
     assert strip_verdict("Verdict: positive", NAMES) == ""
     assert strip_verdict("A positive review of a negative world.", NAMES) == "A positive review of a negative world."
+    assert strip_verdict("Warm.\nFinal answer: positive", NAMES) == "Warm."  # not "Warm.\nFinal"
+    assert strip_verdict("Warm.\n**My verdict - positive**", NAMES) == "Warm."
+    mid = "A negative review about a movie, and the answer is negative."  # inside a sentence: kept whole
+    assert strip_verdict(mid, NAMES) == mid
     assert clean_rationale("It is warm. It is funny and", truncated=True) == "It is warm."
     assert clean_rationale("It is warm. It is funny and", truncated=False) == "It is warm. It is funny and"
     assert clean_rationale("no sentence end at all", truncated=True) == "no sentence end at all"
@@ -76,6 +80,9 @@ def test_first_name_and_flesch():
     assert first_name("Positive, not negative.", NAMES) == 1
     assert first_name("I'd say negative", NAMES) == 0
     assert first_name("neither", NAMES) is None
+    assert first_name("Not positive; negative.", NAMES) == 0  # a negated name is no stance
+    assert first_name("It isn't really positive. Negative.", NAMES) == 0
+    assert first_name("neither positive nor negative", NAMES) is None
     assert flesch_reading_ease("The cat sat on the mat.") == pytest.approx(206.835 - 1.015 * 6 - 84.6, abs=1e-9)
     assert flesch_reading_ease("...") is None
 

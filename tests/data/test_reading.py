@@ -89,3 +89,14 @@ def test_bad_csv_row(tmp_path):
     p.write_text("text,label\ngood,1\nbad,7\n")
     with pytest.raises(DataError, match=r"d.csv: row 2: field 'label' = 7"):
         read(p)
+
+
+def test_byte_order_mark_and_non_utf8_bytes(tmp_path):
+    p = tmp_path / "bom.jsonl"
+    p.write_bytes(b"\xef\xbb\xbf" + json.dumps({"text": "good", "label": "1.0"}).encode() + b"\n")
+    assert [(e.text, e.label) for e in read(p)] == [("good", 1)]  # BOM ignored; "1.0" is a label too
+    for name, body, line in [("latin1.jsonl", b'{"text": "ok", "label": 1}\n{"text": "caf\xe9", "label": 0}\n', 2),
+                             ("latin1.csv", b"text,label\nok,1\ncaf\xe9,0\n", 3)]:  # physical lines
+        (tmp_path / name).write_bytes(body)
+        with pytest.raises(DataError, match=rf"{name}: line {line}: not valid UTF-8 \(byte 0xe9 at column "):
+            read(tmp_path / name)

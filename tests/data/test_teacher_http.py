@@ -41,7 +41,9 @@ def canned(content: str) -> tuple[str, str, str]:
 
 class FakeChat:
     """A chat-completions server in a thread. ``plan(kind, ident, attempt)`` → "ok", an HTTP status,
-    or "hang"; requests beyond ``allow`` wait for ``gate``. Every request is counted on arrival."""
+    (status, error message: "{auth}" in it echoes the Authorization header), or "hang"; requests
+    beyond ``allow`` wait for ``gate``. Every request is counted on arrival; ``answered`` holds the
+    items that got a completion."""
 
     def __init__(self, plan=None):
         self.plan = plan or (lambda kind, ident, attempt: "ok")
@@ -52,6 +54,7 @@ class FakeChat:
         self.gate = threading.Event()
         self.release = threading.Event()
         self.auth: list[str | None] = []
+        self.answered: set[tuple[str, str]] = set()
         self.lock = threading.Lock()
         fake = self
 
@@ -87,7 +90,9 @@ class FakeChat:
             self.release.wait(10)
             return
         if action != "ok":
-            payload = json.dumps({"error": {"message": "busy"}}).encode()
+            action, message = action if isinstance(action, tuple) else (action, "busy")
+            message = message.replace("{auth}", h.headers.get("Authorization") or "")
+            payload = json.dumps({"error": {"message": message}}).encode()
             h.send_response(action)
             if action == 429:
                 h.send_header("Retry-After", "0")
@@ -95,6 +100,8 @@ class FakeChat:
             choice = {"index": 0, "message": {"role": "assistant", "content": completion}, "finish_reason": "stop"}
             payload = json.dumps({"id": "x", "object": "chat.completion", "model": body["model"],
                                   "choices": [choice]}).encode()
+            with self.lock:
+                self.answered.add((kind, ident))
             h.send_response(200)
         h.send_header("Content-Type", "application/json")
         h.send_header("Content-Length", str(len(payload)))
@@ -196,6 +203,44 @@ def test_fatal_errors_are_one_clear_message_without_the_key(tmp_path, rows, serv
     server = server_factory(lambda kind, ident, attempt: 503)
     with pytest.raises(TeacherError, match=r"failed 2 attempts .*last error: HTTP 503"):
         _build(tmp_path, rows, server, mode="unconditioned", max_retries=1)
+    # a server that echoes the key in its error body: the message shows *** instead
+    server = server_factory(lambda kind, ident, attempt: (401, "bad key {auth}"))
+    with pytest.raises(TeacherError, match=r"HTTP 401 Unauthorized: .*bad key Bearer \*\*\*") as e:
+        _build(tmp_path, rows, server, mode="unconditioned", api_key_env="TEACHER_KEY")
+    assert "sk-very-secret" not in str(e.value)
+
+
+def test_a_refused_item_is_classification_only_and_asked_again(tmp_path, rows, server_factory):
+    """HTTP 400 for one prompt (e.g. longer than the teacher's context) costs that item its
+    explanation, not the build; it is not cached, so a rerun asks for it (and only it) again."""
+    long_one = REVIEWS[2][0]
+    server = server_factory(lambda kind, ident, attempt: (400, "maximum context length is 8 tokens")
+                            if ident == long_one else "ok")
+    out, stats, _ = _build(tmp_path, rows, server, mode="unconditioned")
+    assert stats["refused"] == 1 and [r["explanation"] is None for r in out] == [i == 2 for i in range(12)]
+    assert all(r["consistent"] for i, r in enumerate(out) if i != 2)
+    server.counts.clear()
+    server.plan = lambda kind, ident, attempt: "ok"
+    out, stats, _ = _build(tmp_path, rows, server, mode="unconditioned")
+    assert server.gens() == Counter({long_one: 1}) and stats["refused"] == 0 and out[2]["consistent"]
+    server = server_factory(lambda kind, ident, attempt: 400)  # every item: a setup fault, not the items'
+    with pytest.raises(TeacherError, match="the teacher refused every item; the first refusal: .*HTTP 400"):
+        _build(tmp_path, rows, server, name="all", mode="unconditioned")
+
+
+def test_a_fatal_error_keeps_the_finished_items(tmp_path, rows, server_factory):
+    """When one request fails for good, every item the teacher had already answered is cached: the
+    rerun asks only for the others."""
+    bad = REVIEWS[7][0]
+    server = server_factory(lambda kind, ident, attempt: 403 if ident == bad else "ok")
+    with pytest.raises(TeacherError, match="HTTP 403"):
+        _build(tmp_path, rows, server, mode="unconditioned")
+    first = {ident for kind, ident in server.answered}
+    assert len(first) >= 4  # the items before the failing one, at least
+    server.counts.clear()
+    server.plan = lambda kind, ident, attempt: "ok"
+    _build(tmp_path, rows, server, mode="unconditioned")
+    assert not set(server.gens()) & first and set(server.gens()) | first == {t for t, _ in REVIEWS}
 
 
 def test_killed_run_resumes_without_regenerating(tmp_path, rows, server_factory):
