@@ -84,7 +84,8 @@ def verdict_context(tokenizer, prompt: list[int], prefix: list[int], explanation
                     verdict_template: str) -> list[int]:
     """prompt [+ explanation body + "\\n"] + shared verdict prefix."""
     body = explanation_body(explanation, verdict_template) if explanation else ""
-    ids = tokenizer(body + "\n", add_special_tokens=False)["input_ids"] if body else []
+    # split_special_tokens: as PromptEncoder tokenizes explanations in training
+    ids = tokenizer(body + "\n", add_special_tokens=False, split_special_tokens=True)["input_ids"] if body else []
     return list(prompt) + ids + list(prefix)
 
 

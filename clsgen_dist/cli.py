@@ -69,7 +69,7 @@ def train_main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default=None, help="YAML run config (default: launch/configs/default.yaml)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.max_steps=10")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # key=value overrides may sit anywhere among the flags
     with user_errors():
         from .config import load_config
 
@@ -113,7 +113,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     p.add_argument("--bootstrap", type=int_at_least(0), default=1000,
                    help="bootstrap resamples for the 95%% intervals (0 = none)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (with --config only)")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # key=value overrides may sit anywhere among the flags
     with user_errors():
         from .evaluate_cli import run_eval
 

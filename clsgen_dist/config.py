@@ -327,6 +327,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     or raise ConfigError."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
+    if isinstance(value, _Raw) and value in _NULLS and type(None) in args:
+        return None
     if isinstance(value, _Raw) and tp is not str:
         if origin is list or (origin is not None and list in map(typing.get_origin, args)):
             value = _yaml(key, value, loader=yaml.BaseLoader)  # [no, yes] stays two strings

@@ -38,6 +38,7 @@ from .modeling.build import load_backbone, resolve_dtype
 log = logging.getLogger("clsgen_dist.export")
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+EXPORT_MARKER = "EXPORTED_FROM"  # in an export folder: the adapter checkpoint it was merged from
 
 
 def merged_backbone(checkpoint: str | Path, *, dtype: torch.dtype = torch.bfloat16, base: str = "dequantized",
@@ -73,16 +74,17 @@ def merged_backbone(checkpoint: str | Path, *, dtype: torch.dtype = torch.bfloat
 def check_export_target(src: Path, out: Path) -> None:
     """The export replaces ``out`` whole: refuse the checkpoint itself, a folder that contains it
     (``--output runs/a`` for ``runs/a/final`` would delete the run), a file, and a non-empty folder
-    that is not a clsgen checkpoint (an earlier export is replaced)."""
+    that is not an earlier export (marked by ``EXPORT_MARKER``; a run's checkpoint is not one)."""
     s, o = src.resolve(), out.resolve()
     if o == s or o in s.parents:
         raise CheckpointError(f"--output {out} is {'the checkpoint' if o == s else 'a folder holding the checkpoint'} "
                               f"{src}; the export replaces its --output folder whole: choose a new folder")
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"--output {out}: is a file; expected a folder (created if missing)")
-    if out.is_dir() and any(out.iterdir()) and not (out / CONFIG_NAME).is_file():
-        raise CheckpointError(f"--output {out}: a non-empty folder that is not a clsgen checkpoint; the export "
-                              f"replaces its --output folder whole: choose a new or empty folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / EXPORT_MARKER).is_file():
+        what = "a clsgen checkpoint, not an earlier export" if (out / CONFIG_NAME).is_file() else "a non-empty folder"
+        raise CheckpointError(f"--output {out}: {what}; the export replaces its --output folder whole: "
+                              f"choose a new or empty folder")
 
 
 def export_merged(checkpoint: str | Path, output: str | Path, *, dtype: str = "bfloat16",
@@ -99,6 +101,7 @@ def export_merged(checkpoint: str | Path, output: str | Path, *, dtype: str = "b
         load_tokenizer(str(src)).save_pretrained(tmp)
         shutil.copyfile(src / HEAD_NAME, tmp / HEAD_NAME)
         dump_config(cfg, tmp / CONFIG_NAME)
+        (tmp / EXPORT_MARKER).write_text(f"{src.resolve()}\n")
     log.info("exported %s (%s, base=%s) to %s", src, dtype, base, out)
     return out
 

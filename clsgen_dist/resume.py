@@ -118,11 +118,15 @@ def _set_rng_state(s: dict) -> None:
 
 
 # Keys that may change between attempts of one run; every other config value is a training setting
-# that a checkpoint must be resumed with (check_resume_settings). The micro-batch size and gradient
+# that a checkpoint must be resumed with (check_resume_settings). Free: where things go, evaluation,
+# logging, checkpoint cadence, and how the same computation is carried out (gradient checkpointing
+# after an out-of-memory error, the loss and attention kernels). The micro-batch size and gradient
 # accumulation may change with the number of ranks as long as the rows per step stay the same.
 _FREE_KEYS = {"output_dir", "resume", "overwrite", "ds_config", "train.eval_every", "train.save_every",
               "train.save_total_limit", "train.log_every", "train.peak_tflops", "train.micro_batch_size",
-              "train.gradient_accumulation_steps"}
+              "train.gradient_accumulation_steps", "model.gradient_checkpointing", "model.loss_impl",
+              "model.loss_chunk_size", "model.loss_grad_mode", "model.attn_implementation",
+              "data.teacher_batch_size", "data.dev_file", "data.test_file", "data.dev_limit", "data.test_limit"}
 
 
 def training_settings(cfg, ranks: int | None = None) -> dict:
@@ -157,8 +161,10 @@ def check_resume_settings(ckpt: Path, cfg, ranks: int) -> None:
     diff = [k for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
     if diff:
         shown = "; ".join(f"{k}={old.get(k)!r} there, {new.get(k)!r} now" for k in diff[:5])
-        raise ConfigError(f"resume: {ckpt} was trained with other settings ({shown}{'; …' if len(diff) > 5 else ''}). "
-                          f"Resume with the run's own settings (its config.yaml), or start a new output_dir")
+        hint = (" (the step's rows are train.micro_batch_size x train.gradient_accumulation_steps x ranks: "
+                "adjust the accumulation to the number of ranks)" if "rows_per_step" in diff else "")
+        raise ConfigError(f"resume: {ckpt} was trained with other settings ({shown}{'; …' if len(diff) > 5 else ''})"
+                          f"{hint}. Resume with the run's own settings (its config.yaml), or start a new output_dir")
 
 
 # Written last by a run that finished (final checkpoint saved, test split evaluated).
@@ -170,8 +176,13 @@ RUN_ARTIFACTS = ("checkpoints", "final", "eval", "train_log.jsonl", "eval_log.js
 
 
 def earlier_run(out: Path) -> list[str]:
-    """The artifacts of an earlier run present in ``out``."""
-    return [name for name in RUN_ARTIFACTS if (Path(out) / name).exists()]
+    """The artifacts of an earlier run present in ``out`` (none unless ``out`` holds a run's
+    ``config.yaml`` or ``run_info.json``: a folder of the user's that happens to be called ``eval``
+    is not ours to remove)."""
+    out = Path(out)
+    if not ((out / "config.yaml").is_file() or (out / "run_info.json").is_file()):
+        return []
+    return [name for name in RUN_ARTIFACTS if (out / name).exists()]
 
 
 def clear_earlier_run(out: Path) -> None:

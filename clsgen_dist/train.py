@@ -342,14 +342,21 @@ def prepare_output(cfg: Config, ds: dict, info: dict, *, resume_step: int | None
         for name in ("train_log.jsonl", "eval_log.jsonl"):
             logf, keep = out / name, []
             if resume_step is not None and logf.is_file():
-                keep = [ln for ln in logf.read_text().splitlines()
-                        if ln.strip() and json.loads(ln)["step"] <= resume_step]
+                keep = [ln for ln in logf.read_text().splitlines() if _logged_step(ln) <= resume_step]
             if keep or name == "train_log.jsonl":
                 logf.write_text("".join(ln + "\n" for ln in keep))
             else:
                 logf.unlink(missing_ok=True)
     barrier()
     return out
+
+
+def _logged_step(line: str) -> float:
+    """The step of a log line; inf for a line a killed process left half-written (dropped)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
 
 def _ckpt_step(ck: Path | None) -> int | None:

@@ -52,12 +52,13 @@ def test_text_overrides_are_taken_as_typed(tmp_path):
     'Classify: ...', cut '#…' as a comment and turned no/yes into 'False'/'True')."""
     cfg = load_config(None, ["data.instruction=Classify: is it positive?", "data.label_names=[no, yes]",
                              "data.verdict_template=Verdict: {label}", "data.system_prompt=Rate it #1 or #2",
-                             "data.id_field='quoted'", "data.dev_file=null", "train.learning_rate=1e-4",
+                             "data.id_field='quoted'", "data.dev_file=null", "data.test_file=None",
+                             "train.learning_rate=1e-4",
                              "model.lora_target_modules=[q_proj, v_proj]", "resume=auto"])
     d = cfg.data
     assert d.instruction == "Classify: is it positive?" and d.label_names == ["no", "yes"]
     assert d.verdict_template == "Verdict: {label}" and d.system_prompt == "Rate it #1 or #2"
-    assert d.id_field == "quoted" and d.dev_file is None and cfg.train.learning_rate == 1e-4
+    assert d.id_field == "quoted" and d.dev_file is None and d.test_file is None and cfg.train.learning_rate == 1e-4
     assert cfg.model.lora_target_modules == ["q_proj", "v_proj"] and cfg.resume == "auto"
     # in a YAML file, unquoted no/yes are booleans: refused with the fix, never turned into 'False'
     f = tmp_path / "c.yaml"
@@ -86,6 +87,31 @@ def test_head_learning_rate_zero_freezes_the_head_not_defaults_it():
     lrs = lambda *ov: [g["lr"] for g in param_groups(model, load_config(None, ["train.learning_rate=0.1", *ov]))]  # noqa: E731
     assert lrs() == [0.1, 0.1] and lrs("train.head_learning_rate=0.5") == [0.1, 0.5]
     assert lrs("train.head_learning_rate=0") == [0.1, 0.0]
+
+
+def test_overrides_may_sit_among_the_flags(capsys):
+    """launch/quickstart.sh puts overwrite=true before the user's --config and overrides."""
+    from clsgen_dist.cli import train_main
+
+    assert train_main(["overwrite=true", "--config", str(REPO / "launch/configs/tiny_cpu.yaml"),
+                       "train.max_steps=5", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "max_steps: 5" in out and "overwrite: true" in out
+
+
+def test_earlier_run_needs_run_metadata(tmp_path):
+    """A user's folder that happens to hold 'eval/' is not an earlier run (nor removed as one); a
+    torn log line left by a killed process is dropped on resume."""
+    from clsgen_dist.resume import earlier_run, resolve_resume
+    from clsgen_dist.train import _logged_step
+
+    (tmp_path / "eval").mkdir()
+    assert earlier_run(tmp_path) == [] and resolve_resume(False, tmp_path) is None
+    (tmp_path / "config.yaml").write_text("{}\n")
+    assert earlier_run(tmp_path) == ["eval"]
+    with pytest.raises(ConfigError, match="already holds a run \\(eval\\)"):
+        resolve_resume(False, tmp_path)
+    assert _logged_step('{"step": 3, "loss": 1.0}') == 3 and _logged_step('{"step": 4, "lo') == float("inf")
 
 
 def test_every_shipped_yaml_loads():

@@ -3,8 +3,8 @@
 On a GPU without the flash-attn package, SDPA on a packed row needs the ``[T, T]`` block-diagonal
 mask that transformers derives from the restarting position ids, so it runs a masked kernel over the
 whole row: ``T²`` work where the examples need ``Σ lᵢ²``. ``torch.nn.attention.varlen.varlen_attn``
-(torch ≥ 2.10, CUDA, fp16/bf16) runs flash attention on ``cu_seqlens`` instead, like flash-attn's
-varlen kernel, with no mask at all.
+(torch ≥ 2.12 for the keywords used here, CUDA, fp16/bf16) runs flash attention on ``cu_seqlens``
+instead, like flash-attn's varlen kernel, with no mask at all.
 
 This module registers the name ``torch_varlen`` with transformers' attention and mask interfaces
 (a registration, not a patch: any HF model that dispatches on ``config._attn_implementation``
@@ -34,12 +34,20 @@ def _varlen_kernel():
 
 
 def torch_varlen_available() -> bool:
-    """Whether this torch ships ``varlen_attn`` (it runs on CUDA only)."""
+    """Whether this torch ships ``varlen_attn`` with the keywords used here (``scale``,
+    ``window_size``, ``enable_gqa``: torch 2.12 on; earlier versions have a narrower signature).
+    It runs on CUDA only."""
+    import inspect
+
     try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+        from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return False
-    return True
+    try:
+        params = inspect.signature(varlen_attn).parameters
+    except (TypeError, ValueError):
+        return False
+    return {"scale", "window_size", "enable_gqa"} <= params.keys()
 
 
 def _is_unmasked_row(batch_size: int, attention_mask, q_length: int, kv_length: int, q_offset) -> bool:

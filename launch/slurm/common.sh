@@ -73,8 +73,8 @@ setting_from_args() {
 }
 
 # run_requeueable: run CMD; USR1 (--signal=B:USR1@N, N seconds before the time limit) or TERM
-# (preemption) is forwarded to it as SIGTERM, every rank saves a checkpoint and exits, and if the
-# run left $OUTPUT_DIR/PREEMPTED the job requeues itself (it then continues with resume=auto).
+# (preemption) is forwarded to it as SIGTERM, every rank saves a checkpoint and exits, and if this
+# attempt left $OUTPUT_DIR/PREEMPTED the job requeues itself (it then continues with resume=auto).
 # Returns the run's exit status. Under CLSGEN_DRY_RUN=1 it only prints CMD.
 run_requeueable() {
   if [ "${CLSGEN_DRY_RUN:-0}" = 1 ]; then
@@ -85,11 +85,16 @@ run_requeueable() {
   # shellcheck disable=SC2329  # invoked by the trap
   forward() { kill -TERM "$child" 2>/dev/null || true; }
   trap forward USR1 TERM
+  # PREEMPTED must come from this attempt: an earlier one's would requeue a failed attempt (say, one
+  # resumed with other settings) forever. (The exit status cannot tell: torchrun exits non-zero on
+  # the SIGTERM even when every rank saved and exited 0.)
+  rm -f "$OUTPUT_DIR/PREEMPTED"
   "${CMD[@]}" &
   child=$!
-  wait "$child" || status=$?
-  while kill -0 "$child" 2>/dev/null; do  # a trapped signal interrupts wait: wait again for the save
+  while :; do  # a trapped signal interrupts wait (status > 128): wait again, for the save and the exit
+    status=0
     wait "$child" || status=$?
+    kill -0 "$child" 2>/dev/null || break  # it has exited: status is its exit status
   done
   if [ -f "$OUTPUT_DIR/PREEMPTED" ] && [ -n "${SLURM_JOB_ID:-}" ]; then
     echo "stopped early (checkpoint saved): requeueing job $SLURM_JOB_ID"

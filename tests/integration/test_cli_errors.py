@@ -188,11 +188,13 @@ def test_export_never_replaces_the_checkpoint_or_a_folder_holding_it(tmp_path, c
             export_merged(src, out)
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "keep.txt").write_text("mine\n")
-    with pytest.raises(CheckpointError, match="a non-empty folder that is not a clsgen checkpoint"):
+    with pytest.raises(CheckpointError, match="notes: a non-empty folder; the export replaces"):
         export_merged(src, tmp_path / "notes")
     (tmp_path / "f").write_text("x")
     with pytest.raises(CheckpointError, match="is a file"):
         export_merged(src, tmp_path / "f")
+    with pytest.raises(CheckpointError, match="a clsgen checkpoint, not an earlier export"):
+        export_merged(src, ckpt["full"])  # another run's checkpoint
     assert sorted(p.name for p in src.parent.iterdir()) == before and (tmp_path / "notes" / "keep.txt").is_file()
     check_checkpoint(src)
     out = export_merged(src, tmp_path / "merged", dtype="float32")  # a new folder, then replacing that export

@@ -91,6 +91,27 @@ def test_output_dir_argument_wins_and_qlora_is_requeueable(fakebin):
     assert "#SBATCH --signal=B:USR1@300" in text and "run_requeueable" in text
 
 
+def test_a_failed_attempt_is_not_requeued(fakebin, tmp_path):
+    """PREEMPTED left by an earlier attempt must not requeue an attempt that failed (e.g. resumed
+    with other settings): that would loop forever. Only one that this attempt wrote requeues."""
+    (fakebin / "srun").write_text('#!/usr/bin/env bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
+    (fakebin / "srun").chmod(0o755)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "PREEMPTED").write_text("checkpoints/step-00000003\n")
+    for code, preempted in ((2, False), (1, True)):  # torchrun exits non-zero after a clean SIGTERM stop
+        fake_python = tmp_path / f"python{code}"
+        touch = f'touch "{out}/PREEMPTED"\n' if preempted else ""
+        fake_python.write_text(f"#!/usr/bin/env bash\n{touch}exit {code}\n")
+        fake_python.chmod(0o755)
+        env = _slurm_env(fakebin, ["localhost"], SLURM_GPUS_ON_NODE="1", OUTPUT_DIR=str(out), PYTHON=str(fake_python))
+        proc = subprocess.run(["bash", "launch/slurm/qlora_1gpu.sbatch"], cwd=REPO, env=env, capture_output=True,
+                              text=True, timeout=60)
+        assert proc.returncode == code, proc.stderr
+        log = fakebin / "scontrol.log"
+        assert ("requeue 4242" in (log.read_text() if log.exists() else "")) is preempted
+
+
 def test_eval_dry_run(fakebin):
     env = _slurm_env(fakebin, ["a", "b"], CHECKPOINT="runs/x/final", DATA="t.jsonl", OUTPUT="runs/x/eval")
     cmd = _dry("launch/slurm/eval.sbatch", env, "--dev", "d.jsonl")

@@ -180,6 +180,23 @@ def test_resolve_attn():
     assert load_config(None, ["model.attn_implementation=torch_varlen"]).model.attn_implementation == "torch_varlen"
 
 
+def test_an_older_varlen_signature_is_not_used(monkeypatch):
+    """torch 2.10/2.11's varlen_attn has no window_size / enable_gqa: auto must not pick it."""
+    import torch.nn.attention.varlen as V
+
+    def older(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, is_causal=False, return_aux=None, scale=None):
+        raise AssertionError("never called")
+
+    monkeypatch.setattr(V, "varlen_attn", older)
+    assert not attention.torch_varlen_available()
+    with pytest.raises(ConfigError, match="no torch.nn.attention.varlen.varlen_attn with window_size and enable_gqa"):
+        resolve_attn("torch_varlen", torch.device("cuda"), torch.bfloat16)
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        assert resolve_attn("auto", torch.device("cuda"), torch.bfloat16) == "sdpa"
+
+
 def test_train_cli_rejects_torch_varlen_on_cpu(tmp_path):
     from tests.conftest import write_jsonl
     from tests.integration._run import launch
