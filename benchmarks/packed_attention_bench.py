@@ -57,7 +57,9 @@ def _lengths(total: int, seed: int = 0) -> list[int]:
 def _paths(device: str) -> list[str]:
     if device == "cpu":
         return ["sdpa", "eager"]
-    paths = ["sdpa", "torch_varlen"]
+    from clsgen_dist.modeling.attention import torch_varlen_available
+
+    paths = ["sdpa"] + (["torch_varlen"] if torch_varlen_available() else [])
     try:
         import flash_attn  # noqa: F401
 

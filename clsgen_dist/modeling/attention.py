@@ -3,8 +3,9 @@
 On a GPU without the flash-attn package, SDPA on a packed row needs the ``[T, T]`` block-diagonal
 mask that transformers derives from the restarting position ids, so it runs a masked kernel over the
 whole row: ``T²`` work where the examples need ``Σ lᵢ²``. ``torch.nn.attention.varlen.varlen_attn``
-(torch ≥ 2.12 for the keywords used here, CUDA, fp16/bf16) runs flash attention on ``cu_seqlens``
-instead, like flash-attn's varlen kernel, with no mask at all.
+(torch ≥ 2.10, CUDA, fp16/bf16) runs flash attention on ``cu_seqlens`` instead, like flash-attn's
+varlen kernel, with no mask at all. Its signature grew over releases; what an older one lacks is
+done here (grouped-query heads are repeated before torch 2.12) or refused (see ``_kernel_options``).
 
 This module registers the name ``torch_varlen`` with transformers' attention and mask interfaces
 (a registration, not a patch: any HF model that dispatches on ``config._attn_implementation``
@@ -33,21 +34,31 @@ def _varlen_kernel():
     return varlen_attn
 
 
-def torch_varlen_available() -> bool:
-    """Whether this torch ships ``varlen_attn`` with the keywords used here (``scale``,
-    ``window_size``, ``enable_gqa``: torch 2.12 on; earlier versions have a narrower signature).
-    It runs on CUDA only."""
+_KEYWORDS = ("is_causal", "scale", "window_size", "enable_gqa")
+
+
+def _keywords(kernel) -> set[str]:
+    """Which of ``_KEYWORDS`` ``kernel`` takes. ``varlen_attn`` grew over releases: torch 2.10 has
+    ``is_causal``; 2.11 ``scale`` and ``window_size`` instead; 2.12 adds ``enable_gqa``."""
     import inspect
 
+    try:
+        params = inspect.signature(kernel).parameters
+    except (TypeError, ValueError):
+        return set()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return set(_KEYWORDS)
+    return {k for k in _KEYWORDS if k in params}
+
+
+def torch_varlen_available() -> bool:
+    """Whether this torch ships ``varlen_attn`` (torch >= 2.10) in a form that can be made causal.
+    It runs on CUDA only."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return False
-    try:
-        params = inspect.signature(varlen_attn).parameters
-    except (TypeError, ValueError):
-        return False
-    return {"scale", "window_size", "enable_gqa"} <= params.keys()
+    return bool(_keywords(varlen_attn) & {"is_causal", "window_size"})
 
 
 def _is_unmasked_row(batch_size: int, attention_mask, q_length: int, kv_length: int, q_offset) -> bool:
@@ -108,15 +119,39 @@ def torch_varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: to
     else:
         cu_q, max_q = _cu_seqlens_from_positions(position_ids, length, query.device)
         cu_k, max_k = cu_q, max_q
-    sliding = getattr(module, "sliding_window", None)
-    # (left, right) keys around each query, inclusive, -1 unbounded: (-1, 0) is causal; a causal
-    # window of W tokens (the query and W - 1 before it, as in transformers' sliding-window mask) is
-    # (W - 1, 0).
-    window = (sliding - 1, 0) if sliding else (-1, 0)
+    kernel = _varlen_kernel()
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [L, H, D] views
-    out = _varlen_kernel()(q, k, v, cu_q, cu_k, max_q, max_k, scale=scaling, window_size=window,
-                           enable_gqa=key.shape[1] != n_heads)
+    k, v, options = _kernel_options(_keywords(kernel), module, k, v, n_heads, head_dim, scaling)
+    out = kernel(q, k, v, cu_q, cu_k, max_q, max_k, **options)
     return out.unsqueeze(0), None  # [1, L, Hq, D]
+
+
+def _kernel_options(keywords: set[str], module, k, v, n_heads: int, head_dim: int, scaling: float | None):
+    """(k, v, keyword arguments) for a kernel taking ``keywords``: what the older signatures lack is
+    done here (grouped-query heads repeated) or refused (a sliding window, a non-default scale)."""
+    options: dict = {}
+    sliding = getattr(module, "sliding_window", None)
+    if "window_size" in keywords:
+        # (left, right) keys around each query, inclusive, -1 unbounded: (-1, 0) is causal; a causal
+        # window of W tokens (the query and W - 1 before it, as in transformers' sliding-window
+        # mask) is (W - 1, 0).
+        options["window_size"] = (sliding - 1, 0) if sliding else (-1, 0)
+    elif sliding:
+        raise ValueError(f"attn_implementation={NAME}: a sliding window needs varlen_attn's window_size "
+                         f"(torch >= 2.11); use sdpa")
+    else:
+        options["is_causal"] = True
+    if "scale" in keywords:
+        options["scale"] = scaling
+    elif scaling is not None and abs(scaling * head_dim ** 0.5 - 1) > 1e-6:
+        raise ValueError(f"attn_implementation={NAME}: this model's attention scale ({scaling}) needs "
+                         f"varlen_attn's scale (torch >= 2.11); use sdpa")
+    if k.shape[1] != n_heads:
+        if "enable_gqa" in keywords:
+            options["enable_gqa"] = True
+        else:  # torch < 2.12: one key/value head per query head ([L, Hkv, D] -> [L, Hq, D] copies)
+            k, v = (t.repeat_interleave(n_heads // t.shape[1], dim=1) for t in (k, v))
+    return k, v, options
 
 
 def register() -> None:

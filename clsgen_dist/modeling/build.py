@@ -49,8 +49,8 @@ def resolve_attn(attn: str, device: torch.device, dtype: torch.dtype | None = No
         return "torch_varlen" if half and torch_varlen_available() else "sdpa"
     if attn == "torch_varlen":
         why = ("it runs on CUDA only" if device.type != "cuda" else
-               f"this torch ({torch.__version__}) has no torch.nn.attention.varlen.varlen_attn with window_size and "
-               f"enable_gqa (torch >= 2.12)" if not torch_varlen_available()
+               f"this torch ({torch.__version__}) has no usable torch.nn.attention.varlen.varlen_attn (torch >= 2.10)"
+               if not torch_varlen_available()
                else f"it needs 16-bit weights, got {dtype}; set model.dtype=bfloat16" if not half else None)
         if why:
             raise ConfigError(f"model.attn_implementation=torch_varlen: {why} (on {device.type}); "

@@ -23,7 +23,7 @@ from tests.helpers import assert_close
 
 requires_varlen_cuda = pytest.mark.skipif(
     not (torch.cuda.is_available() and attention.torch_varlen_available()),
-    reason="torch's varlen_attn runs on CUDA only")
+    reason="torch's varlen_attn needs CUDA (and torch >= 2.10)")
 
 
 def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
@@ -180,21 +180,67 @@ def test_resolve_attn():
     assert load_config(None, ["model.attn_implementation=torch_varlen"]).model.attn_implementation == "torch_varlen"
 
 
-def test_an_older_varlen_signature_is_not_used(monkeypatch):
-    """torch 2.10/2.11's varlen_attn has no window_size / enable_gqa: auto must not pick it."""
+def _older_kernels(rec):
+    """Stand-ins with torch 2.10's and 2.11's exact signatures (no ``**kwargs``), recording like ``rec``."""
+    def v210(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+        return rec(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, window_size=(-1, 0) if is_causal else (-1, -1))
+
+    def v211(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+             window_size=(-1, -1)):
+        return rec(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale=scale, window_size=window_size)
+
+    return {"2.10": v210, "2.11": v211}
+
+
+@pytest.mark.parametrize("version", ["2.10", "2.11"])
+def test_older_varlen_signatures_are_adapted(tiny_dir, tokenizer, toy_rows, monkeypatch, version):
+    """Before torch 2.12 varlen_attn has no enable_gqa (and 2.10 no window_size or scale): the
+    grouped-query heads are repeated and causality is asked as the signature allows; the outputs
+    stay those of SDPA for each example alone."""
+    rec = Recorder()
+    kernel = _older_kernels(rec)[version]
+    monkeypatch.setattr(attention, "_varlen_kernel", lambda: kernel)
+    model, ref = _model(tiny_dir, "torch_varlen"), _model(tiny_dir, "sdpa")
+    exs = _encoded(tokenizer, toy_rows)
+    b = collate(exs, capacity=10_000)
+    with torch.no_grad():
+        packed = model.hidden_states(b.input_ids, b.position_ids, b.cu_seqlens, b.max_seqlen)
+    heads = model.config.num_attention_heads
+    assert rec.calls and all(c["shape"][1] == heads and c["window_size"] == (-1, 0) for c in rec.calls)
+    assert ("scale" in rec.calls[0]) is (version == "2.11")
+    with torch.no_grad():
+        for i, e in enumerate(exs):
+            alone = ref.hidden_states(torch.tensor([e.input_ids]), torch.arange(len(e))[None])
+            s, t = int(b.cu_seqlens[i]), int(b.cu_seqlens[i + 1])
+            assert_close(packed[s:t], alone, atol=2e-5, name=f"{version} example {i}")
+
+
+def test_what_an_older_signature_cannot_do_is_refused(monkeypatch):
     import torch.nn.attention.varlen as V
 
-    def older(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, is_causal=False, return_aux=None, scale=None):
+    module = torch.nn.Module()
+    k = v = torch.zeros(5, 2, 8)
+    v210 = _older_kernels(Recorder())["2.10"]
+    keywords = attention._keywords(v210)
+    assert keywords == {"is_causal"}
+    module.sliding_window = 4
+    with pytest.raises(ValueError, match="a sliding window needs varlen_attn's window_size"):
+        attention._kernel_options(keywords, module, k, v, 4, 8, 8 ** -0.5)
+    module.sliding_window = None
+    with pytest.raises(ValueError, match="attention scale \\(0.1\\) needs varlen_attn's scale"):
+        attention._kernel_options(keywords, module, k, v, 4, 8, 0.1)
+    k2, v2, options = attention._kernel_options(keywords, module, k, v, 4, 8, 8 ** -0.5)
+    assert options == {"is_causal": True} and k2.shape == v2.shape == (5, 4, 8)
+
+    def neither(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k):
         raise AssertionError("never called")
 
-    monkeypatch.setattr(V, "varlen_attn", older)
+    monkeypatch.setattr(V, "varlen_attn", neither)  # nothing to make it causal with: not used
     assert not attention.torch_varlen_available()
-    with pytest.raises(ConfigError, match="no torch.nn.attention.varlen.varlen_attn with window_size and enable_gqa"):
+    with pytest.raises(ConfigError, match="no usable torch.nn.attention.varlen.varlen_attn"):
         resolve_attn("torch_varlen", torch.device("cuda"), torch.bfloat16)
-    try:
-        import flash_attn  # noqa: F401
-    except ImportError:
-        assert resolve_attn("auto", torch.device("cuda"), torch.bfloat16) == "sdpa"
+    monkeypatch.setattr(V, "varlen_attn", v210)
+    assert attention.torch_varlen_available()
 
 
 def test_train_cli_rejects_torch_varlen_on_cpu(tmp_path):
@@ -213,7 +259,11 @@ def test_train_cli_rejects_torch_varlen_on_cpu(tmp_path):
 @requires_varlen_cuda
 @pytest.mark.parametrize("window", [(-1, 0), (3, 0)])
 def test_reference_matches_the_real_kernel(window):
-    """The CPU stand-in's contract is the real kernel's: values and gradients, GQA, odd lengths."""
+    """The CPU stand-in's contract is the real kernel's, called through the same adaptation as the
+    model (values and gradients, grouped-query heads, odd lengths)."""
+    keywords = attention._keywords(attention._varlen_kernel())
+    if window != (-1, 0) and "window_size" not in keywords:
+        pytest.skip("this torch's varlen_attn has no window_size")
     torch.manual_seed(0)
     lens = [1, 7, 33, 64, 5]
     cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
@@ -222,11 +272,14 @@ def test_reference_matches_the_real_kernel(window):
     k = torch.randn(t, 2, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     v = torch.randn(t, 2, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     g = torch.randn(t, 8, 64, device="cuda", dtype=torch.bfloat16)
-    kw = dict(scale=0.11, window_size=window, enable_gqa=True)
-    out = attention._varlen_kernel()(q, k, v, cu, cu, max(lens), max(lens), **kw)
+    module = torch.nn.Module()
+    module.sliding_window = window[0] + 1 if window[0] >= 0 else None
+    k_in, v_in, options = attention._kernel_options(keywords, module, k, v, 8, 64, 64 ** -0.5)
+    out = attention._varlen_kernel()(q, k_in, v_in, cu, cu, max(lens), max(lens), **options)
     grads = torch.autograd.grad(out, (q, k, v), g)
     qd, kd, vd = (x.detach().double().requires_grad_() for x in (q, k, v))
-    ref = reference_varlen(qd, kd, vd, cu.cpu(), cu.cpu(), max(lens), max(lens), **kw)
+    ref = reference_varlen(qd, kd, vd, cu.cpu(), cu.cpu(), max(lens), max(lens), scale=64 ** -0.5,
+                           window_size=window, enable_gqa=True)
     ref_grads = torch.autograd.grad(ref, (qd, kd, vd), g.double())
     assert_close(out, ref, atol=2e-2, name="output")
     for name, a, e in zip("qkv", grads, ref_grads):
