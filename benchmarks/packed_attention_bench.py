@@ -57,16 +57,10 @@ def _lengths(total: int, seed: int = 0) -> list[int]:
 def _paths(device: str) -> list[str]:
     if device == "cpu":
         return ["sdpa", "eager"]
-    from clsgen_dist.modeling.attention import torch_varlen_available
+    from clsgen_dist.modeling.attention import flash_attn_available, torch_varlen_available
 
-    paths = ["sdpa"] + (["torch_varlen"] if torch_varlen_available() else [])
-    try:
-        import flash_attn  # noqa: F401
-
-        paths.append("flash_attention_2")
-    except ImportError:
-        pass
-    return paths
+    return (["sdpa"] + (["torch_varlen"] if torch_varlen_available() else [])
+            + (["flash_attention_2"] if flash_attn_available() else []))
 
 
 def measure(device: str, tokens: int, rep_ms: int) -> list[dict]:

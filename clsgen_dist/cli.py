@@ -11,7 +11,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from .fileio import check_output_path  # noqa: F401  (used by the CLIs below and construct_cli)
+from .fileio import check_output_path
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO / "launch" / "configs" / "default.yaml"

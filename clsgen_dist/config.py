@@ -332,12 +332,12 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if isinstance(value, _Raw) and tp is not str:
         if origin is list or (origin is not None and list in map(typing.get_origin, args)):
             value = _yaml(key, value, loader=yaml.BaseLoader)  # [no, yes] stays two strings
-        elif not (type(None) in args and str in args and value not in _NULLS):
+        elif not (type(None) in args and str in args):  # an optional string keeps its text
             value = _yaml(key, value)
     if tp is Any:
         return value
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        if (value is None or (isinstance(value, _Raw) and value in _NULLS)) and type(None) in args:
+        if value is None and type(None) in args:
             return None
         errors = []
         for a in args:

@@ -15,7 +15,8 @@ from __future__ import annotations
 import logging
 import os
 
-from .cli import DEFAULT_CONFIG, _parser, check_output_path, int_at_least, user_errors
+from .cli import DEFAULT_CONFIG, _parser, int_at_least, user_errors
+from .fileio import check_output_path
 
 log = logging.getLogger("clsgen_dist.data.construct")
 

@@ -20,6 +20,7 @@ from .checkpoint import save_checkpoint
 from .config import Config, ConfigError, dump_config
 from .data import PackedRows, PromptEncoder, read_examples
 from .distributed import all_reduce_sum, barrier, init_distributed, is_main, rank, world_size
+from .distributed.env import launched_rank, launched_world_size
 from .distributed.engine import build_engine, fill_ds_config, load_ds_config, zero_stage
 from .logs import setup_logging
 from .evaluate import dev_threshold, evaluate_split, write_results
@@ -409,11 +410,11 @@ def run(cfg: Config) -> dict | None:
     ds_raw = load_ds_config(_repo_path(cfg.ds_config))
     setup_logging()  # before the process group: all ranks log at INFO until it exists
     check_output_path(cfg.output_dir, folder=True, flag="output_dir")
-    ranks = int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)  # before the process group
+    ranks = launched_world_size()
     done = Path(cfg.output_dir) / DONE
     if cfg.resume is not False and done.is_file():  # e.g. a requeue after the run finished: nothing to do
         check_resume_settings(done, cfg, ranks)
-        if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
+        if launched_rank() == 0:
             print(f"{cfg.output_dir} holds a finished run ({done}); nothing to resume", flush=True)
         metrics = Path(cfg.output_dir) / "eval" / "metrics.json"
         return json.loads(metrics.read_text()) if metrics.is_file() else None

@@ -417,9 +417,9 @@ class HTTPTeacher:
             if not key:
                 raise ConfigError(f"--api-key-env {api_key_env}: that environment variable is not set or empty")
             self._headers["Authorization"] = f"Bearer {key}"
-        self._secrets = [s for s in (os.environ.get(api_key_env) if api_key_env else None,
-                                     urllib.parse.urlsplit(self.endpoint).password) if s]
-        self._secrets += [v for _, v in urllib.parse.parse_qsl(urllib.parse.urlsplit(self.endpoint).query) if v]
+        url = urllib.parse.urlsplit(self.endpoint)
+        self._secrets = [s for s in (os.environ.get(api_key_env) if api_key_env else None, url.password) if s]
+        self._secrets += [v for _, v in urllib.parse.parse_qsl(url.query) if v]
         self._stop = threading.Event()
         self._rng = random.Random(settings.seed)
         u = urllib.parse.urlsplit(_redact(self.endpoint))

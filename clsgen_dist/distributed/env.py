@@ -17,6 +17,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def launched_world_size() -> int:
+    """The number of ranks the launcher started, readable before the process group exists
+    (``WORLD_SIZE``; under srun without torchrun, ``SLURM_NTASKS``)."""
+    return int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
+
+
+def launched_rank() -> int:
+    """This process's rank, readable before the process group exists (``RANK`` or ``SLURM_PROCID``)."""
+    return int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0)
+
+
 def init_distributed() -> torch.device:
     """Initialise the default process group once (idempotent) and return this rank's device."""
     if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and "WORLD_SIZE" not in os.environ:

@@ -51,6 +51,15 @@ def _keywords(kernel) -> set[str]:
     return {k for k in _KEYWORDS if k in params}
 
 
+def flash_attn_available() -> bool:
+    """Whether the flash-attn package is installed (transformers' ``flash_attention_2``)."""
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def torch_varlen_available() -> bool:
     """Whether this torch ships ``varlen_attn`` (torch >= 2.10) in a form that can be made causal.
     It runs on CUDA only."""

@@ -9,7 +9,7 @@ import torch
 
 from ..config import ConfigError, ModelConfig
 from .attention import register as _register_attention
-from .attention import torch_varlen_available
+from .attention import flash_attn_available, torch_varlen_available
 from .dual_head import DualHeadModel
 
 log = logging.getLogger("clsgen_dist.modeling")
@@ -40,12 +40,8 @@ def resolve_attn(attn: str, device: torch.device, dtype: torch.dtype | None = No
     if attn == "auto":
         if device.type != "cuda":
             return "sdpa"
-        try:
-            import flash_attn  # noqa: F401
-
+        if flash_attn_available():
             return "flash_attention_2"
-        except ImportError:
-            pass
         return "torch_varlen" if half and torch_varlen_available() else "sdpa"
     if attn == "torch_varlen":
         why = ("it runs on CUDA only" if device.type != "cuda" else

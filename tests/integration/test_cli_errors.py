@@ -7,12 +7,17 @@ from tests.conftest import write_jsonl
 from tests.integration._run import launch
 
 
-def _train(capsys, *args):
+def _main_error(capsys, main, *args) -> str:
+    """Run a CLI entry point that must fail as a user error; its stderr."""
     with pytest.raises(SystemExit) as e:
-        train_main(list(args))
+        main(list(args))
     err = capsys.readouterr().err
-    assert e.value.code == 2 and "Traceback" not in err
+    assert e.value.code == 2 and "Traceback" not in err, err
     return err
+
+
+def _train(capsys, *args):
+    return _main_error(capsys, train_main, *args)
 
 
 def test_unknown_config_key_lists_valid_ones(capsys):
@@ -73,14 +78,6 @@ def ckpt(tiny_dir, tmp_path_factory):
         model, tok = build_model(cfg.model)
         out[finetune] = save_checkpoint(model, tok, cfg, tmp_path_factory.mktemp("ckpt") / finetune)
     return out
-
-
-def _main_error(capsys, main, *args) -> str:
-    with pytest.raises(SystemExit) as e:
-        main(list(args))
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and "Traceback" not in err, err
-    return err
 
 
 def test_unusable_output_paths_fail_before_any_work(capsys, tmp_path, ckpt):

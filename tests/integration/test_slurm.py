@@ -94,8 +94,6 @@ def test_output_dir_argument_wins_and_qlora_is_requeueable(fakebin):
 def test_a_failed_attempt_is_not_requeued(fakebin, tmp_path):
     """PREEMPTED left by an earlier attempt must not requeue an attempt that failed (e.g. resumed
     with other settings): that would loop forever. Only one that this attempt wrote requeues."""
-    (fakebin / "srun").write_text('#!/usr/bin/env bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
-    (fakebin / "srun").chmod(0o755)
     out = tmp_path / "run"
     out.mkdir()
     (out / "PREEMPTED").write_text("checkpoints/step-00000003\n")

@@ -167,9 +167,7 @@ def test_resolve_attn():
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert resolve_attn("auto", cpu, torch.float32) == "sdpa"
     assert resolve_attn("auto", cpu, torch.bfloat16) == "sdpa"
-    try:
-        import flash_attn  # noqa: F401
-    except ImportError:
+    if not attention.flash_attn_available():
         assert resolve_attn("auto", cuda, torch.bfloat16) == "torch_varlen"
         assert resolve_attn("auto", cuda, torch.float32) == "sdpa"  # the flash kernel is 16-bit only
     assert resolve_attn("torch_varlen", cuda, torch.bfloat16) == "torch_varlen"

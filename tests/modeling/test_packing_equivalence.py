@@ -19,18 +19,12 @@ def _attn_impls():
     """Every path this machine has: SDPA and eager on CPU; on CUDA PyTorch's varlen kernel
     (``torch_varlen``) and flash-attn's when it is installed. (``test_attention.py`` checks
     ``torch_varlen``'s plumbing on CPU with a stand-in for the CUDA-only kernel.)"""
-    from clsgen_dist.modeling.attention import torch_varlen_available
+    from clsgen_dist.modeling.attention import flash_attn_available, torch_varlen_available
 
     impls = ["sdpa", "eager"]
     if torch.cuda.is_available():
-        if torch_varlen_available():
-            impls.append("torch_varlen")
-        try:
-            import flash_attn  # noqa: F401
-
-            impls.append("flash_attention_2")
-        except ImportError:
-            pass
+        impls += ["torch_varlen"] if torch_varlen_available() else []
+        impls += ["flash_attention_2"] if flash_attn_available() else []
     return impls
 
 
