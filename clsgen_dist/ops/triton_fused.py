@@ -64,9 +64,16 @@ SPLIT_ALIGN = 32 if INTERPRET else 256
 AUTOTUNE = os.environ.get("CLSGEN_TRITON_AUTOTUNE", "1") != "0"
 
 
-def _lse_configs() -> list[triton.Config]:
+def _configs(shapes: list[tuple[int, int, int, int, int]]) -> list[triton.Config]:
+    """Autotune configs of (BLOCK_N, BLOCK_V, BLOCK_H, warps, stages) tuples; under the interpreter
+    one small config instead (autotuning there takes one)."""
     if INTERPRET:
         return [triton.Config({"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_H": 16}, num_warps=4)]
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_H": bh}, num_warps=w, num_stages=s)
+            for bn, bv, bh, w, s in shapes]
+
+
+def _lse_configs() -> list[triton.Config]:
     # (BLOCK_N, BLOCK_V, BLOCK_H, warps, stages). Shared memory ~ stages * (BN + BV) * BH * bytes:
     # 128x256x64 bf16 x 3 stages = 144 KiB of Hopper's 227 KiB. Configs that do not fit (fp32
     # inputs) are skipped by the autotuner; the default fits fp32 too (144 KiB). Checked offline
@@ -75,10 +82,7 @@ def _lse_configs() -> list[triton.Config]:
     # the others <= 48 B. (128x128 and 64x256 with 4 warps spilled 600 B and were dropped.)
     default = (64, 128, 64, 4, 3)
     shapes = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 256, 64, 8, 4), (128, 256, 64, 8, 3), default]
-    return [
-        triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_H": bh}, num_warps=w, num_stages=s)
-        for bn, bv, bh, w, s in (shapes if AUTOTUNE else [default])
-    ]
+    return _configs(shapes if AUTOTUNE else [default])
 
 
 @triton.autotune(configs=_lse_configs(), key=["V", "H_DIM", "STORE_LOGITS", "HAS_BIAS"])
@@ -250,8 +254,6 @@ def _add_product(
 
 
 def _recompute_configs() -> list[triton.Config]:
-    if INTERPRET:
-        return [triton.Config({"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_H": 16}, num_warps=4)]
     # (BLOCK_N, BLOCK_V, BLOCK_H, warps, stages). No GPU timing yet: the autotuner picks. Compiled
     # offline for sm_90 (benchmarks/triton_resources.md, specialised as the JIT does at the GPU
     # benchmark's shape), all of these are free of register spills with bf16 inputs, atomics or
@@ -261,10 +263,7 @@ def _recompute_configs() -> list[triton.Config]:
               (64, 128, 32, 4, 3)]
     if not AUTOTUNE:  # one config (CUDA tests): the likely winner, which fits fp32 in shared memory too
         shapes = [(128, 128, 32, 8, 2)]
-    return [
-        triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_H": bh}, num_warps=w, num_stages=s)
-        for bn, bv, bh, w, s in shapes
-    ]
+    return _configs(shapes)
 
 
 @triton.autotune(
