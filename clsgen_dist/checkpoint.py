@@ -127,10 +127,10 @@ def load_checkpoint(path: str | Path, *, device: torch.device | str = "cpu", dty
         from peft import PeftModel
 
         # model.quantization=nf4: the same 4-bit base the adapter was trained on
-        base = load_backbone(resolve_model_path(cfg.model.name_or_path), cfg.model, dtype=tdtype, attn=attn,
-                             device=device)
-        if cfg.model.cls_position == "token":  # the frozen cls-token row: rebuilt exactly as in training
-            add_cls_token(base, tokenizer, cfg.model.cls_token)
+        base_path = resolve_model_path(cfg.model.name_or_path)
+        base = load_backbone(base_path, cfg.model, dtype=tdtype, attn=attn, device=device)
+        if cfg.model.cls_position == "token":  # the frozen cls-token rows: rebuilt exactly as in training
+            add_cls_token(base, tokenizer, cfg.model.cls_token, base_vocab=len(load_tokenizer(base_path)))
         backbone = PeftModel.from_pretrained(base, str(p))
     else:
         backbone = AutoModelForCausalLM.from_pretrained(str(p), dtype=tdtype, attn_implementation=attn)

@@ -35,12 +35,14 @@ def tokenizer(request):
 
 
 def make_tiny_llama(tokenizer, path: Path, *, seed: int = 0, layers: int = 2, hidden: int = 64,
-                    tie: bool = True) -> Path:
-    """A random tiny Llama with the real tokenizer's vocabulary, saved as an HF folder."""
+                    tie: bool = True, vocab_pad: int = 0) -> Path:
+    """A random tiny Llama with the real tokenizer's vocabulary, saved as an HF folder. ``vocab_pad``
+    spare rows (zero, as untrained padding) follow the tokenizer's ids, as in models whose embedding
+    is padded to a round size."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+    cfg = LlamaConfig(vocab_size=len(tokenizer) + vocab_pad, hidden_size=hidden, intermediate_size=2 * hidden,
                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                       max_position_embeddings=1024, tie_word_embeddings=tie, rms_norm_eps=1e-6,
                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -50,6 +52,8 @@ def make_tiny_llama(tokenizer, path: Path, *, seed: int = 0, layers: int = 2, hi
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.08)
+        for w in {model.get_input_embeddings().weight, model.get_output_embeddings().weight}:
+            w[len(tokenizer):] = 0
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

@@ -63,20 +63,32 @@ def load_tokenizer(path: str):
     return tok
 
 
-def add_cls_token(backbone, tokenizer, token: str) -> int:
-    """Add the dedicated classification token (if missing) and grow the embeddings; the new row is
-    initialised to the mean embedding. Returns its id."""
+def add_cls_token(backbone, tokenizer, token: str, *, base_vocab: int | None = None) -> int:
+    """Add the dedicated classification token (if missing), grow the embeddings if needed, and return
+    its id.
+
+    A token the base model never trained (id ≥ ``base_vocab``, the base tokenizer's size; default:
+    ``len(tokenizer)`` before the token is added) gets the mean of the base tokens' embeddings, and
+    so does its LM-head row when the head is not tied to the embedding. That holds whether the
+    embedding grows or the id lands on one of the spare rows some models pad their vocabulary with
+    (transformers would leave such a row as it is, and draw a grown LM-head row at random). Under
+    LoRA these rows are frozen and not saved with the adapter: loading and export rebuild them here,
+    passing the base tokenizer's size, and get the same values."""
+    if base_vocab is None:
+        base_vocab = len(tokenizer)
     if token not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": [token]}, replace_extra_special_tokens=False) \
             if _accepts_replace(tokenizer) else tokenizer.add_special_tokens({"additional_special_tokens": [token]})
     tid = tokenizer.convert_tokens_to_ids(token)
-    emb = backbone.get_input_embeddings()
-    if tid >= emb.weight.shape[0]:
-        old = emb.weight.shape[0]
+    if tid >= backbone.get_input_embeddings().weight.shape[0]:
         backbone.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    if tid >= base_vocab:
         with torch.no_grad():
-            w = backbone.get_input_embeddings().weight
-            w[old:] = w[:old].mean(0, keepdim=True)
+            emb = backbone.get_input_embeddings().weight
+            emb[tid] = emb[:base_vocab].mean(0)
+            out = backbone.get_output_embeddings()
+            if out is not None and out.weight is not emb:
+                out.weight[tid] = out.weight[:base_vocab].mean(0)
     return tid
 
 
@@ -141,7 +153,8 @@ def apply_lora(backbone, cfg: ModelConfig):
     """LoRA adapters on ``lora_target_modules``. An added cls token keeps its mean-initialised
     embedding frozen under LoRA: it only marks the position, and the adapted layers above it learn
     what to put there (peft's trainable-token wrapper would hide the LM head's plain ``weight``
-    from the fused loss). peft saves the resized embedding with the adapter."""
+    from the fused loss). Those frozen rows are not saved with the adapter: loading and export
+    rebuild them with :func:`add_cls_token`, as here."""
     from peft import LoraConfig, get_peft_model
 
     lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,

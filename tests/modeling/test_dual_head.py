@@ -121,6 +121,46 @@ def test_save_load_identical_probabilities(tiny_dir, tokenizer, tmp_path, varian
     assert len({round(r["prob"], 6) for r in after}) == 2  # the head really reads the input
 
 
+@pytest.mark.parametrize("tie", [True, False])
+def test_cls_token_rows_are_rebuilt_on_load_and_export(tokenizer, tmp_path, tie):
+    """An added cls token's rows are the mean of the base tokens' rows, in the embedding and in an
+    untied LM head, also when its id lands on a spare row of a padded vocabulary. Under LoRA they are
+    frozen and not saved with the adapter, so loading and the merged export rebuild them: the same
+    probabilities and the same explanations, on every load."""
+    from clsgen_dist.export import export_merged
+    from tests.conftest import make_tiny_llama
+
+    base = make_tiny_llama(tokenizer, tmp_path / "base", seed=3, tie=tie, vocab_pad=64)
+    cfg = _cfg(base, **{"model.cls_position": "token"})
+    model, tok = build_model(cfg.model, seed=0)
+    n, tid = len(tokenizer), tok.convert_tokens_to_ids("<|cls|>")
+    emb, head = model.causal_lm.get_input_embeddings().weight, model.causal_lm.get_output_embeddings().weight
+    assert tid == n and emb.shape[0] == n + 64  # a spare row, no resize
+    assert_close(emb[tid], emb[:n].double().mean(0).float(), atol=1e-6, name="cls embedding row")
+    assert_close(head[tid], head[:n].double().mean(0).float(), atol=1e-6, name="cls LM-head row")
+    with torch.no_grad():
+        model.cls_head.weight.normal_(0, 0.2)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    model.eval()
+    texts = ["A delight from start to finish.", "Boring and far too long, with a plot that goes nowhere at all."]
+    before = CLSGen(model, tok, cfg).predict(texts, explain=True, max_new_tokens=6)
+    save_checkpoint(model, tok, cfg, tmp_path / "ckpt")
+    for _ in range(2):  # each load rebuilds the rows; nothing random
+        m2, tok2, cfg2 = load_checkpoint(tmp_path / "ckpt")
+        assert torch.equal(m2.causal_lm.get_output_embeddings().weight[tid], head[tid])
+        after = CLSGen(m2, tok2, cfg2).predict(texts, explain=True, max_new_tokens=6)
+        assert [a["explanation"] for a in after] == [b["explanation"] for b in before]
+        assert_close(torch.tensor([a["prob"] for a in after]), torch.tensor([b["prob"] for b in before]), atol=1e-6,
+                     name="reloaded vs trained")
+    m3, tok3, cfg3 = load_checkpoint(export_merged(tmp_path / "ckpt", tmp_path / "merged", dtype="float32"))
+    merged = CLSGen(m3, tok3, cfg3).predict(texts, explain=True, max_new_tokens=6)
+    assert [a["explanation"] for a in merged] == [b["explanation"] for b in before]
+    assert_close(torch.tensor([a["prob"] for a in merged]), torch.tensor([b["prob"] for b in before]), atol=1e-5,
+                 name="merged export vs trained")
+
+
 @pytest.mark.parametrize("finetune", ["lora", "full"])
 def test_cls_token_mode_trains(tiny_dir, tokenizer, toy_rows, finetune):
     """With an added cls token the packed forward reads the head at that token, and a backward pass
