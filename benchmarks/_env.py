@@ -6,7 +6,9 @@ from __future__ import annotations
 import os
 import platform
 import json
+import shlex
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -57,6 +59,21 @@ def git_sha() -> str:
         return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return "uncommitted"
+
+
+def command_line() -> str:
+    """This process's command line as it would be typed from the repo root (``python benchmarks/x.py --flag``)."""
+    script = Path(sys.argv[0]).resolve()
+    try:
+        script = script.relative_to(ROOT)
+    except ValueError:
+        pass
+    return shlex.join(["python", str(script), *sys.argv[1:]])
+
+
+def command_note(rec: dict) -> str:
+    """``Command: `…`.`` for a record that kept its command line (older records did not)."""
+    return f" Command: `{rec['command']}`." if rec.get("command") else ""
 
 
 def run_worker(cmd: list[str], *, timeout: float, env: dict | None = None) -> dict:

@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from _env import git_sha, machine, run_worker, versions  # noqa: E402  (benchmarks/ is on sys.path as the script folder)
+from _env import command_line, command_note, git_sha, machine, run_worker, versions  # noqa: E402  (benchmarks/ is on sys.path as the script folder)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -241,6 +241,7 @@ def main(argv=None) -> None:
         "run_id": now.strftime("%Y%m%dT%H%M%SZ"),
         "date": now.isoformat(timespec="seconds"),
         "git_sha": git_sha(),
+        "command": command_line(),
         "machine": machine(args.device),
         "device": args.device,
         "dtype": args.dtype,
@@ -313,7 +314,7 @@ def render(jsonl: Path, md: Path) -> None:
         mem_method = next((r["mem_method"] for r in rows if r.get("mem_method")), "–")
         vers = ", ".join(f"{k} {val}" for k, val in r0["versions"].items() if val)
         out += [f"## {device} N={n} H={h} V={v} {dtype} — {r0['date']}", "",
-                f"{r0['machine']}; {vers}; git {r0['git_sha']}.", "",
+                f"{r0['machine']}; {vers}; git {r0['git_sha']}.{command_note(r0)}", "",
                 f"Memory: {mem_method}. Time: {TIMING[device]}.", ""]  # fmt: skip
         by = {r["variant"]: r for r in rows}
         naive = by.get("naive", {})

@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from _env import git_sha, machine, versions  # noqa: E402  (benchmarks/ is on sys.path as the script folder)
+from _env import command_line, command_note, git_sha, machine, versions  # noqa: E402  (benchmarks/ is on sys.path as the script folder)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -128,7 +128,7 @@ def render(jsonl: Path, md: Path) -> None:
              "varlen kernel does, against the masked kernel's T²).", ""]
     for run in recs:
         lines += [f"## {run['date']} · {run['machine']} · git {run['git']}", "",
-                  f"{run['model']}; {run['dtype']}; {json.dumps(run['versions'])}", "",
+                  f"{run['model']}; {run['dtype']}; {json.dumps(run['versions'])}.{command_note(run)}", "",
                   "| tokens | examples | Σl²/T² | attention | median ms | × sdpa | peak MiB | max abs diff vs sdpa |",
                   "|---:|---:|---:|---|---:|---:|---:|---:|"]
         for r in run["rows"]:
@@ -160,7 +160,7 @@ def main() -> int:
             print(json.dumps(r), flush=True)
     m = MODELS[args.device]
     run = dict(date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), machine=machine(args.device),
-               git=git_sha(), dtype="bfloat16" if args.device == "cuda" else "float32",
+               git=git_sha(), command=command_line(), dtype="bfloat16" if args.device == "cuda" else "float32",
                model=(f"random Llama trunk: {m['num_hidden_layers']} layers, hidden {m['hidden_size']}, "
                       f"{m['num_attention_heads']}/{m['num_key_value_heads']} heads, MLP {m['intermediate_size']}"),
                versions=versions("torch", "transformers", "flash-attn"), rows=rows)

@@ -46,7 +46,7 @@ import threading
 import time
 from pathlib import Path
 
-from _env import git_sha, machine, run_worker, versions  # noqa: E402  (benchmarks/ is on sys.path as the script folder)
+from _env import command_line, command_note, git_sha, machine, run_worker, versions  # noqa: E402  (benchmarks/ is on sys.path as the script folder)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -273,7 +273,7 @@ def main(argv=None) -> None:
     variants = args.variants.split(",") if args.variants else VARIANTS[args.device]
     now = dt.datetime.now(dt.timezone.utc)
     common = {"run_id": now.strftime("%Y%m%dT%H%M%SZ"), "date": now.isoformat(timespec="seconds"),
-              "git_sha": git_sha(), "machine": machine(args.device), "device": args.device,
+              "git_sha": git_sha(), "command": command_line(), "machine": machine(args.device), "device": args.device,
               "versions": versions("torch", "transformers", "peft", "bitsandbytes", "deepspeed"), "steps": args.steps, "seq": args.seq, "lora_r": args.lora_r,
               "model": "SmolLM2-135M-Instruct" if args.model == "default" else args.model, "model_note": args.model_note,
               "threads": args.threads if args.device == "cpu" else None}
@@ -352,7 +352,7 @@ def render(jsonl: Path, md: Path) -> None:
         out += [f"## {r0['device']} — {r0['date']}", "",
                 f"{r0['machine']}; {vers}; git {r0['git_sha']}. Model {r0.get('model', '?')}"
                 f"{' (' + r0['model_note'] + ')' if r0.get('model_note') else ''}; {r0['steps']} steps of "
-                f"{r0['seq']} tokens, LoRA r={r0['lora_r']}{thr}.", ""]
+                f"{r0['seq']} tokens, LoRA r={r0['lora_r']}{thr}.{command_note(r0)}", ""]
         cpu = r0["device"] == "cpu"
         cols = ["variant", "trainable", "weights MiB", "linear MiB", "linear × 16-bit"]
         cols += ["imports MiB", "load peak MiB", "process peak MiB", "after load MiB", "train peak MiB"] if cpu \

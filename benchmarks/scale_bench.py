@@ -28,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from _env import git_sha, machine  # noqa: E402  (benchmarks/ is on sys.path as the script folder)
+from _env import command_line, command_note, git_sha, machine  # noqa: E402  (benchmarks/ is on sys.path as the script folder)
 
 
 def _port() -> int:
@@ -94,7 +94,7 @@ def render(jsonl: Path, md: Path) -> None:
              "to 1-rank ZeRO-2 of the same run.", ""]
     for r in reversed(runs):
         lines += [f"## {r['model']} ({r['finetune']}) — {r['date']}", "",
-                  f"{r['machine']}; torch {r['torch']}, deepspeed {r['deepspeed']}; git {r['git']}.", "",
+                  f"{r['machine']}; torch {r['torch']}, deepspeed {r['deepspeed']}; git {r['git']}.{command_note(r)}", "",
                   "| ZeRO | ranks | step s (median) | tokens/s | step × ref | model state / rank MiB | mem × ref |",
                   "|---|---:|---:|---:|---:|---:|---:|"]
         ref = next(x for x in r["rows"] if str(x["stage"]) == "2" and x["nproc"] == 1)
@@ -135,7 +135,7 @@ def main() -> None:
     rec = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model": args.model, "finetune": args.finetune,
            "machine": args.device_note or machine(),
            "torch": torch.__version__, "deepspeed": deepspeed.__version__,
-           "git": git_sha(), "rows": rows}
+           "git": git_sha(), "command": command_line(), "rows": rows}
     with args.jsonl.open("a") as fh:
         fh.write(json.dumps(rec) + "\n")
     render(args.jsonl, args.md)

@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from _env import git_sha, machine  # noqa: E402  (benchmarks/ is on sys.path as the script folder)
+from _env import command_line, git_sha, machine  # noqa: E402  (benchmarks/ is on sys.path as the script folder)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -114,7 +114,7 @@ def main(argv=None) -> None:
                f"python {platform.python_version()}, torch {torch.__version__}, "
                f"transformers {transformers.__version__}; "
                f"git {git_sha()}; teacher {teacher.id}; model load {load_s:.1f}s; "
-               f"load average at start {load_avg:.2f}.\n\n{header}\n{row}\n")
+               f"load average at start {load_avg:.2f}. Command: `{command_line()}`.\n\n{header}\n{row}\n")
     print(section)
     if str(args.md):
         with open(args.md, "a") as fh:

@@ -55,7 +55,8 @@ class ModelConfig:
     lora_alpha: int = 32
     lora_dropout: float = 0.0
     lora_target_modules: Any = "all-linear"
-    """peft ``target_modules``: ``all-linear`` or a list of module names."""
+    """peft ``target_modules``: ``all-linear``, a list of module names (``[q_proj,v_proj]``), or one
+    string that peft reads as a regular expression over the full module names."""
     cls_position: str = "last_prompt"
     """Where the classification head reads: ``last_prompt`` (the last token of the prompt, just
     before the answer) or ``token`` (a dedicated special token appended to the prompt)."""
@@ -88,6 +89,12 @@ class ModelConfig:
                               f"base: it needs model.finetune=lora, got model.finetune={self.finetune}")
         _choice("model.cls_position", self.cls_position, ("last_prompt", "token"))
         _choice("model.loss_impl", self.loss_impl, ("auto", "triton", "torch", "reference"))
+        targets = self.lora_target_modules
+        if not ((isinstance(targets, str) and targets.strip())
+                or (isinstance(targets, (list, tuple)) and targets
+                    and all(isinstance(t, str) and t.strip() for t in targets))):
+            raise ConfigError(f"model.lora_target_modules: expected 'all-linear', a non-empty list of module names "
+                              f"or one regular expression, got {targets!r}")
         _positive("model.lora_r", self.lora_r)
         _number("model.lora_alpha", self.lora_alpha, low=0, low_open=True)
         _number("model.lora_dropout", self.lora_dropout, low=0, high=1, high_open=True)
@@ -185,7 +192,7 @@ class TrainConfig:
     """Evaluate on the dev split every N steps (0 = never during training; the dev split still tunes
     the end-of-run F1 threshold)."""
     save_every: int = 0
-    """Write a resumable checkpoint (``output_dir/checkpoints/step-N``: model, optimizer, scheduler,
+    """Write a resumable checkpoint (``output_dir/checkpoints/step-00000100`` for step 100: model, optimizer, scheduler,
     RNG states) every N steps (0 = none; SIGTERM always writes one before exiting)."""
     save_total_limit: int = 2
     """Keep only the newest N resumable checkpoints (0 = keep all)."""

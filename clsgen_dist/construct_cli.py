@@ -38,7 +38,8 @@ def _parse(argv: list[str] | None):
                         "predicts and explains")
     p.add_argument("--limit", type=int_at_least(1), default=None, help="use only the first N examples of --input")
     p.add_argument("--explain-limit", type=int_at_least(-1), default=None,
-                   help="send only the first N examples to the teacher; the rest are written cls-only")
+                   help="send only the first N examples to the teacher; the rest are written cls-only "
+                        "(default and -1: all)")
     p.add_argument("--max-new-tokens", type=int_at_least(1), default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -56,7 +57,8 @@ def _parse(argv: list[str] | None):
                    help="conditioned mode: consistent when the judged P(gold label) exceeds this")
     p.add_argument("--templates", default=None, help="YAML overriding prompt templates (conditioned, "
                    "unconditioned, judge, judge_answer_prefix, system)")
-    p.add_argument("--cache", default=None, metavar="DIR", help="cache folder (default: OUT.cache.jsonl)")
+    p.add_argument("--cache", default=None, metavar="DIR", help="keep the teacher cache in DIR/teacher_cache.jsonl (default: OUT.cache.jsonl "
+                        "next to --output)")
     p.add_argument("--config", default=None, help="run config for data.* (default: launch/configs/default.yaml)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.text_field=review")
     return p.parse_args(argv)

