@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import Config, dump_config, load_config
+from .config import Config, ConfigError, dump_config, load_config
 from .distributed import barrier, is_main
 from .distributed.engine import full_state_dict
 from .modeling import DualHeadModel, load_tokenizer, resolve_model_path
@@ -80,15 +80,28 @@ def save_checkpoint(model: DualHeadModel, tokenizer, cfg: Config, out_dir: str |
                 model.causal_lm.save_pretrained(tmp, state_dict=backbone_sd, safe_serialization=True)
             save_file({k: v.float().contiguous() for k, v in head_sd.items()}, str(tmp / HEAD_NAME))
             tokenizer.save_pretrained(tmp)
-            dump_config(cfg, tmp / CONFIG_NAME)
+            dump_config(_with_absolute_base(cfg), tmp / CONFIG_NAME)
         log.info("saved checkpoint %s", out)
     barrier()
     return out
 
 
-def check_checkpoint(path: str | Path) -> Config:
+def _with_absolute_base(cfg: Config) -> Config:
+    """``cfg`` with a relative ``model.name_or_path`` made absolute, so that the checkpoint's adapter
+    finds its base from any working directory."""
+    import dataclasses
+
+    base = cfg.model.name_or_path
+    if base == "default" or Path(base).is_absolute() or not Path(base).exists():
+        return cfg
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name_or_path=str(Path(base).resolve())))
+
+
+def check_checkpoint(path: str | Path, *, base_model: str | None = None) -> Config:
     """The checkpoint's run config, or CheckpointError saying what is missing: the folder, its
-    marker and config, the head, the weights (adapter or full model), or a LoRA adapter's base."""
+    marker and config, the head, the weights (adapter or full model), or a LoRA adapter's base.
+    ``base_model`` replaces the base recorded in the config (the base moved, or lives elsewhere on
+    this machine); it must be the same model."""
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"{p}: no such checkpoint folder")
@@ -105,23 +118,40 @@ def check_checkpoint(path: str | Path) -> Config:
     if missing:
         raise CheckpointError(f"{p}: incomplete clsgen checkpoint, missing {', '.join(missing)}")
     cfg = load_config(p / CONFIG_NAME)
+    if base_model is not None:
+        cfg.model.name_or_path = base_model
     base = cfg.model.name_or_path
     if adapter and base != "default" and not Path(base).exists():
-        raise CheckpointError(f"{p}: the LoRA adapter's base model {base} (model.name_or_path in {CONFIG_NAME}) "
-                              f"does not exist; it is needed to load the adapter (or load a merged export)")
+        where = "--base-model" if base_model is not None else f"model.name_or_path in {CONFIG_NAME}"
+        raise CheckpointError(f"{p}: the LoRA adapter's base model {base} ({where}) does not exist; it is needed to "
+                              f"load the adapter: pass the base's folder on this machine with --base-model")
     return cfg
 
 
+def _inference_attn(asked: str | None, trained: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The attention to load with: ``asked``, else the one the run trained with if it runs here (a
+    checkpoint trained with a CUDA varlen kernel still loads on a CPU), else ``auto``'s choice."""
+    if asked is not None:
+        return resolve_attn(asked, device, dtype)
+    try:
+        return resolve_attn(trained, device, dtype)
+    except ConfigError as e:
+        attn = resolve_attn("auto", device, dtype)
+        log.info("trained with %s; loading with %s here (%s)", trained, attn, e)
+        return attn
+
+
 def load_checkpoint(path: str | Path, *, device: torch.device | str = "cpu", dtype: str | None = None,
-                    attn_implementation: str | None = None):
-    """Returns (model, tokenizer, cfg) with the model in eval mode on ``device``."""
+                    attn_implementation: str | None = None, base_model: str | None = None):
+    """Returns (model, tokenizer, cfg) with the model in eval mode on ``device``. ``base_model``:
+    the LoRA adapter's base folder, if not where the config says (see :func:`check_checkpoint`)."""
     from transformers import AutoModelForCausalLM
 
     p = Path(path)
-    cfg = check_checkpoint(p)
+    cfg = check_checkpoint(p, base_model=base_model)
     device = torch.device(device)
     tdtype = resolve_dtype(dtype or cfg.model.dtype, device)
-    attn = resolve_attn(attn_implementation or cfg.model.attn_implementation, device, tdtype)
+    attn = _inference_attn(attn_implementation, cfg.model.attn_implementation, device, tdtype)
     tokenizer = load_tokenizer(str(p))
     if (p / "adapter_config.json").is_file():
         from peft import PeftModel

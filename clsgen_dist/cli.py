@@ -92,6 +92,8 @@ def eval_main(argv: list[str] | None = None) -> int:
                 "metrics.json, predictions.jsonl, report.md/.html and plots.")
     p.add_argument("--checkpoint", default=None, help="checkpoint folder (e.g. outputs/run/final); required "
                    "except with --mode zero_shot, which can take --config instead")
+    p.add_argument("--base-model", default=None, help="the run's base model folder, if not where its config "
+                   "says (the same model, moved or on another machine): a LoRA/QLoRA adapter loads on it")
     p.add_argument("--data", default=None, help="labelled JSONL/CSV/Parquet file or saved dataset (default: the "
                    "test split of the run config)")
     p.add_argument("--output", required=True, help="folder for metrics.json, predictions.jsonl and the report")
@@ -137,6 +139,8 @@ def eval_main(argv: list[str] | None = None) -> int:
 def predict_main(argv: list[str] | None = None) -> int:
     p = _parser("Probability and explanation for texts, from one prefill each.")
     p.add_argument("--checkpoint", required=True)
+    p.add_argument("--base-model", default=None, help="the run's base model folder, if not where its config "
+                   "says (the same model, moved or on another machine): a LoRA/QLoRA adapter loads on it")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--text", action="append", help="a text to classify (repeatable)")
     g.add_argument("--data", help="a file with a text column (labels optional)")
@@ -156,7 +160,7 @@ def predict_main(argv: list[str] | None = None) -> int:
         for i, t in enumerate(args.text or []):
             if not t.strip():
                 raise ConfigError(f"--text number {i + 1} is empty; expected the text to classify")
-        m = CLSGen.from_pretrained(args.checkpoint)
+        m = CLSGen.from_pretrained(args.checkpoint, base_model=args.base_model)
         if args.data:
             d = m.cfg.data
             exs = read_examples(args.data, text_field=d.text_field, label_field=d.label_field, id_field=d.id_field,

@@ -178,6 +178,8 @@ class TrainConfig:
     head_learning_rate: float | None = None
     """Learning rate of the classification head (``None`` = ``learning_rate``)."""
     weight_decay: float = 0.0
+    """AdamW weight decay of the backbone's trainable matrices; norm gains, biases and the
+    classification head are not decayed."""
     warmup_steps: int = 0
     lr_scheduler: str = "cosine"
     """``cosine``, ``linear`` or ``constant`` (after warm-up)."""

@@ -22,15 +22,16 @@ def _load(args, device):
     from .baselines import load_base_model, resolve_mode
     from .config import load_config
 
+    base_model = getattr(args, "base_model", None)
     if args.checkpoint:
-        cfg = check_checkpoint(args.checkpoint)
+        cfg = check_checkpoint(args.checkpoint, base_model=base_model)
     else:
         cfg = load_config(args.config, getattr(args, "overrides", None) or [])
     mode = resolve_mode(getattr(args, "mode", "auto") or "auto", cfg)
     if mode == "zero_shot":
         model, tokenizer = load_base_model(cfg, device)
     else:
-        model, tokenizer, cfg = load_checkpoint(args.checkpoint, device=device)
+        model, tokenizer, cfg = load_checkpoint(args.checkpoint, device=device, base_model=base_model)
     return model, tokenizer, cfg, mode
 
 
@@ -53,7 +54,8 @@ def run_eval(args) -> dict:
     from .retention import language_retention
 
     if args.checkpoint:
-        check_checkpoint(args.checkpoint)  # user errors first, before any process group exists
+        check_checkpoint(args.checkpoint, base_model=getattr(args, "base_model", None))  # user errors first,
+        # before any process group exists
     elif getattr(args, "mode", None) != "zero_shot":
         from .checkpoint import CheckpointError
 

@@ -42,13 +42,13 @@ EXPORT_MARKER = "EXPORTED_FROM"  # in an export folder: the adapter checkpoint i
 
 
 def merged_backbone(checkpoint: str | Path, *, dtype: torch.dtype = torch.bfloat16, base: str = "dequantized",
-                    device: str | torch.device | None = None):
+                    device: str | torch.device | None = None, base_model: str | None = None):
     """The checkpoint's causal LM with its LoRA adapter merged in, in ``dtype``, on the CPU, and the
     checkpoint's config. ``device`` (default: CUDA when available) only re-quantizes a QLoRA base."""
     from peft import PeftModel
 
     p = Path(checkpoint)
-    cfg = check_checkpoint(p)
+    cfg = check_checkpoint(p, base_model=base_model)
     if not (p / "adapter_config.json").is_file():
         raise CheckpointError(f"{p}: a full model already (no adapter_config.json): nothing to merge")
     if base not in ("dequantized", "original"):
@@ -95,13 +95,14 @@ def check_export_target(src: Path, out: Path) -> None:
 
 
 def export_merged(checkpoint: str | Path, output: str | Path, *, dtype: str = "bfloat16",
-                  base: str = "dequantized", device: str | torch.device | None = None) -> Path:
+                  base: str = "dequantized", device: str | torch.device | None = None,
+                  base_model: str | None = None) -> Path:
     """Write the merged model of ``checkpoint`` as a full checkpoint at ``output`` (atomically)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     src, out = Path(checkpoint), Path(output)
     check_export_target(src, out)
-    merged, cfg = merged_backbone(src, dtype=DTYPES[dtype], base=base, device=device)
+    merged, cfg = merged_backbone(src, dtype=DTYPES[dtype], base=base, device=device, base_model=base_model)
     cfg.model.finetune, cfg.model.quantization = "full", "none"
     with atomic_folder(out) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
@@ -124,12 +125,15 @@ def main(argv: list[str] | None = None) -> int:
                         "reproduces the trained model) or into the base's own 16-bit weights")
     p.add_argument("--device", default=None, help="where a QLoRA base is re-quantized (default: cuda if "
                    "available, else cpu; the same as where the trained model is loaded for eval/predict)")
+    p.add_argument("--base-model", default=None, help="the adapter's base model folder, if not where the run's "
+                   "config says (the same model, moved or on another machine)")
     args = p.parse_args(argv)
     from .cli import user_errors
     from .logs import setup_logging
 
     setup_logging()
     with user_errors():
-        out = export_merged(args.checkpoint, args.output, dtype=args.dtype, base=args.base, device=args.device)
+        out = export_merged(args.checkpoint, args.output, dtype=args.dtype, base=args.base, device=args.device,
+                            base_model=args.base_model)
         print(out)
     return 0

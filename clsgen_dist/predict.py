@@ -120,11 +120,16 @@ class CLSGen:
         self.encoder = make_encoder(cfg, tokenizer)
 
     @classmethod
-    def from_pretrained(cls, path, *, device: str | torch.device | None = None, dtype: str | None = None) -> "CLSGen":
+    def from_pretrained(cls, path, *, device: str | torch.device | None = None, dtype: str | None = None,
+                        attn_implementation: str | None = None, base_model: str | None = None) -> "CLSGen":
+        """Load a checkpoint (see :func:`~clsgen_dist.checkpoint.load_checkpoint`): ``dtype`` and
+        ``attn_implementation`` default to the run's where they run on ``device``; ``base_model`` is
+        a LoRA adapter's base folder if not where the run's config says."""
         from .checkpoint import load_checkpoint
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model, tok, cfg = load_checkpoint(path, device=device, dtype=dtype)
+        model, tok, cfg = load_checkpoint(path, device=device, dtype=dtype, attn_implementation=attn_implementation,
+                                          base_model=base_model)
         return cls(model, tok, cfg)
 
     def _decode(self, tokens: list[int]) -> str:

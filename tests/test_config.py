@@ -90,8 +90,20 @@ def test_head_learning_rate_zero_freezes_the_head_not_defaults_it():
 
     model = torch.nn.ModuleDict({"body": torch.nn.Linear(2, 2), "cls_head": torch.nn.Linear(2, 1)})
     lrs = lambda *ov: [g["lr"] for g in param_groups(model, load_config(None, ["train.learning_rate=0.1", *ov]))]  # noqa: E731
-    assert lrs() == [0.1, 0.1] and lrs("train.head_learning_rate=0.5") == [0.1, 0.5]
-    assert lrs("train.head_learning_rate=0") == [0.1, 0.0]
+    assert lrs() == [0.1, 0.1, 0.1] and lrs("train.head_learning_rate=0.5") == [0.1, 0.1, 0.5]
+    assert lrs("train.head_learning_rate=0") == [0.1, 0.1, 0.0]
+
+
+def test_weight_decay_skips_vectors_and_the_head():
+    """Norm gains and biases are not decayed (HF Trainer's rule), nor is the classification head."""
+    from clsgen_dist.distributed.engine import param_groups
+
+    model = torch.nn.ModuleDict({"proj": torch.nn.Linear(2, 3), "norm": torch.nn.LayerNorm(3),
+                                 "cls_head": torch.nn.Linear(3, 1)})
+    groups = param_groups(model, load_config(None, ["train.weight_decay=0.1"]))
+    decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert decayed == {id(model["proj"].weight)}
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
 
 
 def test_overrides_may_sit_among_the_flags(capsys):

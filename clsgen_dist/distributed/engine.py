@@ -104,13 +104,21 @@ def lr_lambda(cfg: Config):
 
 
 def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
-    head, rest = [], []
+    """The optimizer's groups: the backbone's matrices with ``train.weight_decay``; its vectors (norm
+    gains, biases) without, as in HF Trainer; the classification head at ``train.head_learning_rate``
+    without decay."""
+    head, decay, no_decay = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (head if name.startswith("cls_head.") else rest).append(p)
-    head_lr = cfg.train.learning_rate if cfg.train.head_learning_rate is None else cfg.train.head_learning_rate
-    groups = [{"params": rest, "lr": cfg.train.learning_rate, "weight_decay": cfg.train.weight_decay},
+        if name.startswith("cls_head."):
+            head.append(p)
+        else:  # a ZeRO-3 partitioned parameter keeps its full shape in ds_shape
+            (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
+    lr = cfg.train.learning_rate
+    head_lr = lr if cfg.train.head_learning_rate is None else cfg.train.head_learning_rate
+    groups = [{"params": decay, "lr": lr, "weight_decay": cfg.train.weight_decay},
+              {"params": no_decay, "lr": lr, "weight_decay": 0.0},
               {"params": head, "lr": head_lr, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 

@@ -33,23 +33,25 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def resolve_attn(attn: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
-    """``auto`` → flash-attn's ``flash_attention_2`` on CUDA when the package is installed, else
-    PyTorch's varlen flash kernel (``torch_varlen``) for 16-bit weights on CUDA, else ``sdpa``.
-    An explicit ``torch_varlen`` is checked against the device and dtype here, before loading."""
+    """``auto`` → for 16-bit weights on CUDA, flash-attn's ``flash_attention_2`` when the package is
+    installed, else PyTorch's varlen flash kernel (``torch_varlen``, torch >= 2.10); otherwise
+    ``sdpa``. An explicit varlen kernel (both are 16-bit and CUDA only) is checked here, before
+    loading: transformers would only warn, and the first forward would fail."""
     half = dtype in (torch.bfloat16, torch.float16)
     if attn == "auto":
-        if device.type != "cuda":
+        if device.type != "cuda" or not half:
             return "sdpa"
         if flash_attn_available():
             return "flash_attention_2"
-        return "torch_varlen" if half and torch_varlen_available() else "sdpa"
-    if attn == "torch_varlen":
+        return "torch_varlen" if torch_varlen_available() else "sdpa"
+    if attn in ("torch_varlen", "flash_attention_2"):
+        missing = (f"this torch ({torch.__version__}) has no usable torch.nn.attention.varlen.varlen_attn (torch >= 2.10)"
+                   if attn == "torch_varlen" else "the flash-attn package is not installed")
         why = ("it runs on CUDA only" if device.type != "cuda" else
-               f"this torch ({torch.__version__}) has no usable torch.nn.attention.varlen.varlen_attn (torch >= 2.10)"
-               if not torch_varlen_available()
+               missing if not (torch_varlen_available() if attn == "torch_varlen" else flash_attn_available())
                else f"it needs 16-bit weights, got {dtype}; set model.dtype=bfloat16" if not half else None)
         if why:
-            raise ConfigError(f"model.attn_implementation=torch_varlen: {why} (on {device.type}); "
+            raise ConfigError(f"model.attn_implementation={attn}: {why} (on {device.type}); "
                               "use model.attn_implementation=sdpa")
     return attn
 

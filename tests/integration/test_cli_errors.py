@@ -141,8 +141,57 @@ def test_incomplete_checkpoints_say_what_is_missing(capsys, tmp_path, ckpt):
     moved = broken("lora")
     cfg_file = moved / "clsgen_config.yaml"
     cfg_file.write_text(_with_base(cfg_file.read_text(), "/nonexistent/base"))
-    with pytest.raises(CheckpointError, match="the LoRA adapter's base model /nonexistent/base"):
+    with pytest.raises(CheckpointError, match="the LoRA adapter's base model /nonexistent/base .*--base-model"):
         check_checkpoint(moved)
+
+
+def test_moved_base_model_loads_with_base_model_flag(capsys, tmp_path, ckpt, tiny_dir):
+    """The base a LoRA checkpoint names is gone (moved, another machine): predict, eval and export
+    say to pass --base-model, and with it load the same model."""
+    import json
+    import shutil
+
+    from clsgen_dist.cli import predict_main
+    from clsgen_dist.export import main as export_main
+
+    moved = tmp_path / "moved"
+    shutil.copytree(ckpt["lora"], moved)
+    cfg_file = moved / "clsgen_config.yaml"
+    cfg_file.write_text(_with_base(cfg_file.read_text(), str(tmp_path / "gone")))
+    err = _main_error(capsys, predict_main, "--checkpoint", str(moved), "--text", "ok", "--no-explain")
+    assert f"base model {tmp_path / 'gone'} (model.name_or_path in clsgen_config.yaml) does not exist" in err
+    assert "--base-model" in err
+    assert "--base-model" in _main_error(capsys, export_main, "--checkpoint", str(moved), "--output",
+                                         str(tmp_path / "x"))
+    assert "(--base-model) does not exist" in _main_error(capsys, predict_main, "--checkpoint", str(moved),
+                                                          "--text", "ok", "--base-model", str(tmp_path / "nope"))
+
+    def prob(c, *extra):
+        assert predict_main(["--checkpoint", str(c), "--text", "A fine film.", "--no-explain", *extra]) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])["prob"]
+
+    assert prob(moved, "--base-model", str(tiny_dir)) == prob(ckpt["lora"])
+    assert export_main(["--checkpoint", str(moved), "--output", str(tmp_path / "merged"), "--dtype", "float32",
+                        "--base-model", str(tiny_dir)]) == 0
+    assert prob(tmp_path / "merged") == pytest.approx(prob(ckpt["lora"]), abs=1e-5)
+
+
+def test_relative_base_model_is_saved_absolute(tmp_path, tiny_dir, monkeypatch):
+    """A run started with a relative model.name_or_path writes an absolute one into its checkpoint,
+    which then loads from any working directory."""
+    import shutil
+
+    from clsgen_dist.checkpoint import check_checkpoint, save_checkpoint
+    from clsgen_dist.config import load_config
+    from clsgen_dist.modeling import build_model
+
+    shutil.copytree(tiny_dir, tmp_path / "models" / "tiny")
+    monkeypatch.chdir(tmp_path / "models")
+    cfg = load_config(None, ["model.name_or_path=tiny", "model.dtype=float32"])
+    model, tok = build_model(cfg.model)
+    out = save_checkpoint(model, tok, cfg, tmp_path / "ckpt")
+    monkeypatch.chdir(tmp_path)
+    assert check_checkpoint(out).model.name_or_path == str(tmp_path / "models" / "tiny")
 
 
 def _with_base(yaml_text: str, base: str) -> str:

@@ -178,6 +178,26 @@ def test_resolve_attn():
     assert load_config(None, ["model.attn_implementation=torch_varlen"]).model.attn_implementation == "torch_varlen"
 
 
+def test_resolve_attn_flash_attn_only_for_16_bit_cuda(monkeypatch):
+    """flash-attn installed: ``auto`` picks it for 16-bit weights on CUDA only (its kernels have no
+    fp32), and an explicit ``flash_attention_2`` that cannot run is refused before loading."""
+    from clsgen_dist.modeling import build
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(build, "flash_attn_available", lambda: True)
+    assert resolve_attn("auto", cuda, torch.bfloat16) == "flash_attention_2"
+    assert resolve_attn("auto", cuda, torch.float32) == "sdpa"
+    assert resolve_attn("auto", cpu, torch.bfloat16) == "sdpa"
+    assert resolve_attn("flash_attention_2", cuda, torch.bfloat16) == "flash_attention_2"
+    with pytest.raises(ConfigError, match="flash_attention_2: it needs 16-bit weights"):
+        resolve_attn("flash_attention_2", cuda, torch.float32)
+    with pytest.raises(ConfigError, match="flash_attention_2: it runs on CUDA only"):
+        resolve_attn("flash_attention_2", cpu, torch.bfloat16)
+    monkeypatch.setattr(build, "flash_attn_available", lambda: False)
+    with pytest.raises(ConfigError, match="flash-attn package is not installed"):
+        resolve_attn("flash_attention_2", cuda, torch.bfloat16)
+
+
 def _older_kernels(rec):
     """Stand-ins with torch 2.10's and 2.11's exact signatures (no ``**kwargs``), recording like ``rec``."""
     def v210(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
@@ -282,3 +302,29 @@ def test_reference_matches_the_real_kernel(window):
     assert_close(out, ref, atol=2e-2, name="output")
     for name, a, e in zip("qkv", grads, ref_grads):
         assert_close(a, e, atol=5e-2, rtol=2e-2, name=f"d{name}")
+
+
+@pytest.mark.parametrize("trained_with", ["torch_varlen", "flash_attention_2"])
+def test_checkpoint_trained_with_a_cuda_kernel_loads_on_cpu(tiny_dir, tmp_path, trained_with):
+    """A run trained with a CUDA-only varlen kernel saves it in its config; loading the checkpoint
+    on a CPU (eval, predict, CLSGen.from_pretrained) falls back to sdpa instead of refusing."""
+    import dataclasses
+
+    from clsgen_dist.checkpoint import load_checkpoint, save_checkpoint
+
+    cfg = load_config(None, [f"model.name_or_path={tiny_dir}", "model.dtype=float32", "data.max_seq_len=128",
+                             "data.label_names=[negative, positive]"])
+    model, tok = build_model(cfg.model, seed=0)
+    with torch.no_grad():
+        model.cls_head.weight.normal_(0, 0.2)
+    model.eval()
+    texts = ["A delight from start to finish.", "Boring and far too long."]
+    before = CLSGen(model, tok, cfg).predict(texts, explain=False)
+    cfg.model = dataclasses.replace(cfg.model, attn_implementation=trained_with)
+    save_checkpoint(model, tok, cfg, tmp_path / "ckpt")
+    loaded = CLSGen.from_pretrained(str(tmp_path / "ckpt"))
+    assert loaded.model.config._attn_implementation == "sdpa"
+    assert [r["prob"] for r in loaded.predict(texts, explain=False)] == pytest.approx([r["prob"] for r in before],
+                                                                                      abs=1e-6)
+    with pytest.raises(ConfigError, match=f"{trained_with}: it runs on CUDA only"):  # asked for explicitly
+        load_checkpoint(tmp_path / "ckpt", attn_implementation=trained_with)
