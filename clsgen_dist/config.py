@@ -67,7 +67,8 @@ class ModelConfig:
     """Fused loss implementation: ``auto`` (triton on CUDA, torch elsewhere), ``triton``,
     ``torch`` (chunked) or ``reference`` (naive, materialises logits: tests only)."""
     loss_chunk_size: int = 1024
-    """Rows per chunk in the chunked torch loss."""
+    """Rows of the fused loss's ``[chunk, V]`` logits buffer, its memory peak (eager mode, torch and
+    Triton alike; ``recompute`` has no such buffer)."""
     loss_grad_mode: str = "eager"
     """How the fused loss makes the LM gradients: ``eager`` (in the forward, one ``[chunk, V]``
     logits buffer at a time) or ``recompute`` (Triton on CUDA only: the backward recomputes the

@@ -161,7 +161,14 @@ def apply_lora(backbone, cfg: ModelConfig):
 
     lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=cfg.lora_target_modules, bias="none")
-    return get_peft_model(backbone, lcfg)
+    model = get_peft_model(backbone, lcfg)
+    if hasattr(model.get_output_embeddings(), "base_layer"):
+        # The fused loss multiplies by lm_head.weight itself: an adapter there would get no gradient
+        # and the trained loss would not be the model's.
+        raise ConfigError(f"model.lora_target_modules={cfg.lora_target_modules!r} puts a LoRA adapter on the LM "
+                          f"head; the fused loss reads its weight directly, so leave the output layer out "
+                          f"('all-linear' does)")
+    return model
 
 
 def build_model(cfg: ModelConfig, *, device: torch.device | str = "cpu", model_path: str | None = None,

@@ -53,8 +53,9 @@ class ChunkBackend(Protocol):
     def prepare_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """The weight as used by the gradient matmuls (may be an fp32 copy)."""
 
-    def loss_only(self, hidden, weight, bias, targets) -> torch.Tensor:
-        """``[n]`` fp32 per-row losses, no gradients and no ``[chunk, V]`` buffer if possible."""
+    def loss_only(self, hidden, weight, bias, targets, chunk_size: int | None = None) -> torch.Tensor:
+        """``[n]`` fp32 per-row losses, no gradients and no ``[chunk, V]`` buffer if possible
+        (else one of ``chunk_size`` rows)."""
 
     def chunk(self, hidden, weight, bias, targets, buf, need_grad: bool) -> torch.Tensor:
         """``[c]`` fp32 per-row losses; if ``need_grad``, leaves ``softmax - onehot`` in ``buf``."""
@@ -76,9 +77,10 @@ class TorchChunkBackend:
         # This path is the CPU/fallback one; on CUDA the Triton backend reads bf16 directly.
         return weight if weight.dtype == torch.float32 else weight.float()
 
-    def loss_only(self, hidden, weight, bias, targets) -> torch.Tensor:
+    def loss_only(self, hidden, weight, bias, targets, chunk_size: int | None = None) -> torch.Tensor:
         n, vocab = hidden.shape[0], weight.shape[0]
-        rows = self.default_chunk_rows(n, vocab, weight)
+        rows = max(1, chunk_size or self.default_chunk_rows(n, vocab, weight))
+        weight = self.prepare_weight(weight)
         buf = hidden.new_empty((min(rows, n), vocab), dtype=torch.float32)
         out = [self.chunk(hidden[s : s + rows], weight, bias, targets[s : s + rows], buf, False) for s in range(0, n, rows)]
         return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
@@ -178,7 +180,7 @@ class LinearCrossEntropySum(torch.autograd.Function):
         ctx.done = False
         if not any(needs):
             # Evaluation / frozen everything: no gradient buffers, minimal memory.
-            return backend.loss_only(hidden, weight, bias, targets).sum()
+            return backend.loss_only(hidden, weight, bias, targets, chunk_size).sum()
 
         rows = chunk_size or backend.default_chunk_rows(n, vocab, weight)
         rows = max(1, min(rows, n))
@@ -211,6 +213,7 @@ class LinearCrossEntropySum(torch.autograd.Function):
         return row_loss.sum()
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the gradients were made in the forward: no graph of them
     def backward(ctx, grad_out: torch.Tensor):
         if ctx.done:
             raise RuntimeError("dual_head_loss: backward through the fused LM loss can only run once")

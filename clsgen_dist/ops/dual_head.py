@@ -15,6 +15,7 @@ log = logging.getLogger("clsgen_dist.ops")
 
 IMPLS = ("auto", "triton", "torch", "reference")
 GRAD_MODES = ("eager", "recompute")
+ACCUM_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _resolved: dict[str, str] = {}  # device type -> impl chosen by "auto"
 
 
@@ -78,6 +79,28 @@ def _check_inputs(hidden, lm_weight, targets, cls_weight, cls_bias, cls_index, c
         raise ValueError("dual_head_loss: " + "; ".join(problems))
 
 
+def _rows_to_keep(valid, targets, vocab: int, cls_labels) -> torch.Tensor:
+    """Indices of the rows with a target, from one host sync that also checks every target is in
+    ``[0, V)`` and every label 0 or 1. Unchecked, a bad target is a device-side assert on CUDA (the
+    process's CUDA context is lost) or, in the Triton kernel, a silently wrong loss."""
+    n = targets.numel()
+    bad_target = valid & ((targets < 0) | (targets >= vocab))  # [N]
+    bad_label = (cls_labels != 0) & (cls_labels != 1)  # [M]
+    hits = torch.cat([valid, bad_target, bad_label]).nonzero().squeeze(1)  # <- host sync (data-dependent size)
+    if hits.numel() and hits[-1] >= n:  # one of the checks failed (error path: more syncs are fine)
+        problems = []
+        rows = bad_target.nonzero().squeeze(1)
+        if rows.numel():
+            r = int(rows[0])
+            problems.append(f"{rows.numel()} target(s) outside [0, {vocab}) and not {IGNORE_INDEX}, first at row "
+                            f"{r}: {int(targets[r])}")
+        pos = bad_label.nonzero().squeeze(1)
+        if pos.numel():
+            problems.append(f"cls_labels must be 0 or 1, got {cls_labels[pos[0]].item()} at position {int(pos[0])}")
+        raise ValueError("dual_head_loss: " + "; ".join(problems))
+    return hits  # every hit is a valid row
+
+
 def dual_head_loss(
     hidden: torch.Tensor,  # [N, H] fp32 / bf16
     lm_weight: torch.Tensor,  # [V, H]
@@ -111,7 +134,8 @@ def dual_head_loss(
             type and logged), ``"triton"``, ``"torch"`` (chunked, fp32 compute), or
             ``"reference"`` (materialises ``[N, V]`` logits; tests and benchmarks only).
         chunk_size: rows of the ``[chunk, V]`` buffer, the op's memory peak (default: a byte
-            budget, see ``chunked.TORCH_CHUNK_BYTES`` / ``triton_fused.TRITON_CHUNK_BYTES``).
+            budget, see ``chunked.TORCH_CHUNK_BYTES`` / ``triton_fused.TRITON_CHUNK_BYTES``). Eager
+            mode only; without gradients the Triton path streams and has no such buffer.
         accum_dtype: dtype in which the LM weight gradient accumulates across chunks (and is
             held until backward, where it is scaled and cast to ``lm_weight.dtype``). fp32 costs
             ``4·V·H`` bytes while ``lm_weight`` is trained; ``torch.bfloat16`` halves that for a
@@ -139,16 +163,23 @@ def dual_head_loss(
     does not apply), and the rows with a target are saved for it: when some rows are ignored,
     that is an ``[n, H]`` copy of them.
 
+    Targets outside ``[0, V)`` other than -100, and labels other than 0/1, are a ValueError.
+
     Sync: dropping ignored rows needs their count on the host (``nonzero``), one device->host
-    sync per call on CUDA. ``impl="reference"`` avoids it but holds ``[N, V]`` fp32 logits.
+    sync per call on CUDA; the same sync checks the targets and labels.
     """
     _check_inputs(hidden, lm_weight, targets, cls_weight, cls_bias, cls_index, cls_labels, lm_bias)
+    if accum_dtype not in ACCUM_DTYPES:
+        raise ValueError(f"dual_head_loss: accum_dtype={accum_dtype}, expected one of {ACCUM_DTYPES}")
     impl = resolve_impl(impl, hidden.device)
     if grad_mode not in GRAD_MODES:
         raise ValueError(f"dual_head_loss: grad_mode={grad_mode!r}, expected one of {GRAD_MODES}")
     if grad_mode == "recompute" and impl != "triton":
         raise ValueError(f"dual_head_loss: grad_mode='recompute' is a Triton kernel, but the implementation "
                          f"is {impl!r} on {hidden.device.type} (use impl='triton' on CUDA)")
+
+    valid = targets != IGNORE_INDEX  # [N]
+    keep = _rows_to_keep(valid, targets, lm_weight.shape[0], cls_labels)  # [n]  <- the one host sync
 
     # Classification head: M x H, plain autograd, fp32.
     cls_loss_sum, cls_logits = cls_loss_reference(hidden, cls_weight, cls_bias, cls_index, cls_labels)
@@ -157,9 +188,7 @@ def dual_head_loss(
         lm_loss_sum, n_lm_targets = lm_loss_sum_reference(hidden, lm_weight, targets, lm_bias)
         return lm_loss_sum, n_lm_targets, cls_loss_sum, cls_logits
 
-    valid = targets != IGNORE_INDEX  # [N]
     n_lm_targets = valid.sum()
-    keep = valid.nonzero().squeeze(1)  # [n]  <- host sync (data-dependent size)
     if keep.numel() == targets.numel():  # nothing ignored: no [N, H] copy, no scatter in backward
         h_sel, t_sel = hidden, targets.contiguous()  # the kernels index targets by row
     else:

@@ -19,7 +19,9 @@ def lm_loss_sum_reference(
     lm_bias: torch.Tensor | None = None,  # [V]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of token cross-entropies (fp32) and the number of non-ignored targets (int64 tensor)."""
-    logits = F.linear(hidden, lm_weight, lm_bias).float()  # [N, V]  <- the memory peak we avoid elsewhere
+    dt = torch.promote_types(hidden.dtype, lm_weight.dtype)  # the other impls take mixed dtypes too
+    bias = None if lm_bias is None else lm_bias.to(dt)
+    logits = F.linear(hidden.to(dt), lm_weight.to(dt), bias).float()  # [N, V]  <- the memory peak we avoid elsewhere
     loss = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
     return loss, (targets != IGNORE_INDEX).sum()
 

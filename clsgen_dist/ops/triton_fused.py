@@ -156,7 +156,8 @@ def _logits_lse_kernel(
         acc = tl.where(mask_v[None, :], acc, float("-inf"))
         t_i += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], acc, 0.0), axis=1)
         m_new = tl.maximum(m_i, tl.max(acc, axis=1))
-        s_i = s_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(acc - m_new[:, None]), axis=1)
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)  # a tile of -inf logits (a bias mask): 0, not NaN
+        s_i = s_i * tl.exp(m_i - m_sub) + tl.sum(tl.exp(acc - m_sub[:, None]), axis=1)
         m_i = m_new
     p_off = rows * stride_pn + pid_s
     tl.store(pm_ptr + p_off, m_i, mask=mask_n)
@@ -191,7 +192,8 @@ def _softmax_grad_kernel(
         z = tl.load(row_ptrs + offs_v[None, :], mask=mask_n[:, None] & (offs_v < V)[None, :], other=float("-inf"))
         z = tl.where(mask_n[:, None], z.to(tl.float32), 0.0)  # padding rows: finite, never stored
         m_new = tl.maximum(m_i, tl.max(z, axis=1))
-        s_i = s_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)  # as in _lse_kernel
+        s_i = s_i * tl.exp(m_i - m_sub) + tl.sum(tl.exp(z - m_sub[:, None]), axis=1)
         m_i = m_new
     lse = m_i + tl.log(s_i)
     for v0 in range(0, V, BLOCK_V):
@@ -459,7 +461,8 @@ class TritonChunkBackend:
         if hidden.dtype != weight.dtype:
             raise TypeError(f"impl='triton' needs hidden and lm_weight of one dtype, got {hidden.dtype} and {weight.dtype}")
 
-    def loss_only(self, hidden, weight, bias, targets) -> torch.Tensor:
+    def loss_only(self, hidden, weight, bias, targets, chunk_size=None) -> torch.Tensor:
+        # Streams over the vocabulary tiles: no [chunk, V] buffer, so chunk_size has nothing to bound.
         self._check(hidden, weight)
         with _on_device(hidden):
             lse, tgt = logits_lse(hidden, weight, bias, targets, None)
@@ -568,6 +571,7 @@ class RecomputeLinearCrossEntropySum(torch.autograd.Function):
         return (lse - tgt).sum()
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         d_hidden, d_weight, d_bias = recompute_grads(

@@ -217,3 +217,14 @@ def test_twenty_steps_fused_equal_naive_loss(tiny_dir, tokenizer, toy_rows):
     fused, naive = train("torch"), train("reference")
     assert fused[-1] < fused[0]
     assert fused == pytest.approx(naive, rel=1e-5, abs=1e-6)
+
+
+def test_lora_on_the_lm_head_is_refused(tiny_dir):
+    """The fused loss multiplies by lm_head.weight itself, so an adapter there would train nothing
+    and the loss would not be the model's: refused with the key to change."""
+    from clsgen_dist.config import ConfigError
+
+    cfg = _cfg(tiny_dir, **{"model.lora_target_modules": "[q_proj,lm_head]"})
+    with pytest.raises(ConfigError, match="puts a LoRA adapter on the LM head"):
+        build_model(cfg.model)
+    build_model(_cfg(tiny_dir, **{"model.lora_target_modules": "[q_proj,v_proj]"}).model)  # fine

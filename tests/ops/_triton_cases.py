@@ -84,6 +84,21 @@ def check_locked_fp32(case: U.Case, device: str, seed: int, repeats: int = 1) ->
         U.compare(out, truth, **U.TOL[torch.float32], name=f"triton-fp32-locked/{case.name}/{device}/seed={seed}+{r}")
 
 
+def check_masked_tile(device: str, seed: int, grad_mode: str) -> None:
+    """An LM bias of -inf over the first half of the vocabulary (tokens a task never emits): whole
+    vocabulary tiles of -inf logits, which the online log-sum-exp must skip rather than turn into
+    exp(-inf - -inf) = NaN."""
+    case = U.Case("masked", N=24, H=32, V=256, M=3, bias=True)
+    inp = U.make_inputs(case, dtype=torch.float32, device=device, seed=seed)
+    with torch.no_grad():
+        inp["lm_bias"][: case.V // 2] = float("-inf")
+    inp["targets"] = torch.randint(case.V // 2, case.V, (case.N,), device=device)
+    name = f"triton-fp32-{grad_mode}/masked_tile/{device}/seed={seed}"
+    tri = U.run_op(inp, impl="triton", grad_mode=grad_mode)
+    assert torch.isfinite(tri["lm_loss_sum"]), f"{name}: loss {tri['lm_loss_sum']}"
+    U.compare(tri, U.reference_f64(inp), **U.TOL[torch.float32], name=name)
+
+
 def check_model_recompute(device: str, seed: int) -> None:
     """DualHeadModel(loss_grad_mode="recompute") on a tiny tied-embedding Llama: the loss and every
     parameter gradient equal the materialised reference loss's (the LM head is the tied embedding,
@@ -130,6 +145,7 @@ def all_checks(device: str, large: bool) -> list[tuple[str, object]]:
         checks += [(f"bf16-{mode}/{c.name}", lambda c=c, m=mode: check_bf16(c, device, U.new_seed(), m)) for c in bf16]
     checks += [(f"bf16-recompute-bf16acc/{c.name}", lambda c=c: check_bf16_accum(c, device, U.new_seed())) for c in bf16]
     checks += [(f"fp32-locked/{c.name}", lambda c=c: check_locked_fp32(c, device, U.new_seed())) for c in bf16]
+    checks += [(f"masked-tile-{m}", lambda m=m: check_masked_tile(device, U.new_seed(), m)) for m in GRAD_MODES]
     checks.append(("model-recompute", lambda: check_model_recompute(device, U.new_seed())))
     return checks
 

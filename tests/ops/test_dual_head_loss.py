@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -180,3 +181,76 @@ def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch, seed: int):
     inp = make_inputs(Case("x"), dtype=torch.float32, device="cpu", seed=seed)
     with pytest.raises(ValueError, match="needs CUDA"):
         run_op(inp, impl="triton")
+
+
+def _args(inp: dict) -> list:
+    return [inp[k] for k in ("hidden", "lm_weight", "targets", "cls_weight", "cls_bias", "cls_index", "cls_labels")]
+
+
+@pytest.mark.parametrize("frozen", ["no_grad", "nothing_trains"])
+def test_bf16_weight_without_gradients(frozen: str, seed: int):
+    """Evaluation (no_grad) or everything frozen with a bf16 LM weight: the loss-only path upcasts
+    the weight like the gradient path does (it fed the bf16 weight to an fp32 matmul)."""
+    inp = make_inputs(Case("x", bias=True), dtype=torch.bfloat16, device="cpu", seed=seed)
+    inp = {k: (v.detach() if torch.is_tensor(v) else v) for k, v in inp.items()}
+    with torch.no_grad() if frozen == "no_grad" else torch.enable_grad():
+        lm = dual_head_loss(*_args(inp), lm_bias=inp["lm_bias"], impl="torch")[0]
+    with torch.no_grad():
+        ref = dual_head_loss(*_args(inp), lm_bias=inp["lm_bias"], impl="reference")[0]
+    torch.testing.assert_close(lm, ref, rtol=2e-2, atol=1e-2)
+
+
+def test_no_grad_chunk_size_bounds_the_buffer(monkeypatch, seed: int):
+    """``chunk_size`` bounds the ``[chunk, V]`` buffer without gradients too."""
+    from clsgen_dist.ops.chunked import TorchChunkBackend
+
+    rows = []
+    chunk = TorchChunkBackend.chunk
+    monkeypatch.setattr(TorchChunkBackend, "chunk", lambda self, h, *a: rows.append(h.shape[0]) or chunk(self, h, *a))
+    inp = make_inputs(Case("x", N=23, ignore_frac=0.0), dtype=torch.float32, device="cpu", seed=seed)
+    with torch.no_grad():
+        dual_head_loss(*_args(inp), impl="torch", chunk_size=5)
+    assert rows == [5, 5, 5, 5, 3]
+
+
+@pytest.mark.parametrize("impl", ["torch", "reference"])
+def test_bad_targets_and_labels_are_refused(impl: str, seed: int):
+    """A target outside [0, V) (other than -100) or a label other than 0/1 is a ValueError naming
+    it; on CUDA an out-of-range gather is a device-side assert, and the Triton kernel would return a
+    wrong loss without complaint."""
+    inp = make_inputs(Case("x", N=9, V=40, M=3, ignore_frac=0.3), dtype=torch.float32, device="cpu", seed=seed)
+    for bad, needle in [(40, "outside [0, 40)"), (-1, "outside [0, 40)"), (-7, "first at row 4: -7")]:
+        t = inp["targets"].clone()
+        t[4] = bad
+        with pytest.raises(ValueError, match=re.escape(needle)):
+            dual_head_loss(inp["hidden"], inp["lm_weight"], t, *_args(inp)[3:], impl=impl)
+    labels = torch.tensor([1.0, 2.0, 0.0])
+    with pytest.raises(ValueError, match=r"cls_labels must be 0 or 1, got 2.0 at position 1"):
+        dual_head_loss(*_args(inp)[:6], labels, impl=impl)
+
+
+def test_accum_dtype_must_be_floating(seed: int):
+    inp = make_inputs(Case("x"), dtype=torch.float32, device="cpu", seed=seed)
+    with pytest.raises(ValueError, match="accum_dtype=torch.int64"):
+        dual_head_loss(*_args(inp), impl="torch", accum_dtype=torch.int64)
+
+
+def test_double_backward_is_refused(seed: int):
+    """The gradients are made in the forward (eager) or by a kernel: no second-order graph. Asking
+    for one raises instead of silently dropping the LM loss's second-order term."""
+    inp = make_inputs(Case("x"), dtype=torch.float32, device="cpu", seed=seed)
+    lm = dual_head_loss(*_args(inp), impl="torch")[0]
+    scale = torch.tensor(3.0, requires_grad=True)  # the upstream gradient is part of the graph
+    (g,) = torch.autograd.grad(scale * lm, inp["hidden"], create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice a function that was marked with @once_differentiable"):
+        g.pow(2).sum().backward()
+
+
+def test_mixed_dtypes_in_the_reference(seed: int):
+    """bf16 hidden states with an fp32 weight (and the reverse) run on every CPU path."""
+    inp = make_inputs(Case("x", bias=True), dtype=torch.float32, device="cpu", seed=seed)
+    x = {k: (v.detach() if torch.is_tensor(v) else v) for k, v in inp.items()}
+    x["hidden"] = x["hidden"].bfloat16()
+    with torch.no_grad():
+        out = [dual_head_loss(*_args(x), lm_bias=x["lm_bias"], impl=i)[0] for i in ("torch", "reference")]
+    torch.testing.assert_close(out[0], out[1], rtol=1e-2, atol=1e-2)

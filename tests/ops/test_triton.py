@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ._triton_cases import (BF16_CASES, GRAD_MODES, LARGE, SMALL, check_bf16, check_bf16_accum, check_fp32,
-                            check_locked_fp32, check_model_recompute)
+                            check_locked_fp32, check_masked_tile, check_model_recompute)
 
 ROOT = Path(__file__).resolve().parents[2]
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="native Triton needs CUDA")
@@ -43,7 +43,8 @@ def test_triton_interpreter_matches_truth_torch_and_reference():
         line for line in p.stdout.splitlines() if not line.startswith("PASS")
     )[-8000:] + p.stderr[-3000:]
     n_bf16 = sum(c.name in BF16_CASES for c in SMALL)
-    assert p.stdout.count("PASS ") == len(GRAD_MODES) * (len(SMALL) + n_bf16) + 2 * n_bf16 + 1  # + the model check
+    # + the masked-tile checks and the model check
+    assert p.stdout.count("PASS ") == len(GRAD_MODES) * (len(SMALL) + n_bf16 + 1) + 2 * n_bf16 + 1
 
 
 def test_recompute_under_partitioned_zero3_two_ranks():
@@ -130,6 +131,12 @@ def test_triton_cuda_recompute_memory_is_the_gradients():
 @cuda_only
 def test_triton_cuda_model_recompute(seed):
     check_model_recompute("cuda", seed)
+
+
+@cuda_only
+@pytest.mark.parametrize("grad_mode", GRAD_MODES)
+def test_triton_cuda_masked_tile(grad_mode, seed):
+    check_masked_tile("cuda", seed, grad_mode)
 
 
 @cuda_only
