@@ -111,16 +111,21 @@ class PromptEncoder:
         if self.system_prompt:
             messages.append({"role": "system", "content": self.system_prompt})
         messages.append({"role": "user", "content": f"{self.instruction}\n\n{_DOC}"})
-        if getattr(self.tok, "chat_template", None):
+        chat = bool(getattr(self.tok, "chat_template", None))
+        if chat:  # the template writes any BOS itself
             rendered = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        else:  # plain LMs: a minimal instruction format
+        else:  # plain LMs: a minimal instruction format; the answer starts on its own line
             sys = f"{self.system_prompt}\n\n" if self.system_prompt else ""
-            rendered = f"{sys}{self.instruction}\n\n{_DOC}\n\nAnswer:"
+            rendered = f"{sys}{self.instruction}\n\n{_DOC}\n\nAnswer:\n"
         if rendered.count(_DOC) != 1:
             raise ValueError("the chat template dropped or repeated the user message")
         before, after = rendered.split(_DOC)
         enc = lambda s: self.tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-        return enc(before), enc(after)
+        prefix = enc(before)
+        bos = self.tok.bos_token_id
+        if not chat and bos is not None and self.tok("a")["input_ids"][:1] == [bos]:
+            prefix = [bos] + prefix  # a tokenizer that starts every sequence with BOS: so does each example
+        return prefix, enc(after)
 
     def verdict_line(self, label: int) -> str:
         return self.verdict_template.format(label=self.label_names[label])
@@ -157,7 +162,9 @@ class PromptEncoder:
         if explanation:
             body = self._ids(explanation + "\n")
             verdict = self.tok(self.verdict_line(label), add_special_tokens=False)["input_ids"]
-            fixed = len(self._prefix) + len(self._suffix) + len(self.cls_ids) + self.min_doc_tokens
+            # the document keeps at least min_doc_tokens (or all of it, if shorter)
+            doc_min = min(self.min_doc_tokens, len(self._ids(text.strip())))
+            fixed = len(self._prefix) + len(self._suffix) + len(self.cls_ids) + doc_min
             room = self.max_seq_len - fixed - len(verdict) - 1
             if len(body) > room:  # too long even with a minimal document: cut its end, keep the newline
                 newline = self.tok("\n", add_special_tokens=False)["input_ids"]

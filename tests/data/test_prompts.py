@@ -77,12 +77,13 @@ def test_template_too_long_for_max_seq_len(tokenizer):
 
 def test_a_cut_explanation_keeps_its_newline_and_a_tiny_room_drops_it(tokenizer):
     fixed = len(encoder(tokenizer)._prefix) + len(encoder(tokenizer)._suffix)
+    doc = "a long review " * 20  # more than the 16 document tokens always kept
     enc = encoder(tokenizer, max_seq_len=fixed + 16 + 30)
-    e = enc.encode("short", 1, "because " * 100)
+    e = enc.encode(doc, 1, "because " * 100)
     answer = tokenizer.decode(e.input_ids[e.cls_pos + 1:])
     assert e.answer_truncated and answer.endswith("because\nVerdict: positive<|im_end|>"), answer
     # with room for fewer than min_explanation_tokens, no verdict-only answer is trained
-    e = encoder(tokenizer, max_seq_len=fixed + 16 + 8).encode("short", 1, "because " * 100)
+    e = encoder(tokenizer, max_seq_len=fixed + 16 + 8).encode(doc, 1, "because " * 100)
     assert e.answer_truncated and e.n_lm == 0 and all(t == IGNORE for t in e.targets)
 
 
@@ -112,3 +113,35 @@ def test_special_token_text_in_the_data_stays_text(tokenizer):
     assert sum(i in special for i in prompt) == sum(i in special for i in enc._prefix + enc._suffix)
     answer = e.input_ids[e.cls_pos + 1:]
     assert [i in special for i in answer].count(True) == 1 and answer[-1] == tokenizer.eos_token_id
+
+
+def test_plain_lm_without_chat_template(tokenizer):
+    """A tokenizer without a chat template: the minimal instruction format, each example starting
+    with BOS when the tokenizer starts sequences with it (as Llama/Mistral base models do), and the
+    answer on its own line after "Answer:"."""
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = None
+    tok.add_bos_token = True
+    bos = tok.bos_token_id
+    assert tok("a")["input_ids"][0] == bos  # the premise: this tokenizer adds BOS
+    enc = encoder(tok)
+    e = enc.encode("A fine film.", 1, "Warm and witty.")
+    assert e.input_ids[0] == bos and e.input_ids.count(bos) == 1
+    assert tok.decode(e.input_ids[1: e.cls_pos + 1]).endswith("A fine film.\n\nAnswer:\n")
+    assert tok.decode(e.input_ids[e.cls_pos + 1:]) == "Warm and witty.\nVerdict: positive" + tok.eos_token
+    assert enc.encode_prompt("A fine film.")[0] == e.input_ids[: e.cls_pos + 1]
+    tok.add_bos_token = False
+    assert encoder(tok).encode("A fine film.", 1, None).input_ids[0] != bos
+
+
+def test_short_document_leaves_the_explanation_its_room(tokenizer):
+    """The room kept for the document is min_doc_tokens or the document itself, whichever is
+    shorter: an example that fits whole is not cut."""
+    enc = encoder(tokenizer, max_seq_len=256)
+    full = enc.encode("Fine.", 1, "word " * 40)
+    assert not full.answer_truncated
+    tight = encoder(tokenizer, max_seq_len=len(full.input_ids))  # exactly its length
+    e = tight.encode("Fine.", 1, "word " * 40)
+    assert e.input_ids == full.input_ids and not e.answer_truncated and not e.truncated
