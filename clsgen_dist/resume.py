@@ -57,21 +57,38 @@ def fault_point(name: str, step: int | None = None) -> None:
 # ----------------------------------------------------------------------------- preemption
 
 
-class StopFlag:
-    """Set by SIGTERM (SLURM preemption, ``scancel``) or SIGUSR1; the loop checks it once per step,
-    agreed across ranks, saves a checkpoint and exits cleanly."""
+# ``touch output_dir/STOP``: stop like SIGTERM, without a signal through the launchers (torchrun and
+# the DeepSpeed launcher kill their workers 30 s after forwarding one; the SLURM scripts use it).
+STOP = "STOP"
 
-    def __init__(self) -> None:
-        self.requested = False
+
+class StopFlag:
+    """Set by SIGTERM (SLURM preemption, ``scancel``) or SIGUSR1, or by the file ``stop_file``
+    (given on rank 0); the loop checks it once per step, agreed across ranks, saves a checkpoint and
+    exits cleanly. Installed before the model is built, so a signal during startup stops the run
+    after its first step instead of killing it."""
+
+    def __init__(self, stop_file: Path | None = None) -> None:
+        self.signalled = False
         self.signal: int | None = None
+        self.stop_file = stop_file
+
+    @property
+    def requested(self) -> bool:
+        return self.signalled or (self.stop_file is not None and self.stop_file.exists())  # a stat per step
 
     def install(self) -> "StopFlag":
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handle)
         return self
 
+    def consumed(self) -> None:
+        """The stop was acted on (checkpoint saved): the request file must not stop the next attempt."""
+        if self.stop_file is not None:
+            self.stop_file.unlink(missing_ok=True)
+
     def _handle(self, signum, frame) -> None:  # noqa: ARG002
-        self.requested = True
+        self.signalled = True
         self.signal = signum
 
 
@@ -172,7 +189,7 @@ DONE = "DONE"
 
 # What a run leaves in its output_dir, and what a fresh start there replaces.
 RUN_ARTIFACTS = ("checkpoints", "final", "eval", "train_log.jsonl", "eval_log.jsonl", "tensorboard", "PREEMPTED",
-                 DONE)
+                 STOP, DONE)
 
 
 def earlier_run(out: Path) -> list[str]:

@@ -29,7 +29,7 @@ from .modeling import build_model
 from .modeling.build import resolve_dtype
 from .predict import make_encoder
 from .fileio import check_output_path
-from .resume import (DONE, StopFlag, check_resume_settings, clear_earlier_run, fault_point, latest_checkpoint,
+from .resume import (DONE, STOP, StopFlag, check_resume_settings, clear_earlier_run, fault_point, latest_checkpoint,
                      load_training_state, resolve_resume, save_training_state, training_settings)
 
 log = logging.getLogger("clsgen_dist.train")
@@ -254,7 +254,8 @@ class Trainer:
             fault_point("after_step", step + 1)
             if rec["stop"]:
                 if is_main():
-                    log.warning("stop signal received: saved step %d; continue with resume=true", step + 1)
+                    log.warning("stop requested (signal or %s file): saved step %d; continue with resume=true",
+                                STOP, step + 1)
                 return False
         if bar is not None:
             bar.close()
@@ -408,6 +409,7 @@ def record_model_state(out: Path, engine) -> None:
 def run(cfg: Config) -> dict | None:
     """Train and evaluate as configured; returns the test metrics (None without a test split)."""
     ds_raw = load_ds_config(_repo_path(cfg.ds_config))
+    stop = StopFlag(Path(cfg.output_dir) / STOP if launched_rank() == 0 else None).install()
     setup_logging()  # before the process group: all ranks log at INFO until it exists
     check_output_path(cfg.output_dir, folder=True, flag="output_dir")
     ranks = launched_world_size()
@@ -451,7 +453,7 @@ def run(cfg: Config) -> dict | None:
             log.info("resumed from %s at step %d", resume_from, start)
     with open(out / "train_log.jsonl", "a") if is_main() else open(os.devnull, "w") as fh:
         tr = Trainer(cfg=cfg, engine=engine, model=engine.module, tokenizer=tokenizer, encoder=encoder, rows=rows,
-                     splits=splits, device=device, out=out, writer=writer, log_fh=fh, stop=StopFlag().install(),
+                     splits=splits, device=device, out=out, writer=writer, log_fh=fh, stop=stop,
                      zero_stage=zero_stage(ds), peak_flops=peak_flops(cfg, device), **flop_counts(model))
         finished = tr.train(start)
     if not finished:
@@ -459,6 +461,7 @@ def run(cfg: Config) -> dict | None:
             writer.close()
         if is_main():
             (out / "PREEMPTED").write_text(f"{latest_checkpoint(out)}\n")
+            stop.consumed()
         return None
     if is_main():
         (out / "PREEMPTED").unlink(missing_ok=True)

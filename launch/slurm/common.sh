@@ -13,11 +13,14 @@ MASTER_ADDR=${MASTER_ADDR:-${NODES[0]}}
 # A port derived from the job id keeps concurrent jobs sharing a node apart.
 MASTER_PORT=${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}
 # SLURM_GPUS_ON_NODE is a count; SLURM_GPUS_PER_NODE may read "h100:8".
-GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-${SLURM_GPUS_PER_NODE##*:}}}
+GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-${SLURM_GPUS_PER_NODE:+${SLURM_GPUS_PER_NODE##*:}}}}
 GPUS_PER_NODE=${GPUS_PER_NODE:-1}
 PYTHON=${PYTHON:-python}
 export MASTER_ADDR MASTER_PORT HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} TOKENIZERS_PARALLELISM=false
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
+# When SLURM itself signals every process (preemption, scancel), torchrun gives its workers this long
+# to save before it kills them (its default is 30 s).
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-280}
 
 # The launch command, filled by distributed_cmd and used by the sourcing script.
 # shellcheck disable=SC2034
@@ -73,9 +76,12 @@ setting_from_args() {
 }
 
 # run_requeueable: run CMD; USR1 (--signal=B:USR1@N, N seconds before the time limit) or TERM
-# (preemption) is forwarded to it as SIGTERM, every rank saves a checkpoint and exits, and if this
-# attempt left $OUTPUT_DIR/PREEMPTED the job requeues itself (it then continues with resume=auto).
-# Returns the run's exit status. Under CLSGEN_DRY_RUN=1 it only prints CMD.
+# (preemption) to this shell creates $OUTPUT_DIR/STOP, which the trainer checks every step: every
+# rank saves a checkpoint and exits, and if this attempt left $OUTPUT_DIR/PREEMPTED the job requeues
+# itself (it then continues with resume=auto). A file rather than a forwarded signal: torchrun and
+# the DeepSpeed launcher kill their workers 30 s after passing one on (too soon for a large save),
+# and the DeepSpeed runner does not pass it on at all. Returns the run's exit status. Under
+# CLSGEN_DRY_RUN=1 it only prints CMD.
 run_requeueable() {
   if [ "${CLSGEN_DRY_RUN:-0}" = 1 ]; then
     run "${CMD[@]}"
@@ -83,12 +89,13 @@ run_requeueable() {
   fi
   local child status=0
   # shellcheck disable=SC2329  # invoked by the trap
-  forward() { kill -TERM "$child" 2>/dev/null || true; }
+  forward() { mkdir -p "$OUTPUT_DIR" && touch "$OUTPUT_DIR/STOP"; }
   trap forward USR1 TERM
   # PREEMPTED must come from this attempt: an earlier one's would requeue a failed attempt (say, one
-  # resumed with other settings) forever. (The exit status cannot tell: torchrun exits non-zero on
-  # the SIGTERM even when every rank saved and exited 0.)
-  rm -f "$OUTPUT_DIR/PREEMPTED"
+  # resumed with other settings) forever. (The exit status cannot tell: torchrun exits non-zero
+  # when SLURM's SIGTERM reached it, even when every rank saved and exited 0.) A stale STOP would
+  # stop this attempt after one step.
+  rm -f "$OUTPUT_DIR/PREEMPTED" "$OUTPUT_DIR/STOP"
   "${CMD[@]}" &
   child=$!
   while :; do  # a trapped signal interrupts wait (status > 128): wait again, for the save and the exit

@@ -118,15 +118,28 @@ def test_eval_dry_run(fakebin):
     assert "--nnodes=2" in cmd
 
 
-def test_preemption_round_trip(fakebin, tmp_path, tiny_dir):
-    """USR1 to the batch script → SIGTERM to the ranks → checkpoint + PREEMPTED → scontrol requeue;
-    the requeued job resumes and finishes every step once."""
+def test_no_gpu_variables_means_one_gpu(fakebin):
+    """Inside an allocation with no GPU variables (a CPU-only salloc, --gres): one process per node,
+    not an unbound-variable error under set -u."""
+    for script in ("launch/slurm/train.sbatch", "launch/slurm/eval.sbatch"):
+        cmd = _dry(script, _slurm_env(fakebin, ["n1"], SLURM_GPUS_ON_NODE="", CHECKPOINT="c", DATA="d", OUTPUT="o"))
+        assert "--nproc_per_node=1" in cmd, cmd
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
+def test_preemption_round_trip(fakebin, tmp_path, tiny_dir, launcher):
+    """USR1 to the batch script → STOP file → every rank saves a checkpoint, PREEMPTED → scontrol
+    requeue; the requeued job resumes and finishes every step once. With the DeepSpeed launcher too,
+    whose runner passes no signal on to its workers."""
     (fakebin / "srun").write_text('#!/usr/bin/env bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
-    (fakebin / "srun").chmod(0o755)
+    (fakebin / "ssh").write_text("#!/usr/bin/env bash\nexit 0\n")  # the DeepSpeed runner's reachability probe
+    for f in ("srun", "ssh"):
+        (fakebin / f).chmod(0o755)
     data = write_jsonl(tmp_path / "train.jsonl", [{"text": t, "label": y} for t, y in REVIEWS * 4])
     out = tmp_path / "run"
-    env = _slurm_env(fakebin, ["localhost"], SLURM_GPUS_ON_NODE="1", OUTPUT_DIR=str(out),
+    env = _slurm_env(fakebin, ["localhost"], SLURM_GPUS_ON_NODE="1", OUTPUT_DIR=str(out), LAUNCHER=launcher,
                      CONFIG="launch/configs/tiny_cpu.yaml", DS_CONFIG="ds_configs/zero2.json", PYTHON=str(Path(BIN) / "python"))
+    env["PATH"] = f"{fakebin}:{BIN}:{env['PATH']}"  # `deepspeed` from the venv
     args = [f"model.name_or_path={tiny_dir}", f"data.train_file={data}", "train.max_steps=150", "train.eval_every=0"]
     p = subprocess.Popen(["bash", "launch/slurm/train.sbatch", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -138,6 +151,7 @@ def test_preemption_round_trip(fakebin, tmp_path, tiny_dir):
     os.kill(p.pid, signal.SIGUSR1)  # what `#SBATCH --signal=B:USR1@300` delivers to the batch shell
     text, _ = p.communicate(timeout=300)
     assert (out / "PREEMPTED").is_file(), text[-3000:]
+    assert not (out / "STOP").exists()  # consumed: it must not stop the requeued attempt
     assert "requeue 4242" in (fakebin / "scontrol.log").read_text()
     stopped = read_jsonl(log)[-1]["step"]
     assert 3 <= stopped < 150
