@@ -270,6 +270,7 @@ def load_training_state(engine, ckpt: Path) -> int:
     """Restore engine, optimizer, scheduler and RNG states from ``ckpt``; returns the step to start at."""
     state = json.loads((ckpt / STATE).read_text())
     src = ckpt
+    universal = False
     if state["world_size"] != world_size():
         if state["zero_stage"] == 0:
             pass  # stage-0 states are not partitioned
@@ -278,14 +279,39 @@ def load_training_state(engine, ckpt: Path) -> int:
                      state["world_size"], world_size())
             src = _to_universal(ckpt)
             engine._config.load_universal_checkpoint = True  # noqa: SLF001 - DeepSpeed reads this flag
+            universal = True
+    opt = getattr(engine.optimizer, "optimizer", engine.optimizer)  # the torch optimizer inside ZeRO's wrapper
+    hyper = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr", "step")} for g in opt.param_groups]
     load_path, _ = engine.load_checkpoint(str(src.parent), tag=src.name, load_optimizer_states=True,
                                           load_lr_scheduler_states=True)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {src}")
+    if universal:
+        _repair_universal_groups(opt, hyper, engine.lr_scheduler)
     rng = ckpt / f"rng_rank{rank()}.pt"
     if rng.is_file() and state["world_size"] == world_size():
         _set_rng_state(torch.load(rng, weights_only=False))
     return int(state["step"])
+
+
+def _repair_universal_groups(opt, hyper: list[dict], scheduler) -> None:
+    """DeepSpeed's ZeRO-3 universal loader (0.19) gives every parameter group group 0's
+    hyperparameters and one shared Adam ``step`` tensor, which each optimizer step then advances once
+    per group: the head would train at the backbone's rate, norms would be decayed, and the bias
+    correction would drift. Restore each group's own hyperparameters (this run's, which the settings
+    check held equal to the checkpoint's), the scheduler's learning rates, and one step per group."""
+    for g, h in zip(opt.param_groups, hyper):
+        g.update(h)
+    if scheduler is not None:
+        for g, lr in zip(opt.param_groups, scheduler.get_last_lr()):
+            g["lr"] = lr
+    seen = set()
+    for st in opt.state.values():
+        s = st.get("step")
+        if torch.is_tensor(s):
+            if id(s) in seen:
+                st["step"] = s.clone()
+            seen.add(id(s))
 
 
 def resolve_resume(resume, out: Path, *, overwrite: bool = False) -> Path | None:

@@ -11,7 +11,7 @@ import pytest
 
 from clsgen_dist.resume import latest_checkpoint
 from tests.conftest import REVIEWS, write_jsonl
-from tests.integration._run import PY, REPO, clean_env, launch, read_jsonl
+from tests.integration._run import BIN, PY, REPO, clean_env, free_port, launch, read_jsonl
 
 STEPS = 12
 
@@ -108,6 +108,27 @@ def test_two_rank_checkpoint_resumes_on_one_rank(straight, tiny_dir, data, tmp_p
     assert latest_checkpoint(tmp_path).name == "step-00000005"
     launch("train.py", _args(tiny_dir, data, tmp_path, "resume=true"))
     a, b = _losses(tmp_path), _losses(straight)
+    assert [s for s, _, _ in a] == list(range(1, STEPS + 1))
+    for (s, la, ga), (_, lb, gb) in zip(a, b):
+        assert la == pytest.approx(lb, abs=1e-5) and ga == pytest.approx(gb, rel=1e-4), s
+
+
+def test_zero3_two_rank_checkpoint_resumes_on_one_rank(tiny_dir, data, tmp_path):
+    """The same with ZeRO-3, whose universal loader gives every parameter group one shared Adam
+    step and group 0's hyperparameters: with weight decay (three groups: matrices, vectors, head)
+    and a head learning rate of its own, the resumed losses still equal an uninterrupted run."""
+    extra = ["ds_config=ds_configs/zero3.json", "train.weight_decay=0.1", "train.head_learning_rate=1e-2"]
+    straight = tmp_path / "straight"
+    launch("train.py", _args(tiny_dir, data, straight, *extra))
+    out = tmp_path / "resumed"
+    proc = subprocess.run([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+                           str(REPO / "launch/train.py"),
+                           *_args(tiny_dir, data, out, *extra, "train.gradient_accumulation_steps=1")],
+                          cwd=REPO, env=clean_env() | {"CLSGEN_FAULT": "after_step:6"}, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode != 0 and latest_checkpoint(out).name == "step-00000005", proc.stderr[-3000:]
+    launch("train.py", _args(tiny_dir, data, out, *extra, "resume=true"))
+    a, b = _losses(out), _losses(straight)
     assert [s for s, _, _ in a] == list(range(1, STEPS + 1))
     for (s, la, ga), (_, lb, gb) in zip(a, b):
         assert la == pytest.approx(lb, abs=1e-5) and ga == pytest.approx(gb, rel=1e-4), s
