@@ -166,11 +166,19 @@ def training_settings(cfg, ranks: int | None = None) -> dict:
     return out
 
 
-def check_resume_settings(ckpt: Path, cfg, ranks: int) -> None:
+def check_resume_settings(ckpt: Path, cfg, ranks: int, zero_stage: int | None = None) -> None:
     """ConfigError if ``ckpt`` (a checkpoint folder, or the ``DONE`` file of a finished run) was
     trained with other settings than ``cfg`` (learning rate, schedule, data, model, ...): resuming
-    would silently continue the old run under the new config's name."""
-    old = json.loads((ckpt / STATE if ckpt.is_dir() else ckpt).read_text()).get("settings")
+    would silently continue the old run under the new config's name. A checkpoint also needs the
+    ZeRO stage it was saved with (``zero_stage``: the run's ``ds_config``); DeepSpeed cannot load
+    one stage's partitioned state into another."""
+    state = json.loads((ckpt / STATE if ckpt.is_dir() else ckpt).read_text())
+    saved_stage = state.get("zero_stage") if ckpt.is_dir() else None
+    if zero_stage is not None and saved_stage is not None and saved_stage != zero_stage:
+        raise ConfigError(f"resume: {ckpt} was saved under ZeRO stage {saved_stage}, but ds_config={cfg.ds_config} "
+                          f"is stage {zero_stage}; resume with a stage-{saved_stage} ds_config (the run's "
+                          f"{Path(cfg.output_dir) / 'ds_config.json'}), or start a new output_dir")
+    old = state.get("settings")
     if old is None:  # written before the settings were recorded
         log.warning("%s records no run settings; resuming without checking them", ckpt)
         return

@@ -422,7 +422,7 @@ def run(cfg: Config) -> dict | None:
         return json.loads(metrics.read_text()) if metrics.is_file() else None
     resume_from = resolve_resume(cfg.resume, Path(cfg.output_dir), overwrite=cfg.overwrite)
     if resume_from is not None:
-        check_resume_settings(resume_from, cfg, ranks)
+        check_resume_settings(resume_from, cfg, ranks, zero_stage(ds_raw))
     splits = load_splits(cfg)  # user data is validated before any process group or model exists
     device = init_distributed()
     setup_logging()

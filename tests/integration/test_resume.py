@@ -134,6 +134,22 @@ def test_zero3_two_rank_checkpoint_resumes_on_one_rank(tiny_dir, data, tmp_path)
         assert la == pytest.approx(lb, abs=1e-5) and ga == pytest.approx(gb, rel=1e-4), s
 
 
+def test_resume_under_another_zero_stage_is_a_clear_error(straight, tiny_dir, data, tmp_path):
+    """A ZeRO-2 checkpoint resumed with a ZeRO-3 ds_config (say, a run started with launch/train.py
+    continued under train.sbatch): one line naming the stages, before anything is rewritten."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(straight, out)
+    (out / "DONE").unlink()
+    before = (out / "run_info.json").read_text()
+    proc = launch("train.py", _args(tiny_dir, data, out, "resume=true", "ds_config=ds_configs/zero3.json"),
+                  check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "was saved under ZeRO stage 2, but ds_config=ds_configs/zero3.json is stage 3" in proc.stderr
+    assert (out / "run_info.json").read_text() == before
+
+
 def test_output_dir_of_an_earlier_run(tiny_dir, data, tmp_path):
     """A fresh start never mixes with an earlier run in the same folder: an error by default,
     replaced with overwrite=true. A resume must use the checkpoint's settings, keeps the dev log up to
