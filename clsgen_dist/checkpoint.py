@@ -70,8 +70,8 @@ def save_checkpoint(model: DualHeadModel, tokenizer, cfg: Config, out_dir: str |
     out = Path(out_dir)
     lora = cfg.model.finetune == "lora"
     # Collective under ZeRO-3: every rank gathers, rank 0 writes.
-    head_sd = full_state_dict(model.cls_head)
-    backbone_sd = full_state_dict(model.backbone, trainable_only=lora)
+    head_sd = full_state_dict(model.cls_head, rank0_only=True)
+    backbone_sd = full_state_dict(model.backbone, trainable_only=lora, rank0_only=True)
     if is_main():
         with atomic_folder(out) as tmp:
             if lora:

@@ -25,6 +25,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -252,8 +253,12 @@ def _prune(root: Path, keep: int) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def _to_universal(ckpt: Path) -> Path:
-    """Convert a ZeRO checkpoint to DeepSpeed's universal format (rank 0, once); returns its folder."""
+def _to_universal(ckpt: Path, poll_s: float = 2.0) -> Path:
+    """Convert a ZeRO checkpoint to DeepSpeed's universal format (rank 0, once); returns its folder.
+    The other ranks wait for the finished folder's marker on the file system, not in a collective:
+    converting a large model's state can outlast the process group's timeout (10 minutes by
+    default), and each requeued attempt would then time out the same way. (If rank 0 fails, the
+    launcher stops the others.)"""
     uni = ckpt.parent / f"{ckpt.name}-universal"
     if is_main() and not (uni / MARKER).is_file():
         if uni.exists():
@@ -270,6 +275,8 @@ def _to_universal(ckpt: Path) -> Path:
                 shutil.copy2(f, tmp / f.name)
         os.replace(tmp, uni)
         (uni / MARKER).write_text("ok\n")
+    while not (uni / MARKER).is_file():
+        time.sleep(poll_s)
     barrier()
     return uni
 
