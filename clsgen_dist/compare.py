@@ -125,7 +125,8 @@ def _run(argv: list[str], log_path: Path) -> float:
     with open(log_path, "w") as fh:
         fh.write("$ " + shlex.join(argv) + "\n")
         fh.flush()
-        proc = subprocess.run(argv, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
+        # the caller's working folder: relative --config, --output and data paths mean the same there
+        proc = subprocess.run(argv, env=env, stdout=fh, stderr=subprocess.STDOUT)
     dt = time.perf_counter() - t0
     if proc.returncode != 0:
         tail = log_path.read_text(errors="replace")[-3000:]

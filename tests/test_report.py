@@ -8,7 +8,7 @@ import pytest
 
 from clsgen_dist.report import CONTRACT_KEYS, PLOTS, finalize_metrics, write_report
 from tests.conftest import review_splits
-from tests.integration._run import launch, read_jsonl
+from tests.integration._run import REPO, launch, read_jsonl
 
 PNG = b"\x89PNG\r\n\x1a\n"
 REPORT_LABELS = ["AUROC", "AUPRC", "F1 @ 0.5", "F1 @ dev-tuned", "accuracy", "Brier", "ECE (15 equal-width bins)",
@@ -115,6 +115,24 @@ def test_no_bootstrap_gives_a_report_without_intervals(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         eval_main(["--checkpoint", str(tmp_path), "--output", str(tmp_path / "o"), "--bootstrap", "-5"])
     assert e.value.code == 2 and "--bootstrap: expected an integer >= 0, got '-5'" in capsys.readouterr().err
+
+
+def test_compare_with_relative_paths_from_another_folder(tiny_dir, data, tmp_path, monkeypatch):
+    """Relative --config, --output and data paths, from a folder other than the repository: the
+    mode runs read and write where the caller's paths point (they ran in the repository before)."""
+    import shutil
+
+    from clsgen_dist.compare import main
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(REPO / "launch/configs/tiny_cpu.yaml", "my.yaml")
+    shutil.copy(data["test"], "test.jsonl")
+    assert main(["--config", "my.yaml", "--modes", "zero_shot", "--output", "cmp", f"model.name_or_path={tiny_dir}",
+                 f"data.train_file={data['train']}", "data.test_file=test.jsonl", "data.dev_file=null",
+                 "--ppl-tokens", "0", "--bootstrap", "0", "--explain-limit", "0"]) == 0
+    records = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert [r["mode"] for r in records] == ["zero_shot"] and records[0]["n"] > 0
+    assert not (REPO / "cmp").exists()
 
 
 def test_compare_dry_run_plans_every_mode(tiny_dir, data, capsys):
