@@ -56,6 +56,10 @@ def int_at_least(minimum: int):
     return parse
 
 
+BASE_MODEL_HELP = ("the run's base model folder, if not where its config says (the same model, moved or on another "
+                   "machine): a LoRA/QLoRA adapter loads on it")
+
+
 def _parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     # The deepspeed launcher appends --local_rank=N; the rank is read from the environment instead.
@@ -92,8 +96,7 @@ def eval_main(argv: list[str] | None = None) -> int:
                 "metrics.json, predictions.jsonl, report.md/.html and plots.")
     p.add_argument("--checkpoint", default=None, help="checkpoint folder (e.g. outputs/run/final); required "
                    "except with --mode zero_shot, which can take --config instead")
-    p.add_argument("--base-model", default=None, help="the run's base model folder, if not where its config "
-                   "says (the same model, moved or on another machine): a LoRA/QLoRA adapter loads on it")
+    p.add_argument("--base-model", default=None, help=BASE_MODEL_HELP)
     p.add_argument("--data", default=None, help="labelled JSONL/CSV/Parquet file or saved dataset (default: the "
                    "test split of the run config)")
     p.add_argument("--output", required=True, help="folder for metrics.json, predictions.jsonl and the report")
@@ -139,8 +142,7 @@ def eval_main(argv: list[str] | None = None) -> int:
 def predict_main(argv: list[str] | None = None) -> int:
     p = _parser("Probability and explanation for texts, from one prefill each.")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--base-model", default=None, help="the run's base model folder, if not where its config "
-                   "says (the same model, moved or on another machine): a LoRA/QLoRA adapter loads on it")
+    p.add_argument("--base-model", default=None, help=BASE_MODEL_HELP)
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--text", action="append", help="a text to classify (repeatable)")
     g.add_argument("--data", help="a file with a text column (labels optional)")

@@ -57,8 +57,8 @@ def _parse(argv: list[str] | None):
                    help="conditioned mode: consistent when the judged P(gold label) exceeds this")
     p.add_argument("--templates", default=None, help="YAML overriding prompt templates (conditioned, "
                    "unconditioned, judge, judge_answer_prefix, system)")
-    p.add_argument("--cache", default=None, metavar="DIR", help="keep the teacher cache in DIR/teacher_cache.jsonl (default: OUT.cache.jsonl "
-                        "next to --output)")
+    p.add_argument("--cache", default=None, metavar="DIR",
+                   help="keep the teacher cache in DIR/teacher_cache.jsonl (default: OUT.cache.jsonl next to --output)")
     p.add_argument("--config", default=None, help="run config for data.* (default: launch/configs/default.yaml)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.text_field=review")
     return p.parse_args(argv)

@@ -54,8 +54,8 @@ def run_eval(args) -> dict:
     from .retention import language_retention
 
     if args.checkpoint:
-        check_checkpoint(args.checkpoint, base_model=getattr(args, "base_model", None))  # user errors first,
-        # before any process group exists
+        # user errors first, before any process group exists
+        check_checkpoint(args.checkpoint, base_model=getattr(args, "base_model", None))
     elif getattr(args, "mode", None) != "zero_shot":
         from .checkpoint import CheckpointError
 

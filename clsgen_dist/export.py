@@ -125,10 +125,10 @@ def main(argv: list[str] | None = None) -> int:
                         "reproduces the trained model) or into the base's own 16-bit weights")
     p.add_argument("--device", default=None, help="where a QLoRA base is re-quantized (default: cuda if "
                    "available, else cpu; the same as where the trained model is loaded for eval/predict)")
-    p.add_argument("--base-model", default=None, help="the adapter's base model folder, if not where the run's "
-                   "config says (the same model, moved or on another machine)")
+    from .cli import BASE_MODEL_HELP, user_errors
+
+    p.add_argument("--base-model", default=None, help=BASE_MODEL_HELP)
     args = p.parse_args(argv)
-    from .cli import user_errors
     from .logs import setup_logging
 
     setup_logging()

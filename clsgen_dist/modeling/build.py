@@ -45,8 +45,9 @@ def resolve_attn(attn: str, device: torch.device, dtype: torch.dtype | None = No
             return "flash_attention_2"
         return "torch_varlen" if torch_varlen_available() else "sdpa"
     if attn in ("torch_varlen", "flash_attention_2"):
-        missing = (f"this torch ({torch.__version__}) has no usable torch.nn.attention.varlen.varlen_attn (torch >= 2.10)"
-                   if attn == "torch_varlen" else "the flash-attn package is not installed")
+        missing = ("the flash-attn package is not installed" if attn == "flash_attention_2" else
+                   f"this torch ({torch.__version__}) has no usable torch.nn.attention.varlen.varlen_attn "
+                   "(torch >= 2.10)")
         why = ("it runs on CUDA only" if device.type != "cuda" else
                missing if not (torch_varlen_available() if attn == "torch_varlen" else flash_attn_available())
                else f"it needs 16-bit weights, got {dtype}; set model.dtype=bfloat16" if not half else None)
