@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -160,3 +161,8 @@ def test_lr_schedule_shapes():
     cfg = load_config(None, ["train.max_steps=10", "train.warmup_steps=2", "train.lr_scheduler=linear"])
     f = lr_lambda(cfg)
     assert [round(f(s), 3) for s in (0, 1, 2, 6, 10)] == [0.5, 1.0, 1.0, 0.5, 0.0]
+    f = lr_lambda(load_config(None, ["train.max_steps=10", "train.warmup_steps=2", "train.lr_scheduler=cosine"]))
+    assert [round(f(s), 6) for s in (0, 2, 4, 6, 10)] == [0.5, 1.0, round(0.5 * (1 + math.cos(math.pi / 4)), 6),
+                                                          0.5, 0.0]
+    f = lr_lambda(load_config(None, ["train.max_steps=10", "train.warmup_steps=2", "train.lr_scheduler=constant"]))
+    assert [f(s) for s in (0, 5, 10)] == [0.5, 1.0, 1.0]

@@ -108,6 +108,22 @@ def test_malformed_inputs_raise_metric_error():
     assert M.classification_metrics([0.0, 1.0], [0.1, 0.8])["auroc"] == 1.0  # float 0/1 labels are fine
 
 
+def test_tuned_threshold_is_the_smallest_f1_best_one():
+    """Against a brute force over every distinct probability, ties included (0.32 and 0.39 tie)."""
+    from sklearn.metrics import f1_score
+
+    assert M.tune_threshold([0, 0, 1, 1, 0, 1], [0.36, 0.57, 0.32, 0.59, 0.34, 0.39]) == pytest.approx(0.32)
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        n = int(rng.integers(4, 30))
+        y = rng.integers(0, 2, n)
+        y[:2] = [0, 1]
+        p = rng.integers(0, 8, n) / 8  # coarse: many ties
+        f1 = {t: f1_score(y, p >= t) for t in sorted(set(p))}
+        best = max(f1.values())
+        assert M.tune_threshold(y, p) == pytest.approx(min(t for t, v in f1.items() if v == best))
+
+
 def test_dev_tuned_threshold_is_none_for_one_class_dev():
     from clsgen_dist.report import finalize_metrics
 

@@ -149,3 +149,52 @@ def test_compare_dry_run_plans_every_mode(tiny_dir, data, capsys):
     assert "train.lm_weight=0" in train[1] and "train.cls_weight=0" in train[2]
     assert "--mode zero_shot" in lines[-1] and "--checkpoint" not in lines[-1]
     assert all(f"--data {data['test']}" in x and f"--dev {data['dev']}" in x for x in lines if "eval.py" in x)
+
+
+def test_temperature_is_fitted_on_dev_and_applied_to_test():
+    """T minimises the dev NLL (a grid search agrees), does not depend on the test labels, and the
+    calibrated test figures are sigmoid(logit(p) / T) scored by hand."""
+    rng = np.random.default_rng(0)
+
+    def split(n, sharpen):  # over-confident probabilities: logits 3x too large
+        y = rng.integers(0, 2, n)
+        z = sharpen * (rng.normal(0, 1, n) + (2 * y - 1) * 0.8)
+        return y, 1 / (1 + np.exp(-z))
+
+    dev_y, dev_p = split(400, 3.0)
+    y, p = split(300, 3.0)
+    preds = [{"label": int(a), "prob": float(b)} for a, b in zip(y, p)]
+    m, arrays = finalize_metrics({}, preds, dev_labels=dev_y.tolist(), dev_probs=dev_p.tolist(), n_resamples=0)
+    dz = np.log(dev_p) - np.log1p(-dev_p)
+    grid = np.exp(np.linspace(np.log(0.5), np.log(10), 4001))
+    nll = [np.mean(np.logaddexp(0, dz / t) - dev_y * dz / t) for t in grid]
+    assert m["temperature"] == pytest.approx(grid[int(np.argmin(nll))], rel=2e-3)
+    assert m["temperature"] > 1.5  # over-confidence is softened, not sharpened
+    flipped = [{"label": 1 - r["label"], "prob": r["prob"]} for r in preds]
+    assert finalize_metrics({}, flipped, dev_labels=dev_y.tolist(), dev_probs=dev_p.tolist(),
+                            n_resamples=0)[0]["temperature"] == m["temperature"]
+    z = np.log(p) - np.log1p(-p)
+    pc = 1 / (1 + np.exp(-z / m["temperature"]))
+    np.testing.assert_allclose(arrays["probs_calibrated"], pc, rtol=1e-12)
+    assert m["brier_calibrated"] == pytest.approx(np.mean((pc - y) ** 2), rel=1e-12)
+    bins = np.minimum((pc * 15).astype(int), 14)
+    ece = sum(abs(pc[bins == b].mean() - y[bins == b].mean()) * (bins == b).mean() for b in range(15) if (bins == b).any())
+    assert m["ece_calibrated"] == pytest.approx(ece, rel=1e-9)
+
+
+def test_perplexity_equals_the_models_own_language_modeling_loss(tiny_dir, tokenizer):
+    """Summed next-token NLL over the windows, against transformers' own shifted loss
+    (``labels=input_ids``) window by window."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from clsgen_dist.retention import _windows, perplexity
+
+    lm = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    windows = _windows(tokenizer, 300, 128)
+    nll, n = perplexity(lm, windows)
+    assert n == sum(len(w) - 1 for w in windows) == 300 - len(windows)  # every window's first token has no target
+    with torch.no_grad():
+        ref = sum(lm(input_ids=torch.tensor([w]), labels=torch.tensor([w])).loss.double().item() * (len(w) - 1)
+                  for w in windows)
+    assert nll == pytest.approx(ref, rel=1e-6)

@@ -74,10 +74,12 @@ def test_step_rows_do_not_depend_on_split(encoded):
     for step in range(4):
         ref = ids(step, 4, 1, 1)
         assert ids(step, 1, 4, 1) == ref == ids(step, 2, 1, 2) == ids(step, 1, 2, 2)
-    # over an epoch every row is seen once
+    # over an epoch every row is seen once, and the next epoch is another permutation of them
     n = len(rows.rows)
     seen = [tuple(r) for r in rows.stream_rows(0, n)]
     assert sorted(seen) == sorted(tuple(r) for r in rows.rows)
+    again = [tuple(r) for r in rows.stream_rows(n, n)]
+    assert sorted(again) == sorted(seen) and again != seen
 
 
 def test_packing_efficiency(encoded):

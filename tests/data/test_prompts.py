@@ -42,15 +42,22 @@ def test_prompt_for_inference_equals_training_prefix(tokenizer):
 
 def test_truncation_cuts_document_never_verdict(tokenizer):
     enc = encoder(tokenizer, max_seq_len=96)
-    long_doc = "word " * 400
+    long_doc = " ".join(f"w{i}" for i in range(400))  # distinct words: a cut from the wrong end shows
     e = enc.encode(long_doc, 0, "It is bad.")
     assert len(e.input_ids) <= 96 and e.truncated and not e.answer_truncated
     assert tokenizer.decode(e.input_ids[e.cls_pos + 1:]).endswith("Verdict: negative<|im_end|>")
-    assert tokenizer.decode(e.input_ids[: e.cls_pos + 1]).endswith("<|im_start|>assistant\n")
-    # an explanation too long for the row is cut, the verdict line kept
-    e2 = enc.encode("short", 1, "very " * 300)
+    prompt = e.input_ids[: e.cls_pos + 1]
+    assert tokenizer.decode(prompt).endswith("<|im_start|>assistant\n")
+    doc = prompt[len(enc._prefix): len(prompt) - len(enc._suffix)]
+    assert doc == enc._ids(long_doc)[: len(doc)]  # the document's beginning is kept, its end cut
+    assert "w0 w1" in tokenizer.decode(doc) and "w399" not in tokenizer.decode(doc)
+    # an explanation too long for the row is cut at its end, the verdict line kept
+    expl = " ".join(f"s{i}" for i in range(300))
+    e2 = enc.encode(" ".join(f"d{i}" for i in range(40)), 1, expl)
     assert len(e2.input_ids) <= 96 and e2.answer_truncated
-    assert tokenizer.decode(e2.input_ids).endswith("Verdict: positive<|im_end|>")
+    answer = tokenizer.decode(e2.input_ids[e2.cls_pos + 1:])
+    assert answer.startswith("s0 s1 s2") and "s299" not in answer
+    assert answer.endswith("\nVerdict: positive<|im_end|>")
 
 
 def test_cls_token_mode(tokenizer, tiny_dir):

@@ -315,7 +315,6 @@ def test_unreachable_endpoint_and_bad_input_exit_2_without_traceback(tmp_path, r
     assert "--api-key-env NOPE_KEY: that environment variable is not set" in main_err(rows, "--api-key-env", "NOPE_KEY")
 
 
-@pytest.mark.slow
 def test_two_ranks_share_the_work(tmp_path, rows, server_factory):
     server = server_factory()
     f = write_jsonl(tmp_path / "in.jsonl", rows)

@@ -228,3 +228,24 @@ def test_lora_on_the_lm_head_is_refused(tiny_dir):
     with pytest.raises(ConfigError, match="puts a LoRA adapter on the LM head"):
         build_model(cfg.model)
     build_model(_cfg(tiny_dir, **{"model.lora_target_modules": "[q_proj,v_proj]"}).model)  # fine
+
+
+def test_cls_head_computes_in_fp32_from_bf16_storage():
+    """DeepSpeed's bf16 engine stores the head in bf16: it still computes in fp32, in evaluation
+    (ClsHead) and in the training loss alike, against float64 math on the stored values."""
+    from clsgen_dist.modeling.dual_head import ClsHead
+    from clsgen_dist.ops import dual_head_loss
+
+    torch.manual_seed(0)
+    head = ClsHead(64, 1, dtype=torch.float32)
+    torch.nn.init.normal_(head.weight, std=0.5)
+    head.to(torch.bfloat16)
+    h = (torch.randn(7, 64) * 3).bfloat16()
+    ref = (h.double() @ head.weight.double().T + head.bias.double()).squeeze(-1)
+    out = head(h).squeeze(-1)
+    assert out.dtype == torch.float32
+    assert_close(out.double(), ref, atol=1e-5, rtol=0, name="ClsHead from bf16 storage")
+    w = torch.randn(11, 64).bfloat16()
+    _, _, _, logits = dual_head_loss(h, w, torch.full((7,), -100), head.weight, head.bias, torch.arange(7),
+                                     torch.ones(7), impl="torch")
+    assert_close(logits.double(), ref, atol=1e-5, rtol=0, name="training-loss cls logits from bf16 storage")
