@@ -69,19 +69,27 @@ class StopFlag:
     exits cleanly. Installed before the model is built, so a signal during startup stops the run
     after its first step instead of killing it."""
 
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
     def __init__(self, stop_file: Path | None = None) -> None:
         self.signalled = False
         self.signal: int | None = None
         self.stop_file = stop_file
+        self._previous: dict = {}
 
     @property
     def requested(self) -> bool:
         return self.signalled or (self.stop_file is not None and self.stop_file.exists())  # a stat per step
 
     def install(self) -> "StopFlag":
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
         return self
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
 
     def consumed(self) -> None:
         """The stop was acted on (checkpoint saved): the request file must not stop the next attempt."""

@@ -408,8 +408,15 @@ def record_model_state(out: Path, engine) -> None:
 
 def run(cfg: Config) -> dict | None:
     """Train and evaluate as configured; returns the test metrics (None without a test split)."""
-    ds_raw = load_ds_config(_repo_path(cfg.ds_config))
     stop = StopFlag(Path(cfg.output_dir) / STOP if launched_rank() == 0 else None).install()
+    try:
+        return _run(cfg, stop)
+    finally:
+        stop.uninstall()  # the caller's own handlers again (an in-process caller, a test runner)
+
+
+def _run(cfg: Config, stop: StopFlag) -> dict | None:
+    ds_raw = load_ds_config(_repo_path(cfg.ds_config))
     setup_logging()  # before the process group: all ranks log at INFO until it exists
     check_output_path(cfg.output_dir, folder=True, flag="output_dir")
     ranks = launched_world_size()

@@ -245,3 +245,14 @@ def test_export_never_replaces_the_checkpoint_or_a_folder_holding_it(tmp_path, c
     check_checkpoint(src)
     out = export_merged(src, tmp_path / "merged", dtype="float32")  # a new folder, then replacing that export
     assert export_merged(src, out, dtype="float32") == out and check_checkpoint(out).model.finetune == "full"
+
+
+def test_training_in_process_leaves_the_callers_signal_handlers(capsys, tmp_path):
+    """run() takes SIGTERM/SIGUSR1 while it trains and gives them back, also when it fails: a
+    test runner or notebook that called it can still be stopped."""
+    import signal
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    f = write_jsonl(tmp_path / "train.jsonl", [{"text": "a", "label": 7}])
+    _train(capsys, f"data.train_file={f}", f"output_dir={tmp_path / 'out'}")
+    assert {s: signal.getsignal(s) for s in before} == before
