@@ -64,10 +64,8 @@ def git_sha() -> str:
 def command_line() -> str:
     """This process's command line as it would be typed from the repo root (``python benchmarks/x.py --flag``)."""
     script = Path(sys.argv[0]).resolve()
-    try:
+    if script.is_relative_to(ROOT):
         script = script.relative_to(ROOT)
-    except ValueError:
-        pass
     return shlex.join(["python", str(script), *sys.argv[1:]])
 
 

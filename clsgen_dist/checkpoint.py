@@ -141,6 +141,13 @@ def _inference_attn(asked: str | None, trained: str, device: torch.device, dtype
         return attn
 
 
+def rebuild_cls_token(backbone, tokenizer, cfg: Config, base_path: str) -> None:
+    """With ``model.cls_position=token``, the cls token's frozen rows are not saved with a LoRA
+    adapter: rebuild them on its base (``base_path``) exactly as training made them."""
+    if cfg.model.cls_position == "token":
+        add_cls_token(backbone, tokenizer, cfg.model.cls_token, base_vocab=len(load_tokenizer(base_path)))
+
+
 def load_checkpoint(path: str | Path, *, device: torch.device | str = "cpu", dtype: str | None = None,
                     attn_implementation: str | None = None, base_model: str | None = None):
     """Returns (model, tokenizer, cfg) with the model in eval mode on ``device``. ``base_model``:
@@ -159,8 +166,7 @@ def load_checkpoint(path: str | Path, *, device: torch.device | str = "cpu", dty
         # model.quantization=nf4: the same 4-bit base the adapter was trained on
         base_path = resolve_model_path(cfg.model.name_or_path)
         base = load_backbone(base_path, cfg.model, dtype=tdtype, attn=attn, device=device)
-        if cfg.model.cls_position == "token":  # the frozen cls-token rows: rebuilt exactly as in training
-            add_cls_token(base, tokenizer, cfg.model.cls_token, base_vocab=len(load_tokenizer(base_path)))
+        rebuild_cls_token(base, tokenizer, cfg, base_path)
         backbone = PeftModel.from_pretrained(base, str(p))
     else:
         backbone = AutoModelForCausalLM.from_pretrained(str(p), dtype=tdtype, attn_implementation=attn)

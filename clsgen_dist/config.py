@@ -220,7 +220,7 @@ class TrainConfig:
             _number("train.peak_tflops", self.peak_tflops, low=0, low_open=True)
         _number("train.cls_weight", self.cls_weight, low=0)
         _number("train.lm_weight", self.lm_weight, low=0)
-        if self.cls_weight < 0 or self.lm_weight < 0 or self.cls_weight + self.lm_weight == 0:
+        if self.cls_weight + self.lm_weight == 0:  # (each is >= 0 by the checks above)
             raise ConfigError(f"train.cls_weight/lm_weight must be >= 0 and not both 0, "
                               f"got {self.cls_weight}/{self.lm_weight}")
 

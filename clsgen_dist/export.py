@@ -30,10 +30,10 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CONFIG_NAME, HEAD_NAME, CheckpointError, atomic_folder, check_checkpoint
+from .checkpoint import CONFIG_NAME, HEAD_NAME, CheckpointError, atomic_folder, check_checkpoint, rebuild_cls_token
 from .config import dump_config
 from .modeling import load_tokenizer, resolve_model_path
-from .modeling.build import add_cls_token, load_backbone, resolve_dtype
+from .modeling.build import load_backbone, resolve_dtype
 
 log = logging.getLogger("clsgen_dist.export")
 
@@ -60,22 +60,14 @@ def merged_backbone(checkpoint: str | Path, *, dtype: torch.dtype = torch.bfloat
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         backbone = load_backbone(path, cfg.model, dtype=resolve_dtype(cfg.model.dtype, device), attn="sdpa",
                                  device=device)
-        _add_cls_token(backbone, p, cfg)
+        rebuild_cls_token(backbone, load_tokenizer(str(p)), cfg, path)
         backbone = backbone.dequantize().to("cpu", dtype)
     else:
         backbone = load_backbone(path, dataclasses.replace(cfg.model, quantization="none"), dtype=dtype,
                                  attn="sdpa", device=torch.device("cpu"))
-        _add_cls_token(backbone, p, cfg)
+        rebuild_cls_token(backbone, load_tokenizer(str(p)), cfg, path)
     model = PeftModel.from_pretrained(backbone, str(p))
     return model.merge_and_unload(), cfg
-
-
-def _add_cls_token(backbone, checkpoint: Path, cfg) -> None:
-    """The frozen cls-token rows (``model.cls_position=token``) are not in the adapter: rebuild them
-    as training and :func:`~clsgen_dist.checkpoint.load_checkpoint` do (mean-initialised)."""
-    if cfg.model.cls_position == "token":
-        add_cls_token(backbone, load_tokenizer(str(checkpoint)), cfg.model.cls_token,
-                      base_vocab=len(load_tokenizer(resolve_model_path(cfg.model.name_or_path))))
 
 
 def check_export_target(src: Path, out: Path) -> None:

@@ -43,8 +43,12 @@ def _as_arrays(labels, probs) -> tuple[np.ndarray, np.ndarray]:
     return y, p
 
 
-def _add_note(out: dict, text: str) -> None:
+def add_note(out: dict, text: str) -> None:
+    """Append ``text`` to ``out["note"]`` (why some value is null), "; "-separated."""
     out["note"] = f"{out['note']}; {text}" if out.get("note") else text
+
+
+ONE_CLASS_DEV = "the dev split holds one class: the F1 threshold was not tuned"
 
 
 # ----------------------------------------------------------------------------- point metrics
@@ -119,8 +123,8 @@ def classification_metrics(labels, probs, *, threshold: float = 0.5, tuned_thres
         "threshold": float(threshold),
     }
     if not both:
-        _add_note(out, f"only one class present (label {int(y[0])}): AUROC is undefined"
-                       + ("" if pos else " and AUPRC is undefined (no positives)"))
+        add_note(out, f"only one class present (label {int(y[0])}): AUROC is undefined"
+                      + ("" if pos else " and AUPRC is undefined (no positives)"))
     if tuned_threshold is not None:
         out["threshold_tuned"] = float(tuned_threshold)
         out["f1_tuned"] = float(f1_score(y, (p >= tuned_threshold).astype(int), zero_division=0))
@@ -252,7 +256,7 @@ def bootstrap_ci(labels, probs, *, threshold: float = 0.5, tuned_threshold: floa
         ok = v[np.isfinite(v)]
         if len(ok) * 2 < len(v):
             out[k] = None
-            _add_note(out, f"{k}: undefined in {len(v) - len(ok)}/{len(v)} resamples (one class), no interval")
+            add_note(out, f"{k}: undefined in {len(v) - len(ok)}/{len(v)} resamples (one class), no interval")
             continue
         lo, hi = np.quantile(ok, [alpha, 1 - alpha])
         out[k] = [float(lo), float(hi)]
@@ -320,9 +324,9 @@ def explanation_metrics(probs, verdicts: Sequence[int | None], texts: Sequence[s
                  "verdict_parse_rate": len(keep) / explained if explained else None,
                  "alignment_auroc": None, "kappa": None, "agreement": None}
     if explained == 0:
-        _add_note(out, "no explanations: explanation metrics not computed")
+        add_note(out, "no explanations: explanation metrics not computed")
     elif not keep:
-        _add_note(out, "no verdict could be parsed: alignment not computed")
+        add_note(out, "no verdict could be parsed: alignment not computed")
     else:
         v = np.asarray([verdicts[i] for i in keep], dtype=np.int64)
         pk = p[keep]
@@ -331,12 +335,12 @@ def explanation_metrics(probs, verdicts: Sequence[int | None], texts: Sequence[s
         if len(np.unique(v)) == 2:
             out["alignment_auroc"] = float(roc_auc_score(v, pk))
         else:
-            _add_note(out, f"every parsed verdict is {int(v[0])}: alignment AUROC is undefined")
+            add_note(out, f"every parsed verdict is {int(v[0])}: alignment AUROC is undefined")
         out["kappa"], why = cohen_kappa(head, v)
         if why:
-            _add_note(out, why)
+            add_note(out, why)
     r = readability([t for t in (texts or []) if t is not None])
     if r.pop("note", None):
-        _add_note(out, "textstat is not installed: readability not computed")
+        add_note(out, "textstat is not installed: readability not computed")
     out.update(r)
     return out

@@ -21,8 +21,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .metrics import (N_BINS, apply_temperature, bootstrap_ci, expected_calibration_error, fit_temperature,
-                      logits_from_probs, nll, reliability_bins)
+from .metrics import (N_BINS, ONE_CLASS_DEV, add_note, apply_temperature, bootstrap_ci, expected_calibration_error,
+                      fit_temperature, logits_from_probs, nll, reliability_bins)
 
 log = logging.getLogger("clsgen_dist.report")
 
@@ -30,10 +30,6 @@ CONTRACT_KEYS = ("auroc", "auprc", "f1", "f1_tuned", "accuracy", "brier", "ece",
                  "kappa", "verdict_parse_rate", "flesch_reading_ease", "perplexity_ratio")
 """Keys every ``metrics.json`` from ``launch/eval.py`` has (``None`` where not computable, with a note)."""
 PLOTS = ("roc.png", "reliability.png", "prob_hist.png")
-
-
-def _note(m: dict, text: str) -> None:
-    m["note"] = f"{m['note']}; {text}" if m.get("note") else text
 
 
 def finalize_metrics(metrics: dict, preds: list[dict], *, dev_labels: Sequence[int] | None = None,
@@ -54,17 +50,17 @@ def finalize_metrics(metrics: dict, preds: list[dict], *, dev_labels: Sequence[i
                  ece_calibrated=expected_calibration_error(y, pc), brier_calibrated=float(np.mean((pc - y) ** 2)),
                  nll_calibrated=nll(y, pc))
         if fit.get("note"):
-            _note(m, fit["note"])
+            add_note(m, fit["note"])
         if m.get("threshold_tuned") is None:
-            _note(m, "the dev split holds one class: the F1 threshold was not tuned")
+            add_note(m, ONE_CLASS_DEV)
     else:
-        _note(m, "no dev split: the F1 threshold and the temperature were not tuned")
+        add_note(m, "no dev split: the F1 threshold and the temperature were not tuned")
     if n_resamples > 0:
         ci = bootstrap_ci(y, p, tuned_threshold=m.get("threshold_tuned"), n_resamples=n_resamples, seed=seed)
     else:  # --bootstrap 0: no intervals (every ci95 entry reads "n/a")
         ci = {"n_resamples": 0, "level": None, "seed": None}
     if ci.get("note"):
-        _note(m, "bootstrap: " + ci.pop("note"))
+        add_note(m, "bootstrap: " + ci.pop("note"))
     m["ci95"] = ci
     if retention:
         m.update(retention)

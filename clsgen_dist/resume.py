@@ -304,7 +304,8 @@ def load_training_state(engine, ckpt: Path) -> int:
             engine._config.load_universal_checkpoint = True  # noqa: SLF001 - DeepSpeed reads this flag
             universal = True
     opt = getattr(engine.optimizer, "optimizer", engine.optimizer)  # the torch optimizer inside ZeRO's wrapper
-    hyper = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr", "step")} for g in opt.param_groups]
+    hyper = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr", "step")}
+             for g in opt.param_groups] if universal else None  # before the load overwrites them
     load_path, _ = engine.load_checkpoint(str(src.parent), tag=src.name, load_optimizer_states=True,
                                           load_lr_scheduler_states=True)
     if load_path is None:

@@ -290,7 +290,7 @@ def final_evaluation(tr: Trainer) -> dict | None:
     if "test" not in tr.splits:
         return None
     from .baselines import PROB_SOURCE, resolve_mode
-    from .metrics import tune_threshold
+    from .metrics import ONE_CLASS_DEV, add_note, tune_threshold
 
     # gen-only runs (cls_weight=0) read P(y=1) off the verdict tokens, not the untrained head
     source = PROB_SOURCE[resolve_mode("auto", cfg)]
@@ -308,8 +308,7 @@ def final_evaluation(tr: Trainer) -> dict | None:
     metrics, preds = evaluate_split(tr.model, tr.tokenizer, tr.encoder, tr.splits["test"], cfg=cfg,
                                     explain_limit=limit, dev_threshold=thr, prob_source=source)
     if "dev" in tr.splits and thr is None:
-        metrics["note"] = "; ".join(filter(None, [metrics.get("note"),
-                                                  "the dev split holds one class: the F1 threshold was not tuned"]))
+        add_note(metrics, ONE_CLASS_DEV)
     write_results(tr.out / "eval", metrics, preds)
     if is_main():
         tuned = (f"F1(dev-tuned thr {metrics['threshold_tuned']:.3f})={metrics['f1_tuned']:.4f} "

@@ -43,15 +43,20 @@ def _locate_bad_json_line(path: Path) -> str:
     return "could not be parsed"
 
 
+def _utf8_line(p: Path, lineno: int, raw: bytes) -> str:
+    """One line of a text file, or DataError naming it if it is not UTF-8."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{p}: line {lineno}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column "
+                        f"{e.start + 1}); save the file as UTF-8") from None
+
+
 def _check_utf8(p: Path) -> None:
     """DataError naming the first line that is not UTF-8 (text formats are read as UTF-8)."""
     with p.open("rb") as fh:
         for lineno, raw in enumerate(fh, 1):
-            try:
-                raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{p}: line {lineno}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column "
-                                f"{e.start + 1}); save the file as UTF-8") from None
+            _utf8_line(p, lineno, raw)
 
 
 def load_records(path: str | Path) -> tuple[list[dict], str]:
@@ -79,14 +84,15 @@ def load_records(path: str | Path) -> tuple[list[dict], str]:
                         f"{', '.join(sorted(_SUFFIX_BUILDER))} or a saved dataset folder")
     if p.stat().st_size == 0:
         raise DataError(f"{p}: the file is empty")
-    if builder in ("json", "csv"):
-        _check_utf8(p)
     if p.suffix.lower() == ".jsonl":
-        # Parse JSONL ourselves: exact line numbers in errors, and no Arrow schema inference
-        # surprises (e.g. a column that is null in the first rows).
+        # Parse JSONL ourselves: exact line numbers in errors (bad JSON or bad UTF-8), and no Arrow
+        # schema inference surprises (e.g. a column that is null in the first rows).
         rows = []
-        with p.open("r", encoding="utf-8-sig") as fh:  # -sig: a byte-order mark is not part of line 1
-            for lineno, line in enumerate(fh, 1):
+        with p.open("rb") as fh:
+            for lineno, raw in enumerate(fh, 1):
+                line = _utf8_line(p, lineno, raw)
+                if lineno == 1:
+                    line = line.removeprefix("\ufeff")  # a byte-order mark is not part of line 1
                 if not line.strip():
                     continue
                 try:
@@ -98,6 +104,8 @@ def load_records(path: str | Path) -> tuple[list[dict], str]:
                 obj["__row__"] = lineno
                 rows.append(obj)
         return rows, "line"
+    if builder in ("json", "csv"):  # read by datasets, whose decode error names no line
+        _check_utf8(p)
     try:
         ds = datasets.load_dataset(builder, data_files=str(p), split="train", keep_in_memory=True)
     except Exception as e:  # noqa: BLE001

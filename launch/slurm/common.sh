@@ -48,19 +48,19 @@ distributed_cmd() {
            "$script" "$@")
       ;;
     deepspeed)  # the DeepSpeed launcher reaches the other nodes over ssh (pdsh) with a hostfile
+      local hosts=() addr=()  # one node: local processes, no hostfile (it would need ssh to this node)
       if [ "$NNODES" -gt 1 ]; then
         HOSTFILE=${HOSTFILE:-${OUTPUT_DIR:-.}/hostfile}
         if [ "${CLSGEN_DRY_RUN:-0}" != 1 ]; then
           mkdir -p "$(dirname "$HOSTFILE")"
           for n in "${NODES[@]}"; do echo "$n slots=$GPUS_PER_NODE"; done > "$HOSTFILE"
         fi
-        # shellcheck disable=SC2034
-        CMD=(deepspeed --hostfile "$HOSTFILE" --num_nodes "$NNODES" --num_gpus "$GPUS_PER_NODE"
-             --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" "$script" "$@")
-      else  # one node: local processes, no hostfile (which would need ssh to this node itself)
-        # shellcheck disable=SC2034
-        CMD=(deepspeed --num_gpus "$GPUS_PER_NODE" --master_port "$MASTER_PORT" "$script" "$@")
+        hosts=(--hostfile "$HOSTFILE" --num_nodes "$NNODES")
+        addr=(--master_addr "$MASTER_ADDR")
       fi
+      # shellcheck disable=SC2034
+      CMD=(deepspeed "${hosts[@]}" --num_gpus "$GPUS_PER_NODE" "${addr[@]}" --master_port "$MASTER_PORT"
+           "$script" "$@")
       ;;
     *)
       echo "LAUNCHER must be torchrun or deepspeed, got '$LAUNCHER'" >&2

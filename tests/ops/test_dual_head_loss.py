@@ -30,6 +30,11 @@ from ._util import (
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def _args(inp: dict) -> list:
+    """The op's positional arguments from ``make_inputs``' dict."""
+    return [inp[k] for k in ("hidden", "lm_weight", "targets", "cls_weight", "cls_bias", "cls_index", "cls_labels")]
+
+
 @pytest.mark.parametrize("impl", ["torch", "reference"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_fp32_matches_float64(case: Case, impl: str, seed: int):
@@ -69,8 +74,7 @@ def test_no_grad_mode_returns_loss_only(seed: int):
 
 def test_backward_twice_is_refused(seed: int):
     inp = make_inputs(Case("x"), dtype=torch.float32, device="cpu", seed=seed)
-    args = [inp[k] for k in ("hidden", "lm_weight", "targets", "cls_weight", "cls_bias", "cls_index", "cls_labels")]
-    lm = dual_head_loss(*args, impl="torch")[0]
+    lm = dual_head_loss(*_args(inp), impl="torch")[0]
     lm.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="only run once"):
         lm.backward()
@@ -181,10 +185,6 @@ def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch, seed: int):
     inp = make_inputs(Case("x"), dtype=torch.float32, device="cpu", seed=seed)
     with pytest.raises(ValueError, match="needs CUDA"):
         run_op(inp, impl="triton")
-
-
-def _args(inp: dict) -> list:
-    return [inp[k] for k in ("hidden", "lm_weight", "targets", "cls_weight", "cls_bias", "cls_index", "cls_labels")]
 
 
 @pytest.mark.parametrize("frozen", ["no_grad", "nothing_trains"])
