@@ -19,10 +19,24 @@ from .predict import parse_verdict, prefill_and_decode, sigmoid
 log = logging.getLogger("clsgen_dist.evaluate")
 
 
+class EvalStopped(Exception):
+    """A stop (signal or ``STOP`` file) was requested during an evaluation given a ``stop`` flag."""
+
+
+def check_stop(stop, device) -> None:
+    """Raise :class:`EvalStopped` on every rank if ``stop`` (a :class:`~clsgen_dist.resume.StopFlag`,
+    or None: never) is requested on any rank. Collective when ``stop`` is given: all ranks call it
+    at the same points (once per batch of the lock-stepped loops below)."""
+    if stop is None:
+        return
+    if all_reduce_sum(torch.tensor([float(stop.requested)], device=device)).item() > 0:
+        raise EvalStopped
+
+
 @torch.no_grad()
-def score_encoded(model, encoded: list[Encoded], *, max_tokens: int) -> dict[int, float]:
+def score_encoded(model, encoded: list[Encoded], *, max_tokens: int, stop=None) -> dict[int, float]:
     """P(y=1) for every encoded example (keyed by ``Encoded.index``), sharded over ranks and
-    gathered. Uses the packed forward: no padding, no generation."""
+    gathered. Uses the packed forward: no padding, no generation. ``stop``: see :func:`check_stop`."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -30,6 +44,7 @@ def score_encoded(model, encoded: list[Encoded], *, max_tokens: int) -> dict[int
     n = max_over_ranks(len(batches), device)
     probs: dict[int, float] = {}
     for k in range(n):
+        check_stop(stop, device)
         b = batches[k] if k < len(batches) else (batches[0] if batches else None)
         if b is None:  # this rank has no examples at all but must join the collective forward
             b = eval_batches(encoded[:1], max_tokens)[0]
@@ -50,8 +65,9 @@ def score_encoded(model, encoded: list[Encoded], *, max_tokens: int) -> dict[int
 
 @torch.no_grad()
 def explain_examples(model, encoder: PromptEncoder, texts: dict[int, str], *, tokenizer, max_new_tokens: int,
-                     batch_size: int) -> dict[int, str]:
-    """Generated explanations for ``texts`` (index → text), sharded over ranks and gathered."""
+                     batch_size: int, stop=None) -> dict[int, str]:
+    """Generated explanations for ``texts`` (index → text), sharded over ranks and gathered.
+    ``stop``: see :func:`check_stop`."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -70,6 +86,7 @@ def explain_examples(model, encoder: PromptEncoder, texts: dict[int, str], *, to
     first = next(iter(texts)) if texts else None
     t0 = last = time.monotonic()
     for k in range(n):
+        check_stop(stop, device)
         if is_main() and time.monotonic() - last > 30:  # generation of a full split takes minutes on CPU
             last = time.monotonic()
             log.info("explaining: %d/%d batches of %d on this rank, %.0f s", k, n, batch_size, last - t0)
@@ -87,14 +104,16 @@ def explain_examples(model, encoder: PromptEncoder, texts: dict[int, str], *, to
 
 
 def evaluate_split(model, tokenizer, encoder: PromptEncoder, examples, *, cfg, explain_limit: int,
-                   dev_threshold: float | None = None, prob_source: str = "head") -> tuple[dict, list[dict]]:
+                   dev_threshold: float | None = None, prob_source: str = "head",
+                   stop=None) -> tuple[dict, list[dict]]:
     """Metrics and per-example predictions for a split of :class:`Example` (all ranks call this).
 
     ``prob_source`` (see :mod:`clsgen_dist.baselines`): ``head`` — the classification head;
     ``explanation`` — the verdict tokens after the model's own explanation (gen-only; every example
     is explained); ``prompt`` — the verdict tokens right after the prompt (zero-shot). Every source
     works with a plain model per rank (``launch/eval.py``) and a ZeRO-3-partitioned one (the
-    trainer's evaluation): the forwards are lock-stepped across ranks.
+    trainer's evaluation): the forwards are lock-stepped across ranks. ``stop`` (the trainer's final
+    evaluation): :class:`EvalStopped` between batches once a stop is requested.
     Explanation metrics (verdict parse rate, alignment AUROC and kappa of the probability vs the
     parsed verdict, readability) cover the explained examples."""
     from .baselines import explanation_body, verdict_probs
@@ -106,11 +125,11 @@ def evaluate_split(model, tokenizer, encoder: PromptEncoder, examples, *, cfg, e
     expl = {}
     if limit:
         expl = explain_examples(model, encoder, {i: examples[i].text for i in range(limit)}, tokenizer=tokenizer,
-                                max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size)
+                                max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size, stop=stop)
     max_tokens = cfg.data.max_seq_len * max(1, cfg.train.micro_batch_size)
     if prob_source == "head":
         encoded = [encoder.encode(ex.text, ex.label, None, index=i) for i, ex in enumerate(examples)]
-        probs = score_encoded(model, encoded, max_tokens=max_tokens)
+        probs = score_encoded(model, encoded, max_tokens=max_tokens, stop=stop)
     else:
         texts = {i: ex.text for i, ex in enumerate(examples)}
         probs = verdict_probs(model, tokenizer, encoder, texts, expl if prob_source == "explanation" else None,
@@ -135,9 +154,10 @@ def evaluate_split(model, tokenizer, encoder: PromptEncoder, examples, *, cfg, e
     return metrics, preds
 
 
-def dev_threshold(model, encoder, examples, *, cfg) -> float:
+def dev_threshold(model, encoder, examples, *, cfg, stop=None) -> float:
     encoded = [encoder.encode(ex.text, ex.label, None, index=i) for i, ex in enumerate(examples)]
-    probs = score_encoded(model, encoded, max_tokens=cfg.data.max_seq_len * max(1, cfg.train.micro_batch_size))
+    probs = score_encoded(model, encoded, max_tokens=cfg.data.max_seq_len * max(1, cfg.train.micro_batch_size),
+                          stop=stop)
     return tune_threshold([ex.label for ex in examples], [probs[i] for i in range(len(examples))])
 
 

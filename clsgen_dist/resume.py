@@ -44,15 +44,17 @@ STATE = "trainer_state.json"
 
 def fault_point(name: str, step: int | None = None) -> None:
     """Testing hook: ``CLSGEN_FAULT=name[:step]`` SIGKILLs this process (no cleanup, like the OOM
-    killer or a node loss) when execution reaches the named point."""
+    killer or a node loss) when execution reaches the named point; ``name[:step]/TERM`` sends it
+    SIGTERM instead (a preemption arriving right there)."""
     spec = os.environ.get("CLSGEN_FAULT")
     if not spec:
         return
+    spec, _, sig = spec.partition("/")
     want, _, at = spec.partition(":")
     if want == name and (not at or step == int(at)):
         sys.stdout.flush()
         sys.stderr.flush()
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), getattr(signal, f"SIG{sig}") if sig else signal.SIGKILL)
 
 
 # ----------------------------------------------------------------------------- preemption
@@ -176,7 +178,7 @@ def training_settings(cfg, ranks: int | None = None) -> dict:
 
 
 def check_resume_settings(ckpt: Path, cfg, ranks: int, zero_stage: int | None = None) -> None:
-    """ConfigError if ``ckpt`` (a checkpoint folder, or the ``DONE`` file of a finished run) was
+    """ConfigError if ``ckpt`` (a checkpoint folder, or the ``DONE`` or ``TRAINED`` file of a run) was
     trained with other settings than ``cfg`` (learning rate, schedule, data, model, ...): resuming
     would silently continue the old run under the new config's name. A checkpoint also needs the
     ZeRO stage it was saved with (``zero_stage``: the run's ``ds_config``); DeepSpeed cannot load
@@ -204,9 +206,13 @@ def check_resume_settings(ckpt: Path, cfg, ranks: int, zero_stage: int | None = 
 # Written last by a run that finished (final checkpoint saved, test split evaluated).
 DONE = "DONE"
 
+# Written once ``final/`` is saved: training is over and only the final evaluation is left, which a
+# resumed attempt (one killed or stopped during that evaluation) runs on ``final/`` without training.
+TRAINED = "TRAINED"
+
 # What a run leaves in its output_dir, and what a fresh start there replaces.
 RUN_ARTIFACTS = ("checkpoints", "final", "eval", "train_log.jsonl", "eval_log.jsonl", "tensorboard", "PREEMPTED",
-                 STOP, DONE)
+                 STOP, TRAINED, DONE)
 
 
 def earlier_run(out: Path) -> list[str]:

@@ -16,21 +16,21 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import save_checkpoint
+from .checkpoint import MARKER, load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, dump_config
 from .data import PackedRows, PromptEncoder, read_examples
 from .distributed import all_reduce_sum, barrier, init_distributed, is_main, rank, world_size
 from .distributed.env import launched_rank, launched_world_size
 from .distributed.engine import build_engine, fill_ds_config, load_ds_config, zero_stage
 from .logs import setup_logging
-from .evaluate import dev_threshold, evaluate_split, write_results
+from .evaluate import EvalStopped, dev_threshold, evaluate_split, write_results
 from .fileio import write_json_atomic
 from .modeling import build_model
 from .modeling.build import resolve_dtype
 from .predict import make_encoder
 from .fileio import check_output_path
-from .resume import (DONE, STOP, StopFlag, check_resume_settings, clear_earlier_run, fault_point, latest_checkpoint,
-                     load_training_state, resolve_resume, save_training_state, training_settings)
+from .resume import (DONE, STOP, TRAINED, StopFlag, check_resume_settings, clear_earlier_run, fault_point,
+                     latest_checkpoint, load_training_state, resolve_resume, save_training_state, training_settings)
 
 log = logging.getLogger("clsgen_dist.train")
 REPO = Path(__file__).resolve().parent.parent
@@ -284,10 +284,12 @@ def _fmt(x) -> str:
     return "n/a" if x is None else f"{x:.4f}"
 
 
-def final_evaluation(tr: Trainer) -> dict | None:
-    """Test-split metrics (threshold tuned on dev when there is one) + explanations of a few examples."""
-    cfg = tr.cfg
-    if "test" not in tr.splits:
+def final_evaluation(cfg: Config, model, tokenizer, encoder: PromptEncoder, splits: dict, out: Path, *,
+                     last_dev: tuple[int, list] | None = None, stop: StopFlag | None = None) -> dict | None:
+    """Test-split metrics (threshold tuned on dev when there is one) + explanations of a few examples,
+    written to ``out/eval``. ``last_dev``: the trainer's latest dev predictions (reused if from the
+    final step). ``stop``: :class:`EvalStopped` between batches once a stop is requested."""
+    if "test" not in splits:
         return None
     from .baselines import PROB_SOURCE, resolve_mode
     from .metrics import ONE_CLASS_DEV, add_note, tune_threshold
@@ -295,27 +297,27 @@ def final_evaluation(tr: Trainer) -> dict | None:
     # gen-only runs (cls_weight=0) read P(y=1) off the verdict tokens, not the untrained head
     source = PROB_SOURCE[resolve_mode("auto", cfg)]
     thr = None
-    if "dev" in tr.splits and source == "head" and tr.last_dev and tr.last_dev[0] == cfg.train.max_steps:
-        preds = tr.last_dev[1]  # the final step's dev evaluation already scored every dev example
+    if "dev" in splits and source == "head" and last_dev and last_dev[0] == cfg.train.max_steps:
+        preds = last_dev[1]  # the final step's dev evaluation already scored every dev example
         thr = tune_threshold([r["label"] for r in preds], [r["prob"] for r in preds])
-    elif "dev" in tr.splits and source == "head":
-        thr = dev_threshold(tr.model, tr.encoder, tr.splits["dev"], cfg=cfg)
-    elif "dev" in tr.splits:
-        _, dev_preds = evaluate_split(tr.model, tr.tokenizer, tr.encoder, tr.splits["dev"], cfg=cfg,
-                                      explain_limit=0, prob_source=source)
+    elif "dev" in splits and source == "head":
+        thr = dev_threshold(model, encoder, splits["dev"], cfg=cfg, stop=stop)
+    elif "dev" in splits:
+        _, dev_preds = evaluate_split(model, tokenizer, encoder, splits["dev"], cfg=cfg, explain_limit=0,
+                                      prob_source=source, stop=stop)
         thr = tune_threshold([r["label"] for r in dev_preds], [r["prob"] for r in dev_preds])
     limit = max(cfg.eval.explain_limit, cfg.eval.show_examples) if cfg.eval.explain_limit >= 0 else -1
-    metrics, preds = evaluate_split(tr.model, tr.tokenizer, tr.encoder, tr.splits["test"], cfg=cfg,
-                                    explain_limit=limit, dev_threshold=thr, prob_source=source)
-    if "dev" in tr.splits and thr is None:
+    metrics, preds = evaluate_split(model, tokenizer, encoder, splits["test"], cfg=cfg, explain_limit=limit,
+                                    dev_threshold=thr, prob_source=source, stop=stop)
+    if "dev" in splits and thr is None:
         add_note(metrics, ONE_CLASS_DEV)
-    write_results(tr.out / "eval", metrics, preds)
+    write_results(out / "eval", metrics, preds)
     if is_main():
         tuned = (f"F1(dev-tuned thr {metrics['threshold_tuned']:.3f})={metrics['f1_tuned']:.4f} "
                  if "threshold_tuned" in metrics else "")
         print(f"\n== test: n={metrics['n']} AUROC={_fmt(metrics['auroc'])} F1={metrics['f1']:.4f} {tuned}"
               f"acc={metrics['accuracy']:.4f} Brier={metrics['brier']:.4f}", flush=True)
-        for r, ex in list(zip(preds, tr.splits["test"]))[: cfg.eval.show_examples]:
+        for r, ex in list(zip(preds, splits["test"]))[: cfg.eval.show_examples]:
             print(f"\n-- example {r['id']} (label {cfg.data.label_names[r['label']]}): P(y=1)={r['prob']:.3f}\n"
                   f"   text: {ex.text[:300]}\n   explanation: {r['explanation']}", flush=True)
     return metrics
@@ -426,6 +428,10 @@ def _run(cfg: Config, stop: StopFlag) -> dict | None:
             print(f"{cfg.output_dir} holds a finished run ({done}); nothing to resume", flush=True)
         metrics = Path(cfg.output_dir) / "eval" / "metrics.json"
         return json.loads(metrics.read_text()) if metrics.is_file() else None
+    trained = Path(cfg.output_dir) / TRAINED
+    if cfg.resume is not False and trained.is_file() and (Path(cfg.output_dir) / "final" / MARKER).is_file():
+        check_resume_settings(trained, cfg, ranks)
+        return evaluate_trained(cfg, stop)
     resume_from = resolve_resume(cfg.resume, Path(cfg.output_dir), overwrite=cfg.overwrite)
     if resume_from is not None:
         check_resume_settings(resume_from, cfg, ranks, zero_stage(ds_raw))
@@ -462,9 +468,9 @@ def _run(cfg: Config, stop: StopFlag) -> dict | None:
                      splits=splits, device=device, out=out, writer=writer, log_fh=fh, stop=stop,
                      zero_stage=zero_stage(ds), peak_flops=peak_flops(cfg, device), **flop_counts(model))
         finished = tr.train(start)
+    if writer is not None:
+        writer.close()
     if not finished:
-        if writer is not None:
-            writer.close()
         if is_main():
             (out / "PREEMPTED").write_text(f"{latest_checkpoint(out)}\n")
             stop.consumed()
@@ -472,11 +478,44 @@ def _run(cfg: Config, stop: StopFlag) -> dict | None:
     if is_main():
         (out / "PREEMPTED").unlink(missing_ok=True)
     save_checkpoint(engine.module, tokenizer, cfg, out / "final")
-    metrics = final_evaluation(tr) if cfg.eval.at_end else None
-    if writer is not None:
-        writer.close()
+    if is_main():
+        write_json_atomic(out / TRAINED, {"step": cfg.train.max_steps, "settings": training_settings(cfg)})
+    return finish_run(cfg, out, stop, engine.module, tokenizer, encoder, splits, last_dev=tr.last_dev)
+
+
+def evaluate_trained(cfg: Config, stop: StopFlag) -> dict | None:
+    """A resumed run whose training finished in an earlier attempt (``TRAINED``): evaluate ``final/``,
+    loaded as a plain model on every rank (as ``launch/eval.py`` does), and finish the run."""
+    splits = load_splits(cfg)
+    device = init_distributed()
+    setup_logging()
+    out = Path(cfg.output_dir)
+    if is_main():
+        log.info("%s: training finished in an earlier attempt (%s); evaluating %s without training",
+                 out, TRAINED, out / "final")
+        (out / "PREEMPTED").unlink(missing_ok=True)
+    model, tokenizer, _ = load_checkpoint(out / "final", device=device)
+    return finish_run(cfg, out, stop, model, tokenizer, make_encoder(cfg, tokenizer), splits)
+
+
+def finish_run(cfg: Config, out: Path, stop: StopFlag, model, tokenizer, encoder: PromptEncoder, splits: dict, *,
+               last_dev: tuple[int, list] | None = None) -> dict | None:
+    """The final evaluation of a trained model, then ``DONE``. A stop during the evaluation ends the
+    attempt with ``PREEMPTED`` instead: a resumed one evaluates ``final/`` without training."""
+    fault_point("final_eval")
+    try:
+        metrics = (final_evaluation(cfg, model, tokenizer, encoder, splits, out, last_dev=last_dev, stop=stop)
+                   if cfg.eval.at_end else None)
+    except EvalStopped:
+        if is_main():
+            (out / "PREEMPTED").write_text(f"{out / 'final'}\n")
+            stop.consumed()
+            log.warning("stop requested during the final evaluation: %s is saved; continue with resume=auto, "
+                        "which evaluates it without training", out / "final")
+        return None
     if is_main():
         write_json_atomic(out / DONE, {"step": cfg.train.max_steps, "settings": training_settings(cfg)})
+        (out / TRAINED).unlink(missing_ok=True)
     return metrics
 
 

@@ -183,3 +183,64 @@ def test_output_dir_of_an_earlier_run(tiny_dir, data, tmp_path):
     proc = launch("train.py", _args(tiny_dir, data, tmp_path, *fast, "train.save_every=3", "resume=auto"))
     assert "holds a finished run" in proc.stdout
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+FINAL = ["train.max_steps=6", "train.save_every=0", "eval.explain_limit=2", "eval.max_new_tokens=6"]
+
+
+@pytest.fixture(scope="module")
+def evaluated(tiny_dir, data, tmp_path_factory):
+    """An uninterrupted short run with dev and test splits: its final evaluation is the reference."""
+    d = tmp_path_factory.mktemp("eval_data")
+    split = write_jsonl(d / "split.jsonl", [{"text": f"{t} [{i}]", "label": y} for i, (t, y) in enumerate(REVIEWS)])
+    extra = [*FINAL, f"data.dev_file={split}", f"data.test_file={split}"]
+    out = tmp_path_factory.mktemp("evaluated")
+    launch("train.py", _args(tiny_dir, data, out, *extra))
+    return out, extra
+
+
+def _same_evaluation(a, b):
+    pa, pb = read_jsonl(a / "eval/predictions.jsonl"), read_jsonl(b / "eval/predictions.jsonl")
+    assert [(r["id"], r["explanation"]) for r in pa] == [(r["id"], r["explanation"]) for r in pb]
+    assert [r["prob"] for r in pa] == pytest.approx([r["prob"] for r in pb], abs=1e-6)
+    ma, mb = (json.loads((x / "eval/metrics.json").read_text()) for x in (a, b))
+    for k in ("auroc", "f1", "brier", "threshold_tuned"):
+        assert ma[k] == pytest.approx(mb[k], abs=1e-6), k
+
+
+def test_killed_during_final_evaluation_resumes_without_training(evaluated, tiny_dir, data, tmp_path):
+    """Killed after final/ is saved (a time limit, a node loss during the test split's generation):
+    resume=auto evaluates final/ and finishes the run, without going back to a checkpoint and
+    training the steps after it again."""
+    ref, extra = evaluated
+    proc = _fault(_args(tiny_dir, data, tmp_path, *extra), "final_eval")
+    assert proc.returncode == -signal.SIGKILL
+    assert (tmp_path / "final/COMPLETE").is_file() and (tmp_path / "TRAINED").is_file()
+    assert not (tmp_path / "DONE").exists() and not (tmp_path / "eval").exists()
+    kept = [tmp_path / "train_log.jsonl", *(tmp_path / "final").iterdir()]
+    before = {f: f.stat().st_mtime_ns for f in kept}
+    # another learning rate is another run: refused, as for a checkpoint
+    proc = launch("train.py", _args(tiny_dir, data, tmp_path, *extra, "resume=auto", "train.learning_rate=1e-3"),
+                  check=False)
+    assert proc.returncode == 2 and "TRAINED was trained with other settings" in proc.stderr, proc.stderr[-2000:]
+    proc = launch("train.py", _args(tiny_dir, data, tmp_path, *extra, "resume=auto"))
+    assert "evaluating" in proc.stderr and "without training" in proc.stderr
+    assert {f: f.stat().st_mtime_ns for f in kept} == before  # no step ran again, final/ is the one saved
+    assert (tmp_path / "DONE").is_file() and not (tmp_path / "TRAINED").exists()
+    _same_evaluation(tmp_path, ref)
+
+
+def test_stop_during_final_evaluation_is_preempted_then_evaluated(evaluated, tiny_dir, data, tmp_path):
+    """SIGTERM (SLURM's time-limit warning, a preemption) during the final evaluation: the attempt
+    stops between batches and exits 0 with PREEMPTED (so the SLURM script requeues it) and no
+    DONE; the requeued attempt evaluates final/ and gives the uninterrupted run's results."""
+    ref, extra = evaluated
+    proc = _fault(_args(tiny_dir, data, tmp_path, *extra), "final_eval/TERM")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "stop requested during the final evaluation" in proc.stderr
+    assert (tmp_path / "PREEMPTED").read_text().strip() == str(tmp_path / "final")
+    assert not (tmp_path / "DONE").exists() and not (tmp_path / "eval/metrics.json").exists()
+    proc = launch("train.py", _args(tiny_dir, data, tmp_path, *extra, "resume=auto"))
+    assert not (tmp_path / "PREEMPTED").exists() and (tmp_path / "DONE").is_file()
+    assert [r["step"] for r in read_jsonl(tmp_path / "train_log.jsonl")] == list(range(1, 7))
+    _same_evaluation(tmp_path, ref)
