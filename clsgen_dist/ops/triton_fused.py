@@ -77,9 +77,9 @@ def _lse_configs() -> list[triton.Config]:
     # (BLOCK_N, BLOCK_V, BLOCK_H, warps, stages). Shared memory ~ stages * (BN + BV) * BH * bytes:
     # 128x256x64 bf16 x 3 stages = 144 KiB of Hopper's 227 KiB. Configs that do not fit (fp32
     # inputs) are skipped by the autotuner; the default fits fp32 too (144 KiB). Checked offline
-    # for sm_90 (Triton 3.9, bf16, H % 64 == 0): all pipeline the H loop (multi-buffered wgmma);
-    # 128x128 w8 uses <= 252 registers without spills, 128x256 w8 spills ~340 B in the epilogue,
-    # the others <= 48 B. (128x128 and 64x256 with 4 warps spilled 600 B and were dropped.)
+    # for sm_90 (Triton 3.9 and 3.6, bf16, H % 64 == 0): all pipeline the H loop (multi-buffered
+    # wgmma); 128x128 w8 uses <= 255 registers without spills, 128x256 w8 spills 340-450 B in the
+    # epilogue, the others <= 48 B. (128x128 and 64x256 with 4 warps spilled 600 B and were dropped.)
     default = (64, 128, 64, 4, 3)
     shapes = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 256, 64, 8, 4), (128, 256, 64, 8, 3), default]
     return _configs(shapes if AUTOTUNE else [default])
@@ -259,7 +259,7 @@ def _recompute_configs() -> list[triton.Config]:
     # (BLOCK_N, BLOCK_V, BLOCK_H, warps, stages). No GPU timing yet: the autotuner picks. Compiled
     # offline for sm_90 (benchmarks/triton_resources.md, specialised as the JIT does at the GPU
     # benchmark's shape), all of these are free of register spills with bf16 inputs, atomics or
-    # locks, except 128x256 with fp32 atomics (280 B). Taller or wider tiles halve the atomic traffic
+    # locks, except 128x256 with fp32 atomics (270 B under Triton 3.9, 8 B under 3.6). Taller or wider tiles halve the atomic traffic
     # into d W (BLOCK_N = 256) or d hidden (BLOCK_V = 256), at fewer programs per wave.
     shapes = [(128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (256, 128, 32, 8, 3), (128, 256, 32, 8, 3),
               (64, 128, 32, 4, 3)]
