@@ -59,9 +59,46 @@ def _check_utf8(p: Path) -> None:
             _utf8_line(p, lineno, raw)
 
 
+def _read_csv(p: Path) -> list[dict]:
+    """Rows of a UTF-8 CSV file with a header, every cell a string as written (no type guessing:
+    an id "00123" stays "00123", a note "N/A" stays "N/A"); an empty cell is None (missing). Each
+    row records the line it starts on (quoted fields may span lines)."""
+    import csv
+
+    rows: list[dict] = []
+    header: list[str] | None = None
+    with p.open("r", encoding="utf-8-sig", newline="") as fh:
+        reader = csv.reader(fh)
+        start = 1
+        try:
+            for rec in reader:
+                if not any(c.strip() for c in rec):  # blank line
+                    pass
+                elif header is None:
+                    header = [h.strip() for h in rec]
+                    empty = [i + 1 for i, h in enumerate(header) if not h]
+                    dup = sorted({h for h in header if h and header.count(h) > 1})
+                    if empty or dup:
+                        what = (f"column {empty[0]} has no name" if empty else f"column name {dup[0]!r} appears twice")
+                        raise DataError(f"{p}: line {start}: the header row is not usable ({what})")
+                elif len(rec) != len(header):
+                    raise DataError(f"{p}: line {start}: {len(rec)} fields, expected {len(header)} as in the header "
+                                    f"({', '.join(header)}); quote a field that contains a comma")
+                else:
+                    rows.append({**{h: (v if v != "" else None) for h, v in zip(header, rec)}, "__row__": start})
+                start = reader.line_num + 1
+        except csv.Error as e:
+            raise DataError(f"{p}: line {reader.line_num}: not valid CSV ({e})") from None
+    if header is None:
+        raise DataError(f"{p}: no header row (the file holds only blank lines)")
+    if not rows:
+        raise DataError(f"{p}: the header ({', '.join(header)}) is followed by no data rows")
+    return rows
+
+
 def load_records(path: str | Path) -> tuple[list[dict], str]:
     """Load every row of ``path`` as a dict. Returns (rows, row_word) where row_word says how rows
-    are numbered in messages ("line" for JSONL, "row" otherwise)."""
+    are numbered in messages ("line" for JSONL and CSV: the file's line; "row" otherwise)."""
     p = Path(path)
     if not p.exists():
         raise DataError(f"{p}: no such file or folder")
@@ -104,19 +141,22 @@ def load_records(path: str | Path) -> tuple[list[dict], str]:
                 obj["__row__"] = lineno
                 rows.append(obj)
         return rows, "line"
-    if builder in ("json", "csv"):  # read by datasets, whose decode error names no line
+    if builder == "csv":
+        _check_utf8(p)
+        return _read_csv(p), "line"
+    if builder == "json":  # read by datasets, whose decode error names no line
         _check_utf8(p)
     try:
         ds = datasets.load_dataset(builder, data_files=str(p), split="train", keep_in_memory=True)
     except Exception as e:  # noqa: BLE001
-        detail = _locate_bad_json_line(p) if builder == "json" else str(e).splitlines()[0][:300]
+        detail = _locate_bad_json_line(p) if builder == "json" else (str(e).splitlines() or [repr(e)])[0][:300]
         raise DataError(f"{p}: could not read as {builder}: {detail}") from None
     return ds.to_list(), "row"
 
 
 def parse_label(value: Any, label_names: Sequence[str]) -> int:
-    """0/1 (int, bool, float, numeric string such as "1" or "1.0") or one of ``label_names``
-    (case-insensitive)."""
+    """0/1 (int, bool, float, numeric string such as "1" or "1.0", "true"/"false") or one of
+    ``label_names`` (case-insensitive)."""
     if isinstance(value, bool):
         return int(value)
     if isinstance(value, (int, float)) and value in (0, 1):
@@ -128,6 +168,8 @@ def parse_label(value: Any, label_names: Sequence[str]) -> int:
         names = [n.strip().lower() for n in label_names]
         if s in names:
             return names.index(s)
+        if s in ("false", "true"):  # a CSV cell written from a boolean column
+            return int(s == "true")
     raise ValueError
 
 

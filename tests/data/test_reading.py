@@ -87,7 +87,35 @@ def test_empty_and_missing_files(tmp_path):
 def test_bad_csv_row(tmp_path):
     p = tmp_path / "d.csv"
     p.write_text("text,label\ngood,1\nbad,7\n")
-    with pytest.raises(DataError, match=r"d.csv: row 2: field 'label' = 7"):
+    with pytest.raises(DataError, match=r"d.csv: line 3: field 'label' = '7' is not a label"):  # the file's line, header = 1
+        read(p)
+
+
+def test_csv_cells_are_read_as_written(tmp_path):
+    """No type guessing: ids keep their leading zeros, a note that reads N/A or null is text, an
+    empty cell is missing; a boolean column's true/false are labels; BOM and CRLF are fine."""
+    p = tmp_path / "notes.csv"
+    p.write_bytes("\ufeffid,text,label,explanation\r\n00123,N/A,true,\r\n0456,null,False,NA\r\n"
+                  ",\"chest pain, \r\nradiating\",1,Because.\r\n\r\n".encode())
+    exs = read(p)
+    assert [e.id for e in exs] == ["00123", "0456", "4"]  # the empty id: the line the row starts on
+    assert [e.text for e in exs] == ["N/A", "null", "chest pain, \r\nradiating"]
+    assert [e.label for e in exs] == [1, 0, 1]
+    assert [e.explanation for e in exs] == [None, "NA", "Because."]
+
+
+@pytest.mark.parametrize("body, message", [
+    ("text,label\nok,1\npain, severe,1\n", r"line 3: 3 fields, expected 2 as in the header \(text, label\); quote"),
+    ("text,label\nok,1\n\"a\nb\",0\nshort\n", r"line 5: 1 fields, expected 2"),  # after a 2-line quoted field
+    ("text,label\r\n", r"the header \(text, label\) is followed by no data rows"),
+    ("\ufeff\n\n", r"no header row"),
+    ("text,,label\nok,x,1\n", r"line 1: the header row is not usable \(column 2 has no name\)"),
+    ("text,label,text\nok,1,x\n", r"line 1: .*column name 'text' appears twice"),
+])
+def test_malformed_csv_names_the_line(tmp_path, body, message):
+    p = tmp_path / "bad.csv"
+    p.write_text(body)
+    with pytest.raises(DataError, match=rf"bad.csv: {message}"):
         read(p)
 
 
