@@ -25,7 +25,10 @@ def _parse(argv: list[str] | None):
     p = _parser("Write teacher explanations (+ verdict, consistency) for a labelled file: OUT.jsonl and "
                 "OUT.stats.json. Resumable: a rerun asks the teacher only for items not yet cached.")
     p.add_argument("--input", required=True, help="labelled JSONL/JSON/CSV/Parquet file or saved dataset")
-    p.add_argument("--output", required=True, help="OUT.jsonl (stats go to OUT.stats.json)")
+    p.add_argument("--output", required=True,
+                   help="OUT.jsonl (stats go to OUT.stats.json); its rows hold the id, text, label and explanation "
+                        "fields (data.*_field) and the teacher's raw_explanation, verdict and consistency: other "
+                        "columns of --input are not copied")
     t = p.add_mutually_exclusive_group(required=True)
     t.add_argument("--teacher", metavar="MODEL_DIR",
                    help="local HF causal-LM folder ('default' = SmolLM2-135M-Instruct)")
@@ -59,6 +62,9 @@ def _parse(argv: list[str] | None):
                    "unconditioned, judge, judge_answer_prefix, system)")
     p.add_argument("--cache", default=None, metavar="DIR",
                    help="keep the teacher cache in DIR/teacher_cache.jsonl (default: OUT.cache.jsonl next to --output)")
+    p.add_argument("--replace-existing", action="store_true",
+                   help="--input already has explanations (data.explanation_field): replace them with the "
+                        "teacher's (without this flag that is an error)")
     p.add_argument("--config", default=None, help="run config for data.* (default: launch/configs/default.yaml)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.text_field=review")
     return p.parse_args(argv)
@@ -93,6 +99,14 @@ def run_build(args) -> dict:
     spec = PromptSpec.from_data(cfg.data, mode=args.mode,
                                 templates=Templates.from_file(args.templates) if args.templates else None)
     examples = read_input(args.input, cfg.data, limit=args.limit)  # user errors before any model or process group
+    given = [ex for ex in examples if ex.explanation is not None]
+    if given and not args.replace_existing:
+        from .data.reading import DataError
+
+        raise DataError(f"{args.input}: {len(given)} of {len(examples)} rows already have an explanation "
+                        f"({cfg.data.explanation_field!r}, e.g. id {given[0].id}); the teacher's would replace them. "
+                        f"Train on the file as it is (rows without one train the classification head only), "
+                        f"or pass --replace-existing")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 or int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         from .distributed import init_distributed
 
@@ -125,10 +139,28 @@ def _summary(stats: dict) -> str:
     return "\n".join(lines)
 
 
+def _check_paths(args) -> None:
+    """The output is JSONL (whatever its name says) and must not overwrite the input."""
+    from pathlib import Path
+
+    from .config import ConfigError
+    from .data.construct import default_cache_path, stats_path
+
+    out = Path(args.output)
+    if out.suffix.lower() != ".jsonl":
+        raise ConfigError(f"--output {out}: the output is JSON Lines; name it *.jsonl")
+    derived = {out, stats_path(out), default_cache_path(out, args.cache)}
+    inp = Path(args.input).resolve()
+    if inp in {p.resolve() for p in derived}:
+        raise ConfigError(f"--output {out}: it (or its stats or cache file) is the --input file {args.input}; "
+                          f"write the explained data to another file")
+    check_output_path(args.output, folder=False)
+
+
 def build_data_main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     with user_errors():
-        check_output_path(args.output, folder=False)
+        _check_paths(args)
         stats = run_build(args)
         from .distributed import is_main
 

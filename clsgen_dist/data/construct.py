@@ -651,9 +651,11 @@ def _warn_if_weak(stats: dict) -> None:
 
 
 def read_input(path: str | os.PathLike, data, *, limit: int | None = None) -> list[Example]:
-    """Labelled examples of ``path`` read with the run config's ``data`` field and label names."""
-    return read_examples(path, text_field=data.text_field, label_field=data.label_field, explanation_field=None,
-                         id_field=data.id_field, label_names=data.label_names, require_label=True, limit=limit)
+    """Labelled examples of ``path`` read with the run config's ``data`` field and label names (with
+    any explanations the file already has, which the build replaces: see ``launch/build_data.py``)."""
+    return read_examples(path, text_field=data.text_field, label_field=data.label_field,
+                         explanation_field=data.explanation_field, id_field=data.id_field,
+                         label_names=data.label_names, require_label=True, limit=limit)
 
 
 # ----------------------------------------------------------------------------- the default run

@@ -209,10 +209,10 @@ def test_local_teacher_sampling_is_seeded(tiny_teacher):
 
 
 def test_local_teacher_end_to_end_cli_and_rerun_from_cache(tmp_path, tiny_dir, toy_rows, capsys, monkeypatch):
-    f = write_jsonl(tmp_path / "in.jsonl", toy_rows)  # every third row has an explanation: ignored as input
+    f = write_jsonl(tmp_path / "in.jsonl", toy_rows)  # every third row has an explanation: replaced, as asked
     out = tmp_path / "out.jsonl"
     args = ["--input", str(f), "--output", str(out), "--teacher", str(tiny_dir), "--max-new-tokens", "6",
-            "--batch-size", "5", "--dtype", "float32", "data.label_names=[negative,positive]"]
+            "--batch-size", "5", "--dtype", "float32", "data.label_names=[negative,positive]", "--replace-existing"]
     assert build_data_main(args) == 0
     assert "negative: total 6" in capsys.readouterr().out
     rows = [json.loads(x) for x in out.read_text().splitlines()]

@@ -326,3 +326,33 @@ def test_two_ranks_share_the_work(tmp_path, rows, server_factory):
            timeout=300)
     assert (tmp_path / "two.jsonl").read_bytes() == (tmp_path / "one.jsonl").read_bytes()
     assert set(server.gens().values()) == {1} and len(server.gens()) == 12
+
+
+def test_output_paths_and_existing_explanations_are_checked_first(tmp_path, rows, capsys):
+    """Before any teacher is asked: the output may not be the input (nor its stats or cache file),
+    it is JSONL whatever its name, and an input that already has explanations is not silently
+    replaced. Each is one line, exit 2, and the input file is untouched."""
+    f = write_jsonl(tmp_path / "in.jsonl", rows)
+    given = write_jsonl(tmp_path / "given.jsonl", [{**r, "explanation": "A human rationale."} if i == 3 else r
+                                                   for i, r in enumerate(rows)])
+    before = {p: p.read_bytes() for p in (f, given)}
+    url = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens: these must fail before any request
+
+    def err(*argv):
+        with pytest.raises(SystemExit) as e:
+            build_data_main([*argv, "--teacher-url", url, "--teacher-model", "m"])
+        out = capsys.readouterr().err
+        assert e.value.code == 2 and "Traceback" not in out and len(out.strip().splitlines()) == 1, out
+        return out
+
+    assert f"is the --input file {f}" in err("--input", str(f), "--output", str(f))
+    assert "is the --input file" in err("--input", str(tmp_path / "in.jsonl"), "--output",
+                                        str(tmp_path / "sub" / ".." / "in.jsonl"))
+    cache_named = tmp_path / "x.cache.jsonl"
+    cache_named.write_bytes(f.read_bytes())
+    assert "is the --input file" in err("--input", str(cache_named), "--output", str(tmp_path / "x.jsonl"))
+    assert "the output is JSON Lines; name it *.jsonl" in err("--input", str(f), "--output", str(tmp_path / "o.csv"))
+    msg = err("--input", str(given), "--output", str(tmp_path / "o.jsonl"))
+    assert "1 of 12 rows already have an explanation ('explanation', e.g. id" in msg and "--replace-existing" in msg
+    assert {p: p.read_bytes() for p in (f, given)} == before
+    assert not (tmp_path / "o.jsonl").exists() and not (tmp_path / "o.csv").exists()
