@@ -533,7 +533,10 @@ def _gen_key(teacher, judge: bool) -> dict:
 
 
 def _build_key(keys: list[str | None], examples: list[Example], fields: Fields, threshold: float) -> str:
-    blob = json.dumps([keys, [ex.id for ex in examples], asdict(fields), threshold], sort_keys=True)
+    """What the output was built from: the teacher items, and every example's id, text and label
+    (those past ``explain_limit`` have no item key but are written to the output too)."""
+    rows = [[ex.id, example_hash(ex.text, ex.label)] for ex in examples]
+    blob = json.dumps([keys, rows, asdict(fields), threshold], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

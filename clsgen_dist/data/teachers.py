@@ -111,9 +111,37 @@ def first_name(text: str, names: Sequence[str]) -> int | None:
 # ----------------------------------------------------------------------------- local HF teacher
 
 
+def _file_sha256(f: Path) -> str:
+    """sha256 of a file's bytes, remembered under the cache root by (path, size, mtime): a weight
+    file is read in full once, and again only when it is rewritten."""
+    from ..assets import cache_root
+    from ..fileio import write_atomic
+
+    st = f.stat()
+    memo = cache_root() / "file_sha256" / hashlib.sha256(
+        f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
+    try:
+        known = memo.read_text().strip()
+        if len(known) == 64:
+            return known
+    except OSError:
+        pass
+    h = hashlib.sha256()
+    with open(f, "rb") as fh:
+        while chunk := fh.read(16 << 20):
+            h.update(chunk)
+    digest = h.hexdigest()
+    try:
+        write_atomic(memo, lambda out: out.write(digest + "\n"))
+    except OSError:  # a read-only cache only costs the hashing again
+        pass
+    return digest
+
+
 def _fingerprint(folder: Path) -> str:
-    """Cheap identity of a model folder: config + each weight file's name, size, first and last MiB.
-    A retrained model saved into the same folder gets a new fingerprint (and a fresh cache key)."""
+    """Identity of a model folder: the config, tokenizer and chat-template files, and the sha256 of
+    every weight file (remembered per file, see :func:`_file_sha256`). A retrained model saved into
+    the same folder gets a new fingerprint, so a fresh cache key; a copy of a model keeps its own."""
     h = hashlib.sha256()
     # the config and everything that shapes the prompts: tokenizer files and the chat template
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -123,13 +151,7 @@ def _fingerprint(folder: Path) -> str:
     for f in sorted(folder.glob("*")):
         if f.suffix not in (".safetensors", ".bin", ".pt", ".gguf"):
             continue
-        size = f.stat().st_size
-        h.update(f"{f.name}:{size}".encode())
-        with open(f, "rb") as fh:
-            h.update(fh.read(1 << 20))
-            if size > 2 << 20:
-                fh.seek(size - (1 << 20))
-                h.update(fh.read(1 << 20))
+        h.update(f"{f.name}:{_file_sha256(f)}".encode())
     return h.hexdigest()[:12]
 
 

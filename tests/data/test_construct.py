@@ -251,3 +251,42 @@ def test_ensure_explanations_builds_once_and_keeps_every_example(tmp_path, tiny_
     assert all(r["explanation"] is None and not r["consistent"] for r in rows[5:])
     monkeypatch.setattr(LocalTeacher, "__init__", lambda *a, **k: (_ for _ in ()).throw(AssertionError("rebuilt")))
     assert ensure_explanations(f, out, teacher_dir=tiny_dir, data=DATA, max_new_tokens=4, explain_limit=5) == out
+    # an edit past the explain limit (a relabelled row) is not in any teacher item, but the output changes
+    monkeypatch.undo()
+    edited = [dict(r) for r in toy_rows]
+    edited[8] = {**edited[8], "text": "Edited after the first build.", "label": 1 - edited[8]["label"]}
+    write_jsonl(f, edited)
+    ensure_explanations(f, out, teacher_dir=tiny_dir, data=DATA, max_new_tokens=4, batch_size=8, explain_limit=5)
+    row = json.loads(out.read_text().splitlines()[8])
+    assert (row["text"], row["label"]) == (edited[8]["text"], edited[8]["label"])
+
+
+def test_local_teacher_id_follows_the_weights(tmp_path, tiny_dir, monkeypatch):
+    """A model retrained into the same folder (same file size, a change in the middle of the file)
+    gets a new id, so the cache never serves the old model's explanations; a byte-identical copy
+    elsewhere keeps the id; a rewrite with the same bytes (new mtime) too."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from clsgen_dist.data.teachers import local_teacher_id
+
+    monkeypatch.setenv("CLSGEN_CACHE", str(tmp_path / "cache"))
+    model = tmp_path / "teacher"
+    shutil.copytree(tiny_dir, model)
+
+    def fingerprint(folder):  # the id is hf:<folder name>@<fingerprint>/<dtype>
+        return local_teacher_id(folder, "float32").split("@", 1)[1]
+
+    before = fingerprint(model)
+    copy = tmp_path / "copy"
+    shutil.copytree(model, copy)
+    assert fingerprint(copy) == before
+    weights = model / "model.safetensors"
+    save_file(load_file(str(weights)), str(weights), metadata={"format": "pt"})
+    assert fingerprint(model) == before  # same bytes, new mtime
+    data = bytearray(weights.read_bytes())
+    assert len(data) > 4 << 20  # the change below is neither in the first nor in the last MiB
+    data[len(data) // 2] ^= 0x01  # one weight's lowest mantissa bit: "retrained", same size
+    weights.write_bytes(bytes(data))
+    assert fingerprint(model) != before
