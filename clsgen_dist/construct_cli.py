@@ -162,8 +162,8 @@ def build_data_main(argv: list[str] | None = None) -> int:
     with user_errors():
         _check_paths(args)
         stats = run_build(args)
-        from .distributed import is_main
+        from .distributed.env import launched_rank
 
-        if is_main():
+        if launched_rank() == 0:  # the process group is gone by now: the launcher's rank says who prints
             print(_summary(stats), flush=True)
     return 0

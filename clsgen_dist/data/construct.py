@@ -410,6 +410,7 @@ def _explain_chunk(teacher, spec: PromptSpec, jobs: list[_Job], *, judge: bool) 
     rationales = ["" if r == spec.rationale_prefix(j.label) else r for r, j in zip(rationales, jobs)]
     stances: list[float | None] = [None] * len(jobs)
     verdicts: list[int | None] = [None] * len(jobs)
+    errors = [g.error for g in gens]
     if spec.mode == "unconditioned":
         verdicts = [parse_teacher_verdict(g.text, names, tmpl) for g in gens]
     elif judge:
@@ -420,13 +421,16 @@ def _explain_chunk(teacher, spec: PromptSpec, jobs: list[_Job], *, judge: bool) 
             probs = teacher.judge([spec.judge_messages(reads[i]) for i in todo], names, t.judge_answer_prefix,
                                   null=spec.judge_messages(t.judge_null) if t.judge_null else None)
             for i, p in zip(todo, probs):
+                if isinstance(p, Exception):  # the judge request was refused: not a judgement
+                    errors[i] = f"judge: {p}"
+                    continue
                 stances[i] = p
                 verdicts[i] = None if p is None or p == 0.5 else int(p > 0.5)
     else:  # conditioned without a judge: the teacher's rationale is trusted to argue the gold label
         verdicts = [j.label if r else None for j, r in zip(jobs, rationales)]
     return [{"key": j.key, "raw": g.text, "rationale": r, "truncated": g.truncated, "verdict": v, "stance": s,
-             **({"error": g.error} if g.error else {})}
-            for j, g, r, v, s in zip(jobs, gens, rationales, verdicts, stances)]
+             **({"error": err} if err else {})}
+            for j, g, r, v, s, err in zip(jobs, gens, rationales, verdicts, stances, errors)]
 
 
 def _run_jobs(teacher, spec: PromptSpec, jobs: list[_Job], *, judge: bool, sink: Callable[[list[dict]], None]) -> None:

@@ -410,6 +410,24 @@ class _Retryable(Exception):
         self.retry_after = retry_after
 
 
+def _retry_after(headers) -> float | None:
+    """Seconds a 429/503 asks to wait: ``Retry-After`` as seconds (fractions too) or an HTTP date."""
+    ra = (headers.get("Retry-After") or "").strip() if headers else ""
+    if not ra:
+        return None
+    try:
+        return max(0.0, float(ra))
+    except ValueError:
+        pass
+    try:
+        import email.utils
+
+        when = email.utils.parsedate_to_datetime(ra)
+        return max(0.0, when.timestamp() - time.time())
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+
+
 class HTTPTeacher:
     """An OpenAI-compatible chat-completions endpoint as teacher."""
 
@@ -486,12 +504,14 @@ class HTTPTeacher:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                 raw = resp.read()
         except urllib.error.HTTPError as e:
-            detail = e.read()[:300].decode("utf-8", "replace").strip()
+            try:
+                detail = e.read()[:300].decode("utf-8", "replace").strip()
+            except (http.client.HTTPException, OSError):  # an error body cut short (a proxy hanging up)
+                detail = ""
             for secret in self._secrets:  # a server may echo the key back in its error
                 detail = detail.replace(secret, "***")
             if e.code in (408, 429) or e.code >= 500:
-                ra = e.headers.get("Retry-After") if e.headers else None
-                raise _Retryable(f"HTTP {e.code}", float(ra) if ra and ra.strip().isdigit() else None) from None
+                raise _Retryable(f"HTTP {e.code}", _retry_after(e.headers)) from None
             error = ItemRejected if e.code in (400, 413, 422) else TeacherError
             raise error(f"the teacher endpoint {_redact(self.endpoint)} refused the request: HTTP {e.code} "
                         f"{e.reason}: {detail}") from None
@@ -501,12 +521,22 @@ class HTTPTeacher:
             raise _Retryable(f"{e.__class__.__name__}: {e}" if str(e) else e.__class__.__name__) from None
         try:
             obj = json.loads(raw)
-            choice = obj["choices"][0]
-            content = choice["message"]["content"]
-            if not isinstance(content, str):
+            choices = obj["choices"]
+            if not isinstance(choices, list):
                 raise TypeError
-        except (ValueError, KeyError, IndexError, TypeError):
+        except (ValueError, KeyError, TypeError):
             raise _Retryable(f"malformed response {raw[:200]!r}") from None
+        # A well-formed answer without text (a content filter, a refusal, a reasoning model that spent
+        # max_tokens before answering) is this item's refusal: not retried, not cached, asked again
+        # on a rerun.
+        choice = choices[0] if choices and isinstance(choices[0], dict) else {}
+        message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+        content = message.get("content")
+        if not isinstance(content, str):
+            why = (f"finish_reason {choice.get('finish_reason')!r}" if choices else "no choices")
+            refusal = message.get("refusal")
+            raise ItemRejected(f"the teacher endpoint {_redact(self.endpoint)} answered without text ({why}"
+                               f"{f', refusal {refusal!r:.100}' if refusal else ''})")
         return {"text": content, "finish_reason": choice.get("finish_reason")}
 
     def _post(self, payload: dict) -> dict:
@@ -550,17 +580,17 @@ class HTTPTeacher:
         return out
 
     def judge(self, batch: list[Messages], names: Sequence[str], answer_prefix: str = "",
-              null: Messages | None = None) -> list[float | None]:
+              null: Messages | None = None) -> list[float | ItemRejected | None]:
         """A second, greedy, short request per rationale; the first label name in the answer wins
-        (1.0 = names[1], 0.0 = names[0], None = neither named). ``answer_prefix`` is not sent
+        (1.0 = names[1], 0.0 = names[0], None = neither named; the request's ItemRejected if refused). ``answer_prefix`` is not sent
         (chat APIs do not portably continue a partial assistant turn) and ``null`` is not used (a
         one-word answer has no probability to calibrate)."""
         out = []
         for m in batch:
             try:
                 r = self._post(self._payload(m, max_tokens=self.judge_max_tokens, greedy=True))
-            except ItemRejected:
-                out.append(None)
+            except ItemRejected as e:
+                out.append(e)  # a refusal, not a judgement: the item is not cached and is asked again
                 continue
             i = first_name(r["text"], names)
             out.append(None if i is None else float(i))

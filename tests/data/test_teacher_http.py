@@ -41,7 +41,9 @@ def canned(content: str) -> tuple[str, str, str]:
 
 class FakeChat:
     """A chat-completions server in a thread. ``plan(kind, ident, attempt)`` → "ok", an HTTP status,
-    (status, error message: "{auth}" in it echoes the Authorization header), or "hang"; requests
+    (status, error message: "{auth}" in it echoes the Authorization header), "hang", "null" (a 200
+    whose content is null: a content filter), "no_choices" (a 200 with ``choices: []``) or
+    "cut_502" (a 502 whose body ends before its Content-Length, then the connection closes); requests
     beyond ``allow`` wait for ``gate``. Every request is counted on arrival; ``answered`` holds the
     items that got a completion."""
 
@@ -89,7 +91,20 @@ class FakeChat:
         if action == "hang":
             self.release.wait(10)
             return
-        if action != "ok":
+        if action == "cut_502":
+            h.send_response(502)
+            h.send_header("Content-Length", "500")
+            h.end_headers()
+            h.wfile.write(b"Bad Gateway")
+            h.close_connection = True
+            return
+        if action in ("null", "no_choices"):
+            choices = [] if action == "no_choices" else [
+                {"index": 0, "message": {"role": "assistant", "content": None, "refusal": "filtered"},
+                 "finish_reason": "content_filter"}]
+            payload = json.dumps({"id": "x", "object": "chat.completion", "choices": choices}).encode()
+            h.send_response(200)
+        elif action != "ok":
             action, message = action if isinstance(action, tuple) else (action, "busy")
             message = message.replace("{auth}", h.headers.get("Authorization") or "")
             payload = json.dumps({"error": {"message": message}}).encode()
@@ -322,9 +337,10 @@ def test_two_ranks_share_the_work(tmp_path, rows, server_factory):
               "data.label_names=[negative,positive]"]
     assert build_data_main([*common, "--output", str(tmp_path / "one.jsonl")]) == 0
     server.counts.clear()
-    launch("build_data.py", [*common, "--output", str(tmp_path / "two.jsonl")], launcher="torchrun", nproc=2,
-           timeout=300)
+    proc = launch("build_data.py", [*common, "--output", str(tmp_path / "two.jsonl")], launcher="torchrun", nproc=2,
+                  timeout=300)
     assert (tmp_path / "two.jsonl").read_bytes() == (tmp_path / "one.jsonl").read_bytes()
+    assert proc.stdout.count(f"wrote {tmp_path / 'two.jsonl'}: 12 examples") == 1  # the summary: rank 0 only
     assert set(server.gens().values()) == {1} and len(server.gens()) == 12
 
 
@@ -356,3 +372,46 @@ def test_output_paths_and_existing_explanations_are_checked_first(tmp_path, rows
     assert "1 of 12 rows already have an explanation ('explanation', e.g. id" in msg and "--replace-existing" in msg
     assert {p: p.read_bytes() for p in (f, given)} == before
     assert not (tmp_path / "o.jsonl").exists() and not (tmp_path / "o.csv").exists()
+
+
+def test_answers_without_text_are_refusals_of_that_item(tmp_path, rows, server_factory):
+    """A 200 whose content is null (a content filter) or that has no choices, and a refused judge
+    request, cost their item its explanation, not the build, and are not retried; none of them is
+    cached, so a rerun asks for those items again (and only them). A 502 whose body is cut short is
+    retried like any 5xx."""
+    filtered, empty, judged, cut = REVIEWS[0][0], REVIEWS[1][0], REVIEWS[4][0], REVIEWS[5][0]
+
+    def plan(kind, ident, attempt):
+        if kind == "gen" and ident == filtered:
+            return "null"
+        if kind == "gen" and ident == empty:
+            return "no_choices"
+        if kind == "judge" and judged in ident:
+            return (400, "judge prompt refused")
+        if kind == "gen" and ident == cut and attempt == 1:
+            return "cut_502"
+        return "ok"
+
+    server = server_factory(plan)
+    out, stats, teacher = _build(tmp_path, rows, server)
+    assert stats["refused"] == 3 and teacher.retries == 1  # only the cut 502 was retried
+    assert [r["explanation"] is None for r in out] == [i in (0, 1, 3, 4, 6) for i in range(12)]  # 3, 6: contrarian
+    assert out[4]["stance"] is None and out[5]["consistent"]
+    assert server.gens()[filtered] == 1 and server.gens()[empty] == 1 and server.gens()[cut] == 2
+    server.counts.clear()
+    server.plan = lambda kind, ident, attempt: "ok"
+    out, stats, _ = _build(tmp_path, rows, server)
+    assert set(server.gens()) == {filtered, empty, judged} and stats["refused"] == 0  # the whole item again
+    assert sum(c for (kind, _), c in server.counts.items() if kind == "judge") == 3
+    assert [r["explanation"] is None for r in out] == [i in (3, 6) for i in range(12)]
+
+
+def test_retry_after_seconds_and_dates():
+    import email.utils
+
+    from clsgen_dist.data.teachers import _retry_after
+
+    assert _retry_after({"Retry-After": "2.5"}) == 2.5 and _retry_after({"Retry-After": " 3 "}) == 3.0
+    soon = email.utils.formatdate(time.time() + 30, usegmt=True)
+    assert 25 < _retry_after({"Retry-After": soon}) <= 31
+    assert _retry_after({"Retry-After": "soon"}) is None and _retry_after({}) is None and _retry_after(None) is None
