@@ -31,11 +31,29 @@ def make_encoder(cfg, tokenizer) -> PromptEncoder:
         raise ConfigError(str(e)) from None
 
 
+# Scripts written without spaces between words (CJK, kana, full-width forms): a label name there is
+# followed by more word characters ("正面的"), so it gets no word-boundary check on that side.
+_UNSPACED = re.compile(r"[\u2e80-\u9fff\u3040-\u30ff\uf900-\ufaff\uff00-\uffef]")
+
+
+def name_alternation(label_names: Sequence[str], *, hyphen: bool = False) -> str:
+    """A regex group matching any of ``label_names`` as a whole word, longest name first (so that
+    "toxic-free" is not read as "toxic", nor "C++" as "C"). ``hyphen``: a hyphen also joins words
+    ("non-toxic" does not name "toxic")."""
+    edge = r"[\w-]" if hyphen else r"\w"
+    parts = []
+    for n in sorted(label_names, key=len, reverse=True):
+        left = "" if _UNSPACED.match(n[0]) else f"(?<!{edge})"
+        right = "" if _UNSPACED.match(n[-1]) else f"(?!{edge})"
+        parts.append(f"{left}{re.escape(n)}{right}")
+    return "(" + "|".join(parts) + ")"
+
+
 def parse_verdict(text: str, label_names: Sequence[str], verdict_template: str = "Verdict: {label}") -> int | None:
     """The label named on the last verdict line of ``text`` (None if there is none)."""
     head = re.escape(verdict_template.split("{label}")[0].strip())
-    names = "|".join(re.escape(n) for n in label_names)
-    pattern = rf"{head}\s*\**\s*({names})\b" if head else rf"\b({names})\b"
+    names = name_alternation(label_names)
+    pattern = rf"{head}\s*\**\s*{names}" if head else names
     found = re.findall(pattern, text, flags=re.IGNORECASE)
     if not found:
         return None

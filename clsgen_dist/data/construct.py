@@ -210,11 +210,13 @@ def _verdict_spans(text: str, label_names: Sequence[str], verdict_template: str)
     """(start, end, label index) of every verdict statement: first the exact verdict line
     (the template's head, optional markdown, a name — as ``predict.parse_verdict``), else looser
     forms such as "Answer: yes", "Final verdict - negative", "The sentiment is positive"."""
-    names = "|".join(re.escape(n) for n in sorted(label_names, key=len, reverse=True))  # longest first
+    from ..predict import name_alternation
+
+    names = name_alternation(label_names)  # longest first, whole words
     lower = [n.lower() for n in label_names]
     head = re.escape(verdict_template.split("{label}")[0].strip())
-    exact = rf"{head}\s*\**\s*({names})(?!\w)" if head else rf"(?<!\w)({names})(?!\w)"
-    loose = rf"\b(?:{_FALLBACK_HEADS})\b\s*\**\s*(?:is\b|[:=\-–—]+>?)\s*[\"'`*]*\s*({names})(?!\w)"
+    exact = rf"{head}\s*\**\s*{names}" if head else names
+    loose = rf"\b(?:{_FALLBACK_HEADS})\b\s*\**\s*(?:is\b|[:=\-–—]+>?)\s*[\"'`*]*\s*{names}"
     for pat in (exact, loose):
         found = [(m.start(), m.end(), lower.index(m.group(1).lower()))
                  for m in re.finditer(pat, text, flags=re.IGNORECASE)]

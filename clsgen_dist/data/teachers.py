@@ -97,9 +97,11 @@ _NEGATION = re.compile(r"(?:\b(?:not|no|never|neither|nor)|n't)\s+(?:\w+\s+)?$",
 def first_name(text: str, names: Sequence[str]) -> int | None:
     """Index of the label name that occurs first (as a word, any case) in ``text`` and is not negated
     ("not positive", "isn't really negative", "neither ... nor ..."); None if there is none."""
+    from ..predict import name_alternation
+
     best = None
     for i, n in enumerate(names):
-        for m in re.finditer(rf"(?<![\w-]){re.escape(n)}(?![\w-])", text, flags=re.IGNORECASE):
+        for m in re.finditer(name_alternation([n], hyphen=True), text, flags=re.IGNORECASE):
             if _NEGATION.search(text[max(0, m.start() - 40):m.start()]):
                 continue
             if best is None or m.start() < best[0]:

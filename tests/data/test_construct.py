@@ -290,3 +290,21 @@ def test_local_teacher_id_follows_the_weights(tmp_path, tiny_dir, monkeypatch):
     data[len(data) // 2] ^= 0x01  # one weight's lowest mantissa bit: "retrained", same size
     weights.write_bytes(bytes(data))
     assert fingerprint(model) != before
+
+
+@pytest.mark.parametrize("text, names, expected", [
+    ("Because of X.\nVerdict: toxic-free", ["toxic", "toxic-free"], 1),  # not read as "toxic"
+    ("Because of X.\nVerdict: toxic", ["toxic", "toxic-free"], 0),
+    ("It compiles.\nVerdict: C++", ["C", "C++"], 1),
+    ("It compiles.\nVerdict: C", ["C", "C++"], 0),
+    ("语气很积极。\nVerdict: 正面的", ["负面", "正面"], 1),  # no spaces between words: no word boundary
+    ("Verdict: positively", list(NAMES), None),  # in spaced scripts a name is still a whole word
+])
+def test_verdict_names_longest_first_and_unspaced_scripts(text, names, expected):
+    assert parse_verdict(text, names) == expected
+    assert parse_teacher_verdict(text, names) == expected
+
+
+def test_judge_answer_names_in_unspaced_scripts():
+    assert first_name("这段文字是正面的。", ["负面", "正面"]) == 1
+    assert first_name("It is non-toxic.", ["toxic", "fine"]) is None  # a hyphen joins words here
