@@ -272,6 +272,14 @@ def strip_verdict(text: str, label_names: Sequence[str], verdict_template: str =
     return t.strip()
 
 
+def only_label_names(text: str, label_names: Sequence[str]) -> bool:
+    """Whether ``text`` holds nothing but label names, punctuation and markdown ("**Positive.**")."""
+    from ..predict import name_alternation
+
+    rest = re.sub(name_alternation(label_names), " ", text, flags=re.IGNORECASE)
+    return bool(text.strip()) and not re.search(r"\w", rest)
+
+
 def clean_rationale(text: str, *, truncated: bool) -> str:
     """Whitespace-normalised rationale; one cut off by ``max_new_tokens`` loses its broken last
     sentence when it has a complete one."""
@@ -408,8 +416,10 @@ def _explain_chunk(teacher, spec: PromptSpec, jobs: list[_Job], *, judge: bool) 
     gens: list[Generation] = teacher.generate([spec.messages(j.text, j.label) for j in jobs],
                                               [spec.rationale_prefix(j.label) for j in jobs])
     rationales = [clean_rationale(strip_verdict(g.text, names, tmpl), truncated=g.truncated) for g in gens]
-    # the forced start alone (the teacher ended its turn at once) is no rationale
-    rationales = ["" if r == spec.rationale_prefix(j.label) else r for r, j in zip(rationales, jobs)]
+    # the forced start alone (the teacher ended its turn at once) is no rationale, nor a bare label
+    # name ("Positive."): an endpoint that only restates the label it was told gives no reason
+    rationales = ["" if r == spec.rationale_prefix(j.label) or only_label_names(r, names) else r
+                  for r, j in zip(rationales, jobs)]
     stances: list[float | None] = [None] * len(jobs)
     verdicts: list[int | None] = [None] * len(jobs)
     errors = [g.error for g in gens]

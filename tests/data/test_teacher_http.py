@@ -43,7 +43,8 @@ class FakeChat:
     """A chat-completions server in a thread. ``plan(kind, ident, attempt)`` → "ok", an HTTP status,
     (status, error message: "{auth}" in it echoes the Authorization header), "hang", "null" (a 200
     whose content is null: a content filter), "no_choices" (a 200 with ``choices: []``) or
-    "cut_502" (a 502 whose body ends before its Content-Length, then the connection closes); requests
+    "cut_502" (a 502 whose body ends before its Content-Length, then the connection closes) or
+    "restate" (the answer is the gold label's name alone, as told in the prompt); requests
     beyond ``allow`` wait for ``gate``. Every request is counted on arrival; ``answered`` holds the
     items that got a completion."""
 
@@ -98,6 +99,9 @@ class FakeChat:
             h.wfile.write(b"Bad Gateway")
             h.close_connection = True
             return
+        if action == "restate":
+            told = re.search(r"Correct answer: (\w+)", body["messages"][-1]["content"]).group(1)
+            completion, action = f"**{told.title()}.**", "ok"
         if action in ("null", "no_choices"):
             choices = [] if action == "no_choices" else [
                 {"index": 0, "message": {"role": "assistant", "content": None, "refusal": "filtered"},
@@ -415,3 +419,15 @@ def test_retry_after_seconds_and_dates():
     soon = email.utils.formatdate(time.time() + 30, usegmt=True)
     assert 25 < _retry_after({"Retry-After": soon}) <= 31
     assert _retry_after({"Retry-After": "soon"}) is None and _retry_after({}) is None and _retry_after(None) is None
+
+
+def test_a_restated_label_is_no_rationale(tmp_path, rows, server_factory):
+    """An endpoint that answers the label it was told ("**Positive.**") gives no reason: the item
+    is classification-only, not an LM target that teaches the model to skip the explanation."""
+    lazy = {REVIEWS[0][0], REVIEWS[1][0]}
+    server = server_factory(lambda kind, ident, attempt: "restate" if kind == "gen" and ident in lazy else "ok")
+    out, stats, _ = _build(tmp_path, rows, server)
+    assert [r["explanation"] is None for r in out] == [i in (0, 1, 3, 6) for i in range(12)]  # 3, 6: contrarian
+    assert out[0]["raw_explanation"] == "**Positive.**" and out[1]["raw_explanation"] == "**Negative.**"
+    assert not out[0]["consistent"] and stats["per_class"]["positive"]["cls_only"] == 2
+    assert not [ident for kind, ident in server.counts if kind == "judge" and ident.startswith("**")]  # not judged
