@@ -108,7 +108,17 @@ def check_checkpoint(path: str | Path, *, base_model: str | None = None) -> Conf
     if not p.is_dir():
         raise CheckpointError(f"{p}: is a file; expected a checkpoint folder (e.g. outputs/run/final)")
     if not (p / MARKER).is_file() or not (p / CONFIG_NAME).is_file():
-        raise CheckpointError(f"{p}: not a complete clsgen checkpoint (missing {MARKER} or {CONFIG_NAME})")
+        missing = " and ".join(n for n in (MARKER, CONFIG_NAME) if not (p / n).is_file())
+        if (p / "trainer_state.json").is_file():
+            hint = ("; it is a training-state checkpoint (train.save_every), which resume=true continues: "
+                    "the model to load is the run's final/ folder")
+        elif (p / "final" / MARKER).is_file():
+            hint = f"; it is a run's output folder: the checkpoint is {p / 'final'}"
+        elif (p / MARKER).is_file() or (p / CONFIG_NAME).is_file():
+            hint = ""
+        else:
+            hint = " (it is no checkpoint folder: a run writes its model to OUTPUT_DIR/final)"
+        raise CheckpointError(f"{p}: not a complete clsgen checkpoint, missing {missing}{hint}")
     adapter = (p / "adapter_config.json").is_file()
     weights = (["adapter_model.safetensors"] if adapter else
                ["model.safetensors", "model.safetensors.index.json"])

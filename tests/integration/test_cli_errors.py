@@ -138,6 +138,18 @@ def test_incomplete_checkpoints_say_what_is_missing(capsys, tmp_path, ckpt):
         check_checkpoint(broken("full", "model.safetensors"))
     with pytest.raises(CheckpointError, match="is a file; expected a checkpoint folder"):
         check_checkpoint(ckpt["lora"] / "cls_head.safetensors")
+    with pytest.raises(CheckpointError, match="not a complete clsgen checkpoint, missing COMPLETE$"):
+        check_checkpoint(broken("lora", "COMPLETE"))
+    # the folders a user is likely to point at instead: a training-state checkpoint, the run folder
+    state = tmp_path / "run" / "checkpoints" / "step-00000004"
+    state.mkdir(parents=True)
+    (state / "COMPLETE").write_text("ok\n")
+    (state / "trainer_state.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="missing clsgen_config.yaml; it is a training-state checkpoint"):
+        check_checkpoint(state)
+    shutil.copytree(ckpt["lora"], tmp_path / "run" / "final")
+    with pytest.raises(CheckpointError, match=f"it is a run's output folder: the checkpoint is {tmp_path}/run/final"):
+        check_checkpoint(tmp_path / "run")
     moved = broken("lora")
     cfg_file = moved / "clsgen_config.yaml"
     cfg_file.write_text(_with_base(cfg_file.read_text(), "/nonexistent/base"))
