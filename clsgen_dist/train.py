@@ -63,6 +63,28 @@ def load_splits(cfg: Config) -> dict[str, list]:
     return out
 
 
+def data_warnings(examples: list, stats: dict, cfg: Config) -> list[str]:
+    """What about the training data most likely is a mistake (logged as warnings, not errors: the
+    run still makes sense): one class only, no explanation at all, explanations cut to fit."""
+    d = cfg.data
+    counts = [sum(ex.label == y for ex in examples) for y in (0, 1)]
+    out = []
+    if 0 in counts:
+        only = d.label_names[1 - counts.index(0)]
+        out.append(f"every training example is {only!r} ({len(examples)}): the classification head cannot learn "
+                   f"to tell {d.label_names[0]!r} from {d.label_names[1]!r}; check data.label_field and the file")
+    if cfg.train.lm_weight > 0 and not any(ex.explanation for ex in examples):
+        out.append(f"no training example has an explanation (data.explanation_field={d.explanation_field!r}): the "
+                   f"LM head has no target and only the classification head learns; check the field name, or "
+                   f"write explanations with launch/build_data.py or data.teacher")
+    elif stats.get("truncated_explanations"):
+        given = sum(bool(ex.explanation) for ex in examples)
+        out.append(f"{stats['truncated_explanations']} of the {given} explanations were cut short or dropped to fit "
+                   f"data.max_seq_len={d.max_seq_len} ({stats['with_explanation']} remain as LM targets); raise "
+                   f"data.max_seq_len")
+    return out
+
+
 def teacher_explanations(cfg: Config, train: Path, *, default: bool) -> Path:
     """The training file with teacher explanations, built once (see ``data/construct.py``). The
     embedded default keeps it next to its cached split; user data under ``output_dir/teacher``."""
@@ -452,6 +474,11 @@ def _run(cfg: Config, stop: StopFlag) -> dict | None:
                  "(classification only)", stats["examples"], stats["with_explanation"], stats["rows"],
                  stats["packing_efficiency"], stats["truncated_documents"], stats["truncated_explanations"],
                  stats["conflicting_explanations"])
+        labels = [ex.label for ex in splits["train"]]
+        log.info("train labels: %d %s, %d %s", labels.count(0), cfg.data.label_names[0], labels.count(1),
+                 cfg.data.label_names[1])
+        for w in data_warnings(splits["train"], stats, cfg):
+            log.warning("%s", w)
     engine = build_engine(model, cfg, ds)
     writer = None
     if is_main():
