@@ -17,6 +17,7 @@ Resuming on a different number of ranks converts the checkpoint once to DeepSpee
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -157,10 +158,10 @@ _FREE_KEYS = {"output_dir", "resume", "overwrite", "ds_config", "train.eval_ever
               "data.teacher_batch_size", "data.dev_file", "data.test_file", "data.dev_limit", "data.test_limit"}
 
 
-def training_settings(cfg, ranks: int | None = None) -> dict:
+def training_settings(cfg, ranks: int | None = None, train_data_sha256: str | None = None) -> dict:
     """The config flattened to ``{"train.learning_rate": 0.0002, ...}`` (JSON values), without
     evaluation and the keys in ``_FREE_KEYS``, plus ``rows_per_step`` (micro-batch × accumulation ×
-    ranks)."""
+    ranks) and, when given, ``train_data_sha256`` (:func:`examples_sha256` of the training split)."""
     flat: dict = {}
 
     def walk(node: dict, prefix: str) -> None:
@@ -174,15 +175,28 @@ def training_settings(cfg, ranks: int | None = None) -> dict:
     out = {k: v for k, v in flat.items() if k not in _FREE_KEYS and not k.startswith("eval.")}
     t = cfg.train
     out["rows_per_step"] = t.micro_batch_size * t.gradient_accumulation_steps * (ranks or world_size())
+    if train_data_sha256 is not None:
+        out["train_data_sha256"] = train_data_sha256
     return out
 
 
-def check_resume_settings(ckpt: Path, cfg, ranks: int, zero_stage: int | None = None) -> None:
+def examples_sha256(examples) -> str:
+    """The training data's identity: sha256 over every example's id, text, label and explanation,
+    in order (whatever file, path or format they were read from)."""
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(json.dumps([ex.id, ex.text, ex.label, ex.explanation], ensure_ascii=False).encode() + b"\n")
+    return h.hexdigest()
+
+
+def check_resume_settings(ckpt: Path, cfg, ranks: int, zero_stage: int | None = None,
+                          train_data_sha256: str | None = None) -> None:
     """ConfigError if ``ckpt`` (a checkpoint folder, or the ``DONE`` or ``TRAINED`` file of a run) was
     trained with other settings than ``cfg`` (learning rate, schedule, data, model, ...): resuming
     would silently continue the old run under the new config's name. A checkpoint also needs the
     ZeRO stage it was saved with (``zero_stage``: the run's ``ds_config``); DeepSpeed cannot load
-    one stage's partitioned state into another."""
+    one stage's partitioned state into another. With ``train_data_sha256`` on both sides the training
+    data must have the same content, wherever its file now is (a copy on node-local scratch)."""
     state = json.loads((ckpt / STATE if ckpt.is_dir() else ckpt).read_text())
     saved_stage = state.get("zero_stage") if ckpt.is_dir() else None
     if zero_stage is not None and saved_stage is not None and saved_stage != zero_stage:
@@ -193,12 +207,16 @@ def check_resume_settings(ckpt: Path, cfg, ranks: int, zero_stage: int | None = 
     if old is None:  # written before the settings were recorded
         log.warning("%s records no run settings; resuming without checking them", ckpt)
         return
-    new = training_settings(cfg, ranks)
-    diff = [k for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
+    new = training_settings(cfg, ranks, train_data_sha256)
+    # the data's content decides when both sides know it; else (an older checkpoint) its path does
+    ignore = {"data.train_file"} if "train_data_sha256" in old.keys() & new.keys() else {"train_data_sha256"}
+    diff = [k for k in sorted(old.keys() | new.keys()) if k not in ignore and old.get(k) != new.get(k)]
     if diff:
         shown = "; ".join(f"{k}={old.get(k)!r} there, {new.get(k)!r} now" for k in diff[:5])
         hint = (" (the step's rows are train.micro_batch_size x train.gradient_accumulation_steps x ranks: "
                 "adjust the accumulation to the number of ranks)" if "rows_per_step" in diff else "")
+        if "train_data_sha256" in diff:
+            hint += " (the training data's content changed: rows added, removed, edited or reordered)"
         raise ConfigError(f"resume: {ckpt} was trained with other settings ({shown}{'; …' if len(diff) > 5 else ''})"
                           f"{hint}. Resume with the run's own settings (its config.yaml), or start a new output_dir")
 

@@ -30,7 +30,8 @@ from .modeling.build import resolve_dtype
 from .predict import make_encoder
 from .fileio import check_output_path
 from .resume import (DONE, STOP, TRAINED, StopFlag, check_resume_settings, clear_earlier_run, fault_point,
-                     latest_checkpoint, load_training_state, resolve_resume, save_training_state, training_settings)
+                     examples_sha256, latest_checkpoint, load_training_state, resolve_resume, save_training_state,
+                     training_settings)
 
 log = logging.getLogger("clsgen_dist.train")
 REPO = Path(__file__).resolve().parent.parent
@@ -182,6 +183,7 @@ class Trainer:
     attn_flops_per_sq: float = 0.0  # causal attention: 6 x layers x hidden per sum of squared lengths
     peak_flops: float | None = None
     last_dev: tuple[int, list] | None = None  # (step, dev predictions) of the latest periodic evaluation
+    data_sha256: str | None = None  # examples_sha256 of the training split, recorded with every checkpoint
 
     def train_step(self, step: int) -> dict:
         """One optimizer step over ``grad_accum`` micro-batches; returns the step's global metrics."""
@@ -251,7 +253,8 @@ class Trainer:
         every = self.cfg.train.save_every
         if force or (every and (step + 1) % every == 0 and step + 1 < self.cfg.train.max_steps):
             save_training_state(self.engine, self.out, step + 1, zero_stage=self.zero_stage,
-                                keep=self.cfg.train.save_total_limit, settings=training_settings(self.cfg))
+                                keep=self.cfg.train.save_total_limit,
+                                settings=training_settings(self.cfg, train_data_sha256=self.data_sha256))
 
     def train(self, start_step: int = 0) -> bool:
         """Steps ``start_step .. max_steps``; False if stopped early by a signal (state saved)."""
@@ -455,9 +458,10 @@ def _run(cfg: Config, stop: StopFlag) -> dict | None:
         check_resume_settings(trained, cfg, ranks)
         return evaluate_trained(cfg, stop)
     resume_from = resolve_resume(cfg.resume, Path(cfg.output_dir), overwrite=cfg.overwrite)
-    if resume_from is not None:
-        check_resume_settings(resume_from, cfg, ranks, zero_stage(ds_raw))
     splits = load_splits(cfg)  # user data is validated before any process group or model exists
+    data_sha = examples_sha256(splits["train"])
+    if resume_from is not None:
+        check_resume_settings(resume_from, cfg, ranks, zero_stage(ds_raw), train_data_sha256=data_sha)
     device = init_distributed()
     setup_logging()
     torch.manual_seed(cfg.train.seed)
@@ -493,7 +497,8 @@ def _run(cfg: Config, stop: StopFlag) -> dict | None:
     with open(out / "train_log.jsonl", "a") if is_main() else open(os.devnull, "w") as fh:
         tr = Trainer(cfg=cfg, engine=engine, model=engine.module, tokenizer=tokenizer, encoder=encoder, rows=rows,
                      splits=splits, device=device, out=out, writer=writer, log_fh=fh, stop=stop,
-                     zero_stage=zero_stage(ds), peak_flops=peak_flops(cfg, device), **flop_counts(model))
+                     zero_stage=zero_stage(ds), peak_flops=peak_flops(cfg, device), data_sha256=data_sha,
+                     **flop_counts(model))
         finished = tr.train(start)
     if writer is not None:
         writer.close()
@@ -506,7 +511,8 @@ def _run(cfg: Config, stop: StopFlag) -> dict | None:
         (out / "PREEMPTED").unlink(missing_ok=True)
     save_checkpoint(engine.module, tokenizer, cfg, out / "final")
     if is_main():
-        write_json_atomic(out / TRAINED, {"step": cfg.train.max_steps, "settings": training_settings(cfg)})
+        write_json_atomic(out / TRAINED, {"step": cfg.train.max_steps,
+                                          "settings": training_settings(cfg, train_data_sha256=data_sha)})
     return finish_run(cfg, out, stop, engine.module, tokenizer, encoder, splits, last_dev=tr.last_dev)
 
 
@@ -541,7 +547,8 @@ def finish_run(cfg: Config, out: Path, stop: StopFlag, model, tokenizer, encoder
                         "which evaluates it without training", out / "final")
         return None
     if is_main():
-        write_json_atomic(out / DONE, {"step": cfg.train.max_steps, "settings": training_settings(cfg)})
+        settings = training_settings(cfg, train_data_sha256=examples_sha256(splits["train"]))
+        write_json_atomic(out / DONE, {"step": cfg.train.max_steps, "settings": settings})
         (out / TRAINED).unlink(missing_ok=True)
     return metrics
 

@@ -244,3 +244,25 @@ def test_stop_during_final_evaluation_is_preempted_then_evaluated(evaluated, tin
     assert not (tmp_path / "PREEMPTED").exists() and (tmp_path / "DONE").is_file()
     assert [r["step"] for r in read_jsonl(tmp_path / "train_log.jsonl")] == list(range(1, 7))
     _same_evaluation(tmp_path, ref)
+
+
+def test_resume_follows_the_training_data_content_not_its_path(straight, tiny_dir, data, tmp_path):
+    """Checkpoints record the training data's content hash: the same rows copied elsewhere (node-local
+    scratch) resume exactly; the file edited in place is refused (it was accepted before: same path)."""
+    import shutil
+
+    own = tmp_path / "train.jsonl"
+    shutil.copy(data, own)
+    proc = _fault(_args(tiny_dir, own, tmp_path / "run"), "after_step:7")
+    assert proc.returncode == -signal.SIGKILL
+    state = json.loads((tmp_path / "run/checkpoints/step-00000005/trainer_state.json").read_text())
+    assert len(state["settings"]["train_data_sha256"]) == 64
+    own.write_text("".join(data.read_text().splitlines(keepends=True)[:-2]))  # edited in place: two rows fewer
+    proc = launch("train.py", _args(tiny_dir, own, tmp_path / "run", "resume=true"), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "the training data's content changed" in proc.stderr
+    moved = tmp_path / "scratch" / "train-copy.jsonl"
+    moved.parent.mkdir()
+    shutil.copy(data, moved)
+    launch("train.py", _args(tiny_dir, moved, tmp_path / "run", "resume=true"))
+    assert _losses(tmp_path / "run") == _losses(straight)
