@@ -113,6 +113,10 @@ def eval_main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int_at_least(1), default=None)
     p.add_argument("--limit", type=int_at_least(1), default=None, help="use only the first N examples")
     p.add_argument("--dev-limit", type=int_at_least(1), default=None, help="use only the first N dev examples")
+    p.add_argument("--text-field", default=None, help="text column of --data/--dev (default: the run's data.text_field)")
+    p.add_argument("--label-field", default=None,
+                   help="label column of --data/--dev (default: the run's data.label_field)")
+    p.add_argument("--id-field", default=None, help="id column of --data/--dev (default: the run's data.id_field)")
     p.add_argument("--ppl-tokens", type=int_at_least(0), default=4096, help="tokens of general English text for "
                    "the perplexity ratio against the base model (0 = skip)")
     p.add_argument("--bootstrap", type=int_at_least(0), default=1000,
@@ -145,7 +149,9 @@ def predict_main(argv: list[str] | None = None) -> int:
     p.add_argument("--base-model", default=None, help=BASE_MODEL_HELP)
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--text", action="append", help="a text to classify (repeatable)")
-    g.add_argument("--data", help="a file with a text column (labels optional)")
+    g.add_argument("--data", help="a file with a text column (any label column is ignored)")
+    p.add_argument("--text-field", default=None, help="--data's text column (default: the run's data.text_field)")
+    p.add_argument("--id-field", default=None, help="--data's id column (default: the run's data.id_field)")
     p.add_argument("--no-explain", action="store_true", help="probability only (no generation)")
     p.add_argument("--max-new-tokens", type=int_at_least(1), default=None)
     p.add_argument("--output", default=None, help="write JSONL here instead of printing")
@@ -162,14 +168,17 @@ def predict_main(argv: list[str] | None = None) -> int:
         for i, t in enumerate(args.text or []):
             if not t.strip():
                 raise ConfigError(f"--text number {i + 1} is empty; expected the text to classify")
-        m = CLSGen.from_pretrained(args.checkpoint, base_model=args.base_model)
-        if args.data:
-            d = m.cfg.data
-            exs = read_examples(args.data, text_field=d.text_field, label_field=d.label_field, id_field=d.id_field,
-                                explanation_field=None, label_names=d.label_names, require_label=False)
+        if args.data:  # read (and checked) before the model loads; labels are not needed to predict
+            from .checkpoint import check_checkpoint
+
+            d = check_checkpoint(args.checkpoint, base_model=args.base_model).data
+            exs = read_examples(args.data, text_field=args.text_field or d.text_field, label_field=None,
+                                id_field=args.id_field or d.id_field, explanation_field=None,
+                                label_names=d.label_names, require_label=False)
             ids, texts = [e.id for e in exs], [e.text for e in exs]
         else:
             ids, texts = [str(i) for i in range(len(args.text))], args.text
+        m = CLSGen.from_pretrained(args.checkpoint, base_model=args.base_model)
         res = m.predict(texts, explain=not args.no_explain, max_new_tokens=args.max_new_tokens)
         rows = [{"id": i, **r} for i, r in zip(ids, res)]
         if args.output:

@@ -127,6 +127,7 @@ def evaluate_split(model, tokenizer, encoder: PromptEncoder, examples, *, cfg, e
         expl = explain_examples(model, encoder, {i: examples[i].text for i in range(limit)}, tokenizer=tokenizer,
                                 max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size, stop=stop)
     max_tokens = cfg.data.max_seq_len * max(1, cfg.train.micro_batch_size)
+    cut = [encoder.encode_prompt(ex.text)[1] for ex in examples]  # documents cut to data.max_seq_len
     if prob_source == "head":
         encoded = [encoder.encode(ex.text, ex.label, None, index=i) for i, ex in enumerate(examples)]
         probs = score_encoded(model, encoded, max_tokens=max_tokens, stop=stop)
@@ -138,12 +139,13 @@ def evaluate_split(model, tokenizer, encoder: PromptEncoder, examples, *, cfg, e
     p = [probs[i] for i in range(len(examples))]
     metrics = classification_metrics(labels, p, tuned_threshold=dev_threshold)
     metrics["prob_source"] = prob_source
+    metrics["truncated"] = sum(cut)
     names, tmpl = cfg.data.label_names, cfg.data.verdict_template
     preds = []
     for i, ex in enumerate(examples):
         e = expl.get(i)
         preds.append({"id": ex.id, "label": ex.label, "prob": p[i], "pred": int(p[i] >= 0.5), "explanation": e,
-                      "verdict": parse_verdict(e, names, tmpl) if e is not None else None})
+                      "verdict": parse_verdict(e, names, tmpl) if e is not None else None, "truncated": cut[i]})
     if limit:
         em = explanation_metrics(p[:limit], [r["verdict"] for r in preds[:limit]],
                                  [explanation_body(r["explanation"], tmpl) for r in preds[:limit]])

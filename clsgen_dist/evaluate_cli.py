@@ -9,6 +9,7 @@ from pathlib import Path
 from .checkpoint import check_checkpoint, load_checkpoint
 from .data.reading import read_examples
 from .distributed import init_distributed, is_main
+from .distributed.env import launched_rank
 from .logs import setup_logging
 from .evaluate import evaluate_split, write_results
 from .predict import make_encoder
@@ -53,36 +54,42 @@ def run_eval(args) -> dict:
     from .report import finalize_metrics, write_report
     from .retention import language_retention
 
+    # user errors first (the checkpoint, the data), before any process group or model exists
     if args.checkpoint:
-        # user errors first, before any process group exists
-        check_checkpoint(args.checkpoint, base_model=getattr(args, "base_model", None))
+        run_cfg = check_checkpoint(args.checkpoint, base_model=getattr(args, "base_model", None))
     elif getattr(args, "mode", None) != "zero_shot":
         from .checkpoint import CheckpointError
 
         raise CheckpointError("--checkpoint is required (only --mode zero_shot can use --config instead)")
+    else:
+        from .config import load_config
+
+        run_cfg = load_config(args.config, getattr(args, "overrides", None) or [])
+    if launched_rank() == 0:  # metrics.json marks a complete folder: never leave an old one next to a new,
+        (Path(args.output) / "metrics.json").unlink(missing_ok=True)  # partial report, nor after a failure
+    d = run_cfg.data
+    fields = {"text_field": getattr(args, "text_field", None) or d.text_field,
+              "label_field": getattr(args, "label_field", None) or d.label_field,
+              "id_field": getattr(args, "id_field", None) or d.id_field}
+    read = lambda path, limit=None: read_examples(  # noqa: E731
+        path, explanation_field=None, label_names=d.label_names, limit=limit, **fields)
+    data, dev = args.data, args.dev
+    if data is None:  # the run's own test split, tuned on the run's own dev split unless --dev says otherwise
+        files = default_eval_files(run_cfg)
+        data, dev = files["test"], dev or files["dev"]
+    examples = read(data, args.limit)
+    dev_ex = read(dev, getattr(args, "dev_limit", None)) if dev else None
     device = init_distributed()
     setup_logging()
-    if is_main():  # metrics.json marks a complete folder: never leave an old one next to a new, partial report
-        (Path(args.output) / "metrics.json").unlink(missing_ok=True)
     model, tokenizer, cfg, mode = _load(args, device)
     if args.max_new_tokens is not None:
         cfg.eval.max_new_tokens = args.max_new_tokens
-    d = cfg.data
-    read = lambda path, limit=None: read_examples(  # noqa: E731
-        path, text_field=d.text_field, label_field=d.label_field, explanation_field=None, id_field=d.id_field,
-        label_names=d.label_names, limit=limit)
-    data, dev = args.data, args.dev
-    if data is None:  # the run's own test split, tuned on the run's own dev split unless --dev says otherwise
-        files = default_eval_files(cfg)
-        data, dev = files["test"], dev or files["dev"]
-    examples = read(data, args.limit)
     encoder = make_encoder(cfg, tokenizer)
     source = PROB_SOURCE[mode]
     dev_labels = dev_probs = thr = None
     if dev:
         from .metrics import tune_threshold
 
-        dev_ex = read(dev, getattr(args, "dev_limit", None))
         _, dev_preds = evaluate_split(model, tokenizer, encoder, dev_ex, cfg=cfg, explain_limit=0,
                                       prob_source=source)
         dev_labels, dev_probs = [r["label"] for r in dev_preds], [r["prob"] for r in dev_preds]

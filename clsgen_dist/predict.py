@@ -156,8 +156,9 @@ class CLSGen:
     @torch.no_grad()
     def predict(self, texts: Sequence[str], *, explain: bool = True, max_new_tokens: int | None = None,
                 batch_size: int | None = None, threshold: float = 0.5) -> list[dict]:
-        """Per text: ``{"prob", "label", "explanation", "verdict"}`` (explanation/verdict None when
-        ``explain=False``)."""
+        """Per text: ``{"prob", "label", "explanation", "verdict", "truncated"}`` (explanation/verdict
+        None when ``explain=False``; ``truncated``: the document was cut to ``data.max_seq_len``,
+        keeping its start)."""
         if isinstance(texts, str):
             texts = [texts]
         e = self.cfg.eval
@@ -167,15 +168,16 @@ class CLSGen:
         results = []
         for s in range(0, len(texts), batch_size):
             chunk = texts[s:s + batch_size]
-            prompts = [self.encoder.encode_prompt(t)[0] for t in chunk]
+            encoded = [self.encoder.encode_prompt(t) for t in chunk]
+            prompts = [ids for ids, _ in encoded]
             logits, gen = prefill_and_decode(self.model, prompts, max_new_tokens=max_new_tokens,
                                              eos_id=self.tokenizer.eos_token_id,
                                              pad_id=self.tokenizer.pad_token_id, explain=explain)
-            for lg, g in zip(logits.tolist(), gen):
+            for lg, g, (_, cut) in zip(logits.tolist(), gen, encoded):
                 prob = sigmoid(lg)
                 expl = self._decode(g) if explain else None
                 verdict = (parse_verdict(expl, self.cfg.data.label_names, self.cfg.data.verdict_template)
                            if explain else None)
                 results.append({"prob": prob, "label": int(prob >= threshold), "explanation": expl,
-                                "verdict": verdict})
+                                "verdict": verdict, "truncated": cut})
         return results

@@ -88,7 +88,9 @@ class PromptEncoder:
 
     def _ids(self, text: str) -> list[int]:
         """Token ids of text from the data: special-token strings in it stay plain text."""
-        return self.tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        # verbose=False: a document longer than the model's context is cut by encode_prompt, which
+        # reports it; the tokenizer's own "sequence length is longer than" warning only misleads
+        return self.tok(text, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
 
     def strip_verdict_lines(self, explanation: str) -> tuple[str, set[int]]:
         """``explanation`` without its lines that state a verdict in the template's form, and the

@@ -222,3 +222,31 @@ def test_predict_cli_and_python_api(single_run):
     res = m.predict(["Great fun.", "Awful."], explain=False)
     assert [r["prob"] for r in res] == pytest.approx([r["prob"] for r in rows], abs=1e-6)
     assert res[0]["explanation"] is None and res[0]["label"] in (0, 1)
+
+
+def test_predict_and_eval_on_files_with_other_columns(single_run, data, tmp_path):
+    """A file with its own column names (--text-field/--label-field/--id-field), labels predict does
+    not need (any junk there is ignored), and a document longer than data.max_seq_len: flagged as
+    truncated, without the tokenizer's misleading 'sequence length' warning."""
+    rows = read_jsonl(data["test"])
+    long_note = "The film is long. " * 2000  # ~10,000 tokens: past data.max_seq_len and the tokenizer's 8,192
+    mine = tmp_path / "notes.jsonl"
+    mine.write_text("".join(json.dumps({"note_id": r["id"], "note": r["text"], "urgent": r["label"],
+                                        "triage": "maybe"}) + "\n" for r in rows)
+                    + json.dumps({"note_id": "long", "note": long_note, "urgent": 1, "triage": 2}) + "\n")
+    proc = launch("predict.py", ["--checkpoint", str(single_run / "final"), "--data", str(mine), "--no-explain",
+                                 "--text-field", "note", "--id-field", "note_id"])
+    out = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
+    assert [r["id"] for r in out] == [r["id"] for r in rows] + ["long"]
+    assert [r["truncated"] for r in out] == [False] * len(rows) + [True]
+    assert "sequence length is longer" not in proc.stderr
+    launch("eval.py", ["--checkpoint", str(single_run / "final"), "--data", str(mine), "--text-field", "note",
+                       "--label-field", "urgent", "--id-field", "note_id", "--explain-limit", "0", "--ppl-tokens", "0",
+                       "--bootstrap", "0", "--output", str(tmp_path / "mine")])
+    launch("eval.py", ["--checkpoint", str(single_run / "final"), "--data", str(data["test"]), "--explain-limit", "0",
+                       "--ppl-tokens", "0", "--bootstrap", "0", "--output", str(tmp_path / "ref")])
+    pm, pr = read_jsonl(tmp_path / "mine/predictions.jsonl"), read_jsonl(tmp_path / "ref/predictions.jsonl")
+    assert [(r["id"], r["label"]) for r in pm[:-1]] == [(r["id"], r["label"]) for r in pr]
+    assert [r["prob"] for r in pm[:-1]] == pytest.approx([r["prob"] for r in pr], abs=1e-6)
+    assert [r["prob"] for r in pm[:-1]] == pytest.approx([r["prob"] for r in out[:-1]], abs=1e-5)
+    assert pm[-1]["truncated"] and json.loads((tmp_path / "mine/metrics.json").read_text())["truncated"] == 1
