@@ -161,6 +161,9 @@ class CLSGen:
         keeping its start)."""
         if isinstance(texts, str):
             texts = [texts]
+        for i, t in enumerate(texts):
+            if not isinstance(t, str) or not t.strip():
+                raise ValueError(f"texts[{i}] is {t!r:.40}; expected a non-empty string (as in training)")
         e = self.cfg.eval
         max_new_tokens = e.max_new_tokens if max_new_tokens is None else max_new_tokens
         batch_size = batch_size or e.batch_size

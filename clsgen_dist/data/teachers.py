@@ -502,9 +502,17 @@ class HTTPTeacher:
         req = urllib.request.Request(self.endpoint, data=body, headers=self._headers, method="POST")
         with self._count_lock:
             self.requests += 1
+        deadline = time.monotonic() + self.timeout
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                raw = resp.read()
+                # --timeout bounds the whole attempt, not each socket read: a server that trickles its
+                # answer (or keeps a stuck connection alive) is timed out and retried like a hang
+                parts = []
+                while chunk := resp.read1(1 << 16):
+                    parts.append(chunk)
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"no complete answer within {self.timeout:g}s")
+                raw = b"".join(parts)
         except urllib.error.HTTPError as e:
             try:
                 detail = e.read()[:300].decode("utf-8", "replace").strip()

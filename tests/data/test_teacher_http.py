@@ -44,7 +44,8 @@ class FakeChat:
     (status, error message: "{auth}" in it echoes the Authorization header), "hang", "null" (a 200
     whose content is null: a content filter), "no_choices" (a 200 with ``choices: []``) or
     "cut_502" (a 502 whose body ends before its Content-Length, then the connection closes) or
-    "restate" (the answer is the gold label's name alone, as told in the prompt); requests
+    "restate" (the answer is the gold label's name alone, as told in the prompt) or "trickle" (the
+    answer sent 4 bytes every 50 ms); requests
     beyond ``allow`` wait for ``gate``. Every request is counted on arrival; ``answered`` holds the
     items that got a completion."""
 
@@ -99,6 +100,9 @@ class FakeChat:
             h.wfile.write(b"Bad Gateway")
             h.close_connection = True
             return
+        trickle = action == "trickle"
+        if trickle:
+            action = "ok"
         if action == "restate":
             told = re.search(r"Correct answer: (\w+)", body["messages"][-1]["content"]).group(1)
             completion, action = f"**{told.title()}.**", "ok"
@@ -125,6 +129,12 @@ class FakeChat:
         h.send_header("Content-Type", "application/json")
         h.send_header("Content-Length", str(len(payload)))
         h.end_headers()
+        if trickle:
+            for i in range(0, len(payload), 4):
+                h.wfile.write(payload[i:i + 4])
+                h.wfile.flush()
+                time.sleep(0.05)
+            return
         h.wfile.write(payload)
 
     def gens(self) -> Counter:
@@ -210,6 +220,20 @@ def test_timeouts_are_retried(tmp_path, rows, server_factory):
     out, _, teacher = _build(tmp_path, rows, server, mode="unconditioned", timeout=0.5)
     assert out == ref and teacher.retries == 3
     assert time.perf_counter() - t0 < 5  # the three hangs overlap (concurrency 4)
+
+
+def test_timeout_bounds_the_whole_attempt(tmp_path, rows, server_factory):
+    """A server that trickles its answer (every read well within the socket timeout, the whole answer
+    far beyond it) is timed out after --timeout and retried, not waited for."""
+    server = server_factory()
+    ref, _, _ = _build(tmp_path, rows, server, name="ref", mode="unconditioned")
+    slow = REVIEWS[2][0]
+    server.counts.clear()
+    server.plan = lambda kind, ident, attempt: "trickle" if ident == slow and attempt == 1 else "ok"
+    t0 = time.perf_counter()
+    out, _, teacher = _build(tmp_path, rows, server, mode="unconditioned", timeout=0.5)
+    assert out == ref and teacher.retries == 1 and server.gens()[slow] == 2
+    assert time.perf_counter() - t0 < 3  # the trickle alone takes ~4 s
 
 
 def test_fatal_errors_are_one_clear_message_without_the_key(tmp_path, rows, server_factory, monkeypatch):

@@ -222,6 +222,8 @@ def test_predict_cli_and_python_api(single_run):
     res = m.predict(["Great fun.", "Awful."], explain=False)
     assert [r["prob"] for r in res] == pytest.approx([r["prob"] for r in rows], abs=1e-6)
     assert res[0]["explanation"] is None and res[0]["label"] in (0, 1)
+    with pytest.raises(ValueError, match=r"texts\[1\] is ' '; expected a non-empty string"):
+        m.predict(["Fine.", " "], explain=False)  # as the CLI refuses an empty --text
 
 
 def test_predict_and_eval_on_files_with_other_columns(single_run, data, tmp_path):
