@@ -127,8 +127,9 @@ def run_build(args) -> dict:
 
 
 def _summary(stats: dict) -> str:
+    dup = f", {stats['duplicates']} repeated rows sharing an item" if stats.get("duplicates") else ""
     lines = [f"wrote {stats['output']}: {stats['examples']} examples, {stats['asked']} sent to {stats['teacher']} "
-             f"({stats['generated']} generated now, {stats['from_cache']} from cache)"]
+             f"({stats['generated']} generated now, {stats['from_cache']} from cache{dup})"]
     for name, c in stats["per_class"].items():
         lines.append(f"  {name}: total {c['total']}, explained {c['explained']}, consistent {c['consistent']}, "
                      f"cls-only {c['cls_only']}")

@@ -648,7 +648,9 @@ def build_explanations(
             "input": source, "output": str(output), "teacher": teacher.id, "prompt_version": version,
             "mode": spec.mode, "generation": _gen_key(teacher, judge), "stance_threshold": stance_threshold,
             **compute_stats(examples, entries, ok, spec),
-            "generated": len(todo), "from_cache": sum(k is not None for k in keys) - len(todo),
+            # items: distinct examples sent to the teacher; an input row repeated shares its item
+            "generated": len(todo), "from_cache": len(asked) - len(todo),
+            "duplicates": sum(k is not None for k in keys) - len(asked),
             "refused": len(refused),
             "elapsed_s": round(dt, 3), "generated_per_s": round(len(todo) / dt, 3) if todo else None,
         }

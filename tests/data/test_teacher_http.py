@@ -455,3 +455,11 @@ def test_a_restated_label_is_no_rationale(tmp_path, rows, server_factory):
     assert out[0]["raw_explanation"] == "**Positive.**" and out[1]["raw_explanation"] == "**Negative.**"
     assert not out[0]["consistent"] and stats["per_class"]["positive"]["cls_only"] == 2
     assert not [ident for kind, ident in server.counts if kind == "judge" and ident.startswith("**")]  # not judged
+
+
+def test_repeated_rows_share_an_item_and_are_not_counted_as_cached(tmp_path, rows, server_factory):
+    server = server_factory()
+    out, stats, _ = _build(tmp_path, rows + rows[:3], server, mode="unconditioned")
+    assert len(out) == 15 and out[12:] == out[:3]  # every row written, the repeats with their item's answer
+    assert (stats["generated"], stats["from_cache"], stats["duplicates"]) == (12, 0, 3)
+    assert set(server.gens().values()) == {1}
