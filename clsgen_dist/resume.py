@@ -190,13 +190,14 @@ def examples_sha256(examples) -> str:
 
 
 def check_resume_settings(ckpt: Path, cfg, ranks: int, zero_stage: int | None = None,
-                          train_data_sha256: str | None = None) -> None:
+                          train_data_sha256: str | None = None, training_done: bool = False) -> None:
     """ConfigError if ``ckpt`` (a checkpoint folder, or the ``DONE`` or ``TRAINED`` file of a run) was
     trained with other settings than ``cfg`` (learning rate, schedule, data, model, ...): resuming
     would silently continue the old run under the new config's name. A checkpoint also needs the
     ZeRO stage it was saved with (``zero_stage``: the run's ``ds_config``); DeepSpeed cannot load
     one stage's partitioned state into another. With ``train_data_sha256`` on both sides the training
-    data must have the same content, wherever its file now is (a copy on node-local scratch)."""
+    data must have the same content, wherever its file now is (a copy on node-local scratch).
+    ``training_done`` (``DONE``, ``TRAINED``): no step is left, so the number of ranks is free."""
     state = json.loads((ckpt / STATE if ckpt.is_dir() else ckpt).read_text())
     saved_stage = state.get("zero_stage") if ckpt.is_dir() else None
     if zero_stage is not None and saved_stage is not None and saved_stage != zero_stage:
@@ -210,6 +211,8 @@ def check_resume_settings(ckpt: Path, cfg, ranks: int, zero_stage: int | None = 
     new = training_settings(cfg, ranks, train_data_sha256)
     # the data's content decides when both sides know it; else (an older checkpoint) its path does
     ignore = {"data.train_file"} if "train_data_sha256" in old.keys() & new.keys() else {"train_data_sha256"}
+    if training_done:
+        ignore.add("rows_per_step")
     diff = [k for k in sorted(old.keys() | new.keys()) if k not in ignore and old.get(k) != new.get(k)]
     if diff:
         shown = "; ".join(f"{k}={old.get(k)!r} there, {new.get(k)!r} now" for k in diff[:5])

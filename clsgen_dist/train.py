@@ -446,17 +446,21 @@ def _run(cfg: Config, stop: StopFlag) -> dict | None:
     setup_logging()  # before the process group: all ranks log at INFO until it exists
     check_output_path(cfg.output_dir, folder=True, flag="output_dir")
     ranks = launched_world_size()
-    done = Path(cfg.output_dir) / DONE
-    if cfg.resume is not False and done.is_file():  # e.g. a requeue after the run finished: nothing to do
-        check_resume_settings(done, cfg, ranks)
+    done, trained = Path(cfg.output_dir) / DONE, Path(cfg.output_dir) / TRAINED
+    finished = cfg.resume is not False and done.is_file()  # e.g. a requeue after the run finished: nothing to do
+    # killed or stopped during the final evaluation: only that is left
+    evaluate_only = (not finished and cfg.resume is not False and trained.is_file()
+                     and (Path(cfg.output_dir) / "final" / MARKER).is_file())
+    if finished or evaluate_only:
+        splits = load_splits(cfg)
+        check_resume_settings(done if finished else trained, cfg, ranks, train_data_sha256=examples_sha256(
+            splits["train"]), training_done=True)
+        if evaluate_only:
+            return evaluate_trained(cfg, stop, splits)
         if launched_rank() == 0:
             print(f"{cfg.output_dir} holds a finished run ({done}); nothing to resume", flush=True)
         metrics = Path(cfg.output_dir) / "eval" / "metrics.json"
         return json.loads(metrics.read_text()) if metrics.is_file() else None
-    trained = Path(cfg.output_dir) / TRAINED
-    if cfg.resume is not False and trained.is_file() and (Path(cfg.output_dir) / "final" / MARKER).is_file():
-        check_resume_settings(trained, cfg, ranks)
-        return evaluate_trained(cfg, stop)
     resume_from = resolve_resume(cfg.resume, Path(cfg.output_dir), overwrite=cfg.overwrite)
     splits = load_splits(cfg)  # user data is validated before any process group or model exists
     data_sha = examples_sha256(splits["train"])
@@ -516,10 +520,9 @@ def _run(cfg: Config, stop: StopFlag) -> dict | None:
     return finish_run(cfg, out, stop, engine.module, tokenizer, encoder, splits, last_dev=tr.last_dev)
 
 
-def evaluate_trained(cfg: Config, stop: StopFlag) -> dict | None:
+def evaluate_trained(cfg: Config, stop: StopFlag, splits: dict) -> dict | None:
     """A resumed run whose training finished in an earlier attempt (``TRAINED``): evaluate ``final/``,
     loaded as a plain model on every rank (as ``launch/eval.py`` does), and finish the run."""
-    splits = load_splits(cfg)
     device = init_distributed()
     setup_logging()
     out = Path(cfg.output_dir)

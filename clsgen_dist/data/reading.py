@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -61,14 +62,22 @@ def _check_utf8(p: Path) -> None:
 
 def _read_csv(p: Path) -> list[dict]:
     """Rows of a UTF-8 CSV file with a header, every cell a string as written (no type guessing:
-    an id "00123" stays "00123", a note "N/A" stays "N/A"); an empty cell is None (missing). Each
-    row records the line it starts on (quoted fields may span lines)."""
+    an id "00123" stays "00123", a note "N/A" stays "N/A"); an empty cell is None (missing). Columns
+    without a name (a pandas index written by ``to_csv``, a trailing comma) are ignored. Each row
+    records the line it starts on (quoted fields may span lines)."""
     import csv
 
+    limit = sys.maxsize  # no cap on a cell's length: long documents are what truncation is for
+    while True:
+        try:
+            csv.field_size_limit(limit)
+            break
+        except OverflowError:
+            limit //= 2
     rows: list[dict] = []
     header: list[str] | None = None
     with p.open("r", encoding="utf-8-sig", newline="") as fh:
-        reader = csv.reader(fh)
+        reader = csv.reader(fh, strict=True)
         start = 1
         try:
             for rec in reader:
@@ -76,23 +85,28 @@ def _read_csv(p: Path) -> list[dict]:
                     pass
                 elif header is None:
                     header = [h.strip() for h in rec]
-                    empty = [i + 1 for i, h in enumerate(header) if not h]
                     dup = sorted({h for h in header if h and header.count(h) > 1})
-                    if empty or dup:
-                        what = (f"column {empty[0]} has no name" if empty else f"column name {dup[0]!r} appears twice")
-                        raise DataError(f"{p}: line {start}: the header row is not usable ({what})")
+                    if dup:
+                        raise DataError(f"{p}: line {start}: the header row is not usable (column name {dup[0]!r} "
+                                        f"appears twice)")
+                    if not any(header):
+                        raise DataError(f"{p}: line {start}: the header row names no column")
                 elif len(rec) != len(header):
+                    named = [h for h in header if h]
                     raise DataError(f"{p}: line {start}: {len(rec)} fields, expected {len(header)} as in the header "
-                                    f"({', '.join(header)}); quote a field that contains a comma")
+                                    f"({', '.join(named)}); quote a field that contains a comma")
                 else:
-                    rows.append({**{h: (v if v != "" else None) for h, v in zip(header, rec)}, "__row__": start})
+                    rows.append({**{h: (v if v != "" else None) for h, v in zip(header, rec) if h},
+                                 "__row__": start})
                 start = reader.line_num + 1
         except csv.Error as e:
+            if "unexpected end of data" in str(e):
+                raise DataError(f"{p}: line {start}: a quoted field that starts here is never closed") from None
             raise DataError(f"{p}: line {reader.line_num}: not valid CSV ({e})") from None
     if header is None:
         raise DataError(f"{p}: no header row (the file holds only blank lines)")
     if not rows:
-        raise DataError(f"{p}: the header ({', '.join(header)}) is followed by no data rows")
+        raise DataError(f"{p}: the header ({', '.join(h for h in header if h)}) is followed by no data rows")
     return rows
 
 

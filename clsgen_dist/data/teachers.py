@@ -99,15 +99,12 @@ def first_name(text: str, names: Sequence[str]) -> int | None:
     ("not positive", "isn't really negative", "neither ... nor ..."); None if there is none."""
     from ..predict import name_alternation
 
-    best = None
-    for i, n in enumerate(names):
-        for m in re.finditer(name_alternation([n], hyphen=True), text, flags=re.IGNORECASE):
-            if _NEGATION.search(text[max(0, m.start() - 40):m.start()]):
-                continue
-            if best is None or m.start() < best[0]:
-                best = (m.start(), i)
-            break
-    return None if best is None else best[1]
+    lower = [n.lower() for n in names]
+    # one pass over every name, longest first at each position ("C++" is not read as "C")
+    for m in re.finditer(name_alternation(names, hyphen=True), text, flags=re.IGNORECASE):
+        if not _NEGATION.search(text[max(0, m.start() - 40):m.start()]):
+            return lower.index(m.group(1).lower())
+    return None
 
 
 # ----------------------------------------------------------------------------- local HF teacher

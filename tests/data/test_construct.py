@@ -308,3 +308,5 @@ def test_verdict_names_longest_first_and_unspaced_scripts(text, names, expected)
 def test_judge_answer_names_in_unspaced_scripts():
     assert first_name("这段文字是正面的。", ["负面", "正面"]) == 1
     assert first_name("It is non-toxic.", ["toxic", "fine"]) is None  # a hyphen joins words here
+    assert first_name("The answer is C++.", ["C", "C++"]) == 1  # the longer name at the same place
+    assert first_name("Not positive: negative.", list(NAMES)) == 0

@@ -104,12 +104,26 @@ def test_csv_cells_are_read_as_written(tmp_path):
     assert [e.explanation for e in exs] == [None, "NA", "Because."]
 
 
+def test_csv_unnamed_columns_and_long_cells(tmp_path):
+    """A pandas index column (``df.to_csv()``) and trailing commas are columns without a name:
+    ignored. A cell far longer than the csv module's default 131,072-character cap is read."""
+    import pandas as pd
+
+    p = tmp_path / "pandas.csv"
+    pd.DataFrame({"text": ["good film", "x" * 200_000], "label": [1, 0]}).to_csv(p)
+    assert [(e.text[:9], len(e.text), e.label) for e in read(p)] == [("good film", 9, 1), ("x" * 9, 200_000, 0)]
+    p = tmp_path / "trailing.csv"
+    p.write_text("text,label,\nhi,1,\nho,0,\n")
+    assert [(e.text, e.label) for e in read(p)] == [("hi", 1), ("ho", 0)]
+
+
 @pytest.mark.parametrize("body, message", [
     ("text,label\nok,1\npain, severe,1\n", r"line 3: 3 fields, expected 2 as in the header \(text, label\); quote"),
     ("text,label\nok,1\n\"a\nb\",0\nshort\n", r"line 5: 1 fields, expected 2"),  # after a 2-line quoted field
     ("text,label\r\n", r"the header \(text, label\) is followed by no data rows"),
     ("\ufeff\n\n", r"no header row"),
-    ("text,,label\nok,x,1\n", r"line 1: the header row is not usable \(column 2 has no name\)"),
+    ("text,label,explanation\ngood,1,\"Because it is fun\nbad,0,Boring.\n", r"line 2: a quoted field that starts "
+     r"here is never closed"),  # not one row whose explanation swallows the rest of the file
     ("text,label,text\nok,1,x\n", r"line 1: .*column name 'text' appears twice"),
 ])
 def test_malformed_csv_names_the_line(tmp_path, body, message):

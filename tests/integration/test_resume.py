@@ -223,7 +223,15 @@ def test_killed_during_final_evaluation_resumes_without_training(evaluated, tiny
     proc = launch("train.py", _args(tiny_dir, data, tmp_path, *extra, "resume=auto", "train.learning_rate=1e-3"),
                   check=False)
     assert proc.returncode == 2 and "TRAINED was trained with other settings" in proc.stderr, proc.stderr[-2000:]
-    proc = launch("train.py", _args(tiny_dir, data, tmp_path, *extra, "resume=auto"))
+    # requeued with the data copied to node-local scratch and on another number of ranks' worth of
+    # rows per step: no step is left to train, and the data's content is the same
+    import shutil
+
+    scratch = tmp_path / "scratch" / "train.jsonl"
+    scratch.parent.mkdir()
+    shutil.copy(data, scratch)
+    proc = launch("train.py", _args(tiny_dir, scratch, tmp_path, *extra, "resume=auto",
+                                    "train.gradient_accumulation_steps=4"))
     assert "evaluating" in proc.stderr and "without training" in proc.stderr
     assert {f: f.stat().st_mtime_ns for f in kept} == before  # no step ran again, final/ is the one saved
     assert (tmp_path / "DONE").is_file() and not (tmp_path / "TRAINED").exists()
