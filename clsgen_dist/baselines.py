@@ -137,7 +137,7 @@ def verdict_logits(model, contexts: list[list[int]], suffixes: list[list[int]], 
             first = st + len(contexts[i]) - 1  # the last context position predicts the first suffix token
             spans.append((len(rows), n_read))
             rows.extend(range(first, first + n_read))
-        logp = model.lm_head(hidden[rows or [0]]).float().log_softmax(-1)  # [R, V]
+        logp = model.lm_logits(hidden[rows or [0]]).float().log_softmax(-1)  # [R, V]
         for g, (r0, n_read) in zip(group or [], spans):
             i, k = reads[g]
             if single:
@@ -170,9 +170,20 @@ def verdict_probs(model, tokenizer, encoder, texts: dict[int, str], explanations
     return merged
 
 
+def zero_shot_config(cfg):
+    """``cfg`` for prompting the base model: no ``<|cls|>`` token (``model.cls_position=token`` is a
+    training setting; the base model never saw that token, and zero-shot reads the verdict tokens
+    right after the prompt)."""
+    import copy
+
+    cfg = copy.deepcopy(cfg)
+    cfg.model.cls_position = "last_prompt"
+    return cfg
+
+
 def load_base_model(cfg, device):
     """The untrained base model of ``cfg`` as a DualHeadModel (its classification head is unused)
-    and its tokenizer, for zero-shot prompting."""
+    and its tokenizer, for zero-shot prompting (use it with :func:`zero_shot_config`)."""
     from transformers import AutoModelForCausalLM
 
     from .modeling import DualHeadModel, load_tokenizer, resolve_model_path
@@ -185,9 +196,5 @@ def load_base_model(cfg, device):
     lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
                                               attn_implementation=resolve_attn(cfg.model.attn_implementation, device,
                                                                                dtype))
-    if cfg.model.cls_position == "token":
-        from .modeling.build import add_cls_token
-
-        add_cls_token(lm, tokenizer, cfg.model.cls_token)
     model = DualHeadModel(lm, **cfg.model.loss_options())
     return model.to(device).eval(), tokenizer

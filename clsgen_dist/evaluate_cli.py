@@ -20,7 +20,7 @@ log = logging.getLogger("clsgen_dist.evaluate")
 def _load(args, device):
     """(model, tokenizer, cfg, mode): the checkpoint, or the base model of its config (or of
     ``--config``) for ``--mode zero_shot``."""
-    from .baselines import load_base_model, resolve_mode
+    from .baselines import load_base_model, resolve_mode, zero_shot_config
     from .config import load_config
 
     base_model = getattr(args, "base_model", None)
@@ -30,6 +30,7 @@ def _load(args, device):
         cfg = load_config(args.config, getattr(args, "overrides", None) or [])
     mode = resolve_mode(getattr(args, "mode", "auto") or "auto", cfg)
     if mode == "zero_shot":
+        cfg = zero_shot_config(cfg)
         model, tokenizer = load_base_model(cfg, device)
     else:
         model, tokenizer, cfg = load_checkpoint(args.checkpoint, device=device, base_model=base_model)

@@ -101,11 +101,10 @@ def prefill_and_decode(
     gen: list[list[int]] = [[] for _ in range(B)]
     if not explain or max_new_tokens <= 0:
         return cls_logits, gen
-    head = model.lm_head
     stops = {eos_id, *stop_ids}
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    logits = head(h)  # [B, V]: only the last position's logits are ever computed
-    for _ in range(max_new_tokens):
+    logits = model.lm_logits(h)  # [B, V]: only the last position's logits are ever computed
+    for step in range(max_new_tokens):
         nxt = logits.float().argmax(-1)  # [B]
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         for i, t in enumerate(nxt.tolist()):  # .tolist() syncs once per token
@@ -113,13 +112,13 @@ def prefill_and_decode(
                 gen[i].append(t)
         done |= torch.isin(nxt, torch.tensor(sorted(stops), device=device))
         local = bool(done.all())
-        if (all_done(local) if all_done else local):
+        if step == max_new_tokens - 1 or (all_done(local) if all_done else local):  # the same on every rank
             break
         mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)  # finished rows decode padding; ignored
         pos = pos[:, -1:] + 1
         out = model.trunk(input_ids=nxt.unsqueeze(1), attention_mask=mask, position_ids=pos, use_cache=True,
                           **{cache_kw: cache})
-        logits = head(out.last_hidden_state[:, -1])
+        logits = model.lm_logits(out.last_hidden_state[:, -1])
     return cls_logits, gen
 
 
@@ -158,12 +157,18 @@ class CLSGen:
                 batch_size: int | None = None, threshold: float = 0.5) -> list[dict]:
         """Per text: ``{"prob", "label", "explanation", "verdict", "truncated"}`` (explanation/verdict
         None when ``explain=False``; ``truncated``: the document was cut to ``data.max_seq_len``,
-        keeping its start)."""
+        keeping its start). ``prob`` is the classification head's, except for a checkpoint trained
+        without it (``train.cls_weight=0``, gen-only): there it is read off the verdict tokens after
+        the model's own explanation, as evaluation does, so the explanation is always generated."""
         if isinstance(texts, str):
             texts = [texts]
         for i, t in enumerate(texts):
             if not isinstance(t, str) or not t.strip():
                 raise ValueError(f"texts[{i}] is {t!r:.40}; expected a non-empty string (as in training)")
+        from .baselines import PROB_SOURCE, resolve_mode, verdict_probs
+
+        from_verdict = PROB_SOURCE[resolve_mode("auto", self.cfg)] == "explanation"  # the head never trained
+        explain = explain or from_verdict
         e = self.cfg.eval
         max_new_tokens = e.max_new_tokens if max_new_tokens is None else max_new_tokens
         batch_size = batch_size or e.batch_size
@@ -176,9 +181,14 @@ class CLSGen:
             logits, gen = prefill_and_decode(self.model, prompts, max_new_tokens=max_new_tokens,
                                              eos_id=self.tokenizer.eos_token_id,
                                              pad_id=self.tokenizer.pad_token_id, explain=explain)
-            for lg, g, (_, cut) in zip(logits.tolist(), gen, encoded):
-                prob = sigmoid(lg)
-                expl = self._decode(g) if explain else None
+            expls = [self._decode(g) if explain else None for g in gen]
+            if from_verdict:
+                vp = verdict_probs(self.model, self.tokenizer, self.encoder, dict(enumerate(chunk)),
+                                   dict(enumerate(expls)), max_tokens=self.cfg.data.max_seq_len * 2)
+                probs = [vp[i] for i in range(len(chunk))]
+            else:
+                probs = [sigmoid(lg) for lg in logits.tolist()]
+            for prob, expl, (_, cut) in zip(probs, expls, encoded):
                 verdict = (parse_verdict(expl, self.cfg.data.label_names, self.cfg.data.verdict_template)
                            if explain else None)
                 results.append({"prob": prob, "label": int(prob >= threshold), "explanation": expl,

@@ -88,3 +88,38 @@ def test_resolve_mode_from_loss_weights():
     assert resolve_mode("zero_shot", load_config(None, [])) == "zero_shot"
     with pytest.raises(ValueError, match="mode"):
         resolve_mode("bogus", load_config(None, []))
+
+
+def test_decoding_runs_one_forward_per_generated_token(setup):
+    """max_new_tokens tokens take the prefill and max_new_tokens - 1 decode forwards (the last
+    token's forward would be thrown away: under ZeRO-3 a wasted collective gather per batch)."""
+    from clsgen_dist.predict import prefill_and_decode
+
+    _, model, tok, enc = setup
+    calls = []
+    hook = model.trunk.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        _, gen = prefill_and_decode(model, [enc.encode_prompt(t)[0] for t in TEXTS[:2]], max_new_tokens=5,
+                                    eos_id=-1, pad_id=tok.pad_token_id)  # no EOS: every row runs to the limit
+    finally:
+        hook.remove()
+    assert [len(g) for g in gen] == [5, 5] and len(calls) == 5
+
+
+def test_zero_shot_prompts_the_base_model_without_the_training_cls_token(tiny_dir, tmp_path):
+    """model.cls_position=token is a training setting: zero-shot evaluation of the base model gives
+    the same probabilities with it as without (no untrained <|cls|> token in the prompt)."""
+    import json
+
+    from tests.conftest import REVIEWS, write_jsonl
+    from tests.integration._run import launch
+
+    data = write_jsonl(tmp_path / "test.jsonl", [{"id": str(i), "text": t, "label": y} for i, (t, y) in
+                                                 enumerate(REVIEWS[:6])])
+    probs = {}
+    for pos in ("last_prompt", "token"):
+        launch("eval.py", ["--mode", "zero_shot", "--config", "launch/configs/tiny_cpu.yaml", "--data", str(data),
+                           "--output", str(tmp_path / pos), "--ppl-tokens", "0", "--bootstrap", "0",
+                           "--explain-limit", "0", f"model.name_or_path={tiny_dir}", f"model.cls_position={pos}"])
+        probs[pos] = [json.loads(x)["prob"] for x in (tmp_path / pos / "predictions.jsonl").read_text().splitlines()]
+    assert probs["token"] == pytest.approx(probs["last_prompt"], abs=1e-6)

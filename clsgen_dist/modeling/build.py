@@ -172,6 +172,21 @@ def apply_lora(backbone, cfg: ModelConfig):
     return model
 
 
+def check_trainable_architecture(path: str) -> None:
+    """ConfigError for a model whose LM logits the fused loss cannot reproduce: a soft-cap after the
+    LM head (Gemma 2 and 3's ``final_logit_softcapping``). A plain scale (Granite, Cohere) is fine."""
+    from transformers import AutoConfig
+
+    from .dual_head import logit_transform
+
+    config = AutoConfig.from_pretrained(path)
+    _, cap = logit_transform(getattr(config, "text_config", None) or config)
+    if cap is not None:
+        raise ConfigError(f"model.name_or_path: {path} ({config.model_type}) soft-caps its LM logits "
+                          f"(final_logit_softcapping={cap}); the fused dual-head loss trains uncapped logits, "
+                          f"which would not be this model's distribution, so it cannot be trained here")
+
+
 def build_model(cfg: ModelConfig, *, device: torch.device | str = "cpu", model_path: str | None = None,
                 seed: int | None = None) -> tuple[DualHeadModel, object]:
     """Load backbone + tokenizer, add the cls token if configured, wrap with LoRA or unfreeze all,
@@ -184,6 +199,7 @@ def build_model(cfg: ModelConfig, *, device: torch.device | str = "cpu", model_p
     if not Path(path).exists():
         raise FileNotFoundError(f"model.name_or_path: {path} does not exist (no model hub is used at run time; "
                                 f"point at a local HF model folder, or use 'default')")
+    check_trainable_architecture(path)
     dtype = resolve_dtype(cfg.dtype, device)
     attn = resolve_attn(cfg.attn_implementation, device, dtype)
     if seed is not None:

@@ -20,6 +20,19 @@ from transformers.utils import ModelOutput
 from ..loss import dual_head_objective
 
 
+def logit_transform(config) -> tuple[float, float | None]:
+    """(scale, softcap) that the architecture applies to its LM head's output: Granite divides by
+    ``logits_scaling``, Cohere multiplies by ``logit_scale``, Gemma 2/3 soft-cap at
+    ``final_logit_softcapping``. (1.0, None) for a plain LM head."""
+    scale = 1.0
+    if getattr(config, "logits_scaling", None):
+        scale /= float(config.logits_scaling)
+    if getattr(config, "logit_scale", None):
+        scale *= float(config.logit_scale)
+    cap = getattr(config, "final_logit_softcapping", None)
+    return scale, (float(cap) if cap else None)
+
+
 @dataclass
 class DualHeadOutput(ModelOutput):
     """Forward output. A ``ModelOutput`` (a dict) on purpose: ZeRO-3 attaches its pre-backward hook
@@ -84,6 +97,17 @@ class DualHeadModel(nn.Module):
     def config(self):
         return self.causal_lm.config
 
+    def lm_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The model's own next-token logits of hidden rows ``[R, H]``: the LM head, then whatever
+        the architecture applies after it (:func:`logit_transform`), as its HF forward does."""
+        logits = self.lm_head(h)
+        scale, cap = logit_transform(self.config)
+        if scale != 1.0:
+            logits = logits * scale
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
     # -- forward --------------------------------------------------------------------------
 
     def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
@@ -122,9 +146,19 @@ class DualHeadModel(nn.Module):
         # Under ZeRO-3 lm_head.weight is registered as an external parameter of this module
         # (distributed/engine.py), so it is gathered for the whole forward and its gradient reaches
         # the partitioned parameter.
+        cls_w, lm_bias = self.cls_head.weight, head.bias
+        scale, cap = logit_transform(self.config)
+        if cap is not None:  # refused by build_model; a model wrapped by hand gets the same error here
+            raise ValueError(f"final_logit_softcapping={cap}: the fused LM loss cannot soft-cap its logits")
+        if scale != 1.0:
+            # The model's LM logits are scale * (h @ W.T + b) (Granite, Cohere): feed the fused loss
+            # scale * h (and scale * b), and the head w / scale, which leaves the classification
+            # logit h @ w.T + b_cls unchanged (autograd carries both factors into the gradients).
+            hidden, cls_w = hidden * scale, cls_w / scale
+            lm_bias = lm_bias * scale if lm_bias is not None else None
         res = dual_head_objective(
-            hidden, head.weight, targets, self.cls_head.weight, self.cls_head.bias, cls_index, cls_labels,
-            lm_bias=head.bias, num_lm_tokens=num_lm_tokens, num_cls_examples=num_cls_examples,
+            hidden, head.weight, targets, cls_w, self.cls_head.bias, cls_index, cls_labels,
+            lm_bias=lm_bias, num_lm_tokens=num_lm_tokens, num_cls_examples=num_cls_examples,
             lm_coef=lm_coef, cls_coef=cls_coef, impl=self.loss_impl, chunk_size=self.loss_chunk_size,
             grad_mode=self.loss_grad_mode)
         return DualHeadOutput(**res.__dict__)

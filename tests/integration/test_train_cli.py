@@ -252,3 +252,28 @@ def test_predict_and_eval_on_files_with_other_columns(single_run, data, tmp_path
     assert [r["prob"] for r in pm[:-1]] == pytest.approx([r["prob"] for r in pr], abs=1e-6)
     assert [r["prob"] for r in pm[:-1]] == pytest.approx([r["prob"] for r in out[:-1]], abs=1e-5)
     assert pm[-1]["truncated"] and json.loads((tmp_path / "mine/metrics.json").read_text())["truncated"] == 1
+
+
+def test_predict_on_a_gen_only_checkpoint_reads_the_verdict(single_run, data, tmp_path):
+    """A checkpoint trained with train.cls_weight=0 has an untrained head (P = 0.5 for every text):
+    predict takes P(y=1) from the verdict tokens after its own explanation, as eval does."""
+    import shutil
+
+    import yaml
+
+    ck = tmp_path / "gen_only"
+    shutil.copytree(single_run / "final", ck)
+    cfg = yaml.safe_load((ck / "clsgen_config.yaml").read_text())
+    cfg["train"]["cls_weight"] = 0.0  # what a gen-only run records (the weights here serve as any model's)
+    (ck / "clsgen_config.yaml").write_text(yaml.safe_dump(cfg))
+    launch("eval.py", ["--checkpoint", str(ck), "--data", str(data["test"]), "--ppl-tokens", "0", "--bootstrap", "0",
+                       "--output", str(tmp_path / "eval")])
+    ev = read_jsonl(tmp_path / "eval/predictions.jsonl")
+    assert json.loads((tmp_path / "eval/metrics.json").read_text())["mode"] == "gen_only"
+    texts = {r["id"]: r["text"] for r in read_jsonl(data["test"])}
+    from clsgen_dist import CLSGen
+
+    res = CLSGen.from_pretrained(ck, device="cpu").predict([texts[r["id"]] for r in ev], explain=False)
+    assert [r["prob"] for r in res] == pytest.approx([r["prob"] for r in ev], abs=1e-5)
+    assert [r["explanation"] for r in res] == [r["explanation"] for r in ev]
+    assert len({round(r["prob"], 6) for r in res}) > 1  # not the untrained head's 0.5 everywhere
