@@ -447,13 +447,13 @@ def _run(cfg: Config, stop: StopFlag) -> dict | None:
     check_output_path(cfg.output_dir, folder=True, flag="output_dir")
     ranks = launched_world_size()
     done, trained = Path(cfg.output_dir) / DONE, Path(cfg.output_dir) / TRAINED
-    finished = cfg.resume is not False and done.is_file()  # e.g. a requeue after the run finished: nothing to do
+    was_done = cfg.resume is not False and done.is_file()  # e.g. a requeue after the run finished: nothing to do
     # killed or stopped during the final evaluation: only that is left
-    evaluate_only = (not finished and cfg.resume is not False and trained.is_file()
+    evaluate_only = (not was_done and cfg.resume is not False and trained.is_file()
                      and (Path(cfg.output_dir) / "final" / MARKER).is_file())
-    if finished or evaluate_only:
+    if was_done or evaluate_only:
         splits = load_splits(cfg)
-        check_resume_settings(done if finished else trained, cfg, ranks, train_data_sha256=examples_sha256(
+        check_resume_settings(done if was_done else trained, cfg, ranks, train_data_sha256=examples_sha256(
             splits["train"]), training_done=True)
         if evaluate_only:
             return evaluate_trained(cfg, stop, splits)
