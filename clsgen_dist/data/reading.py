@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -213,6 +214,7 @@ def read_examples(
         raise DataError(f"{p}: missing field {label_field!r} (data.label_field); fields found: {sorted(columns)}")
     allowed = f"0, 1, {label_names[0]!r} or {label_names[1]!r}"
     out: list[Example] = []
+    where_id: dict[str, list] = defaultdict(list)  # id -> the rows that have it
     for i, row in enumerate(rows):
         rowno = row.pop("__row__", i + 1)
         where = f"{p}: {word} {rowno}"
@@ -235,6 +237,13 @@ def read_examples(
         ex_id = row.get(id_field) if id_field else None
         out.append(Example(id=str(ex_id) if ex_id is not None else str(rowno), text=text, label=label,
                            explanation=expl))
+        where_id[out[-1].id].append(rowno)
         if limit is not None and len(out) >= limit:
             break
+    repeated = {k: v for k, v in where_id.items() if len(v) > 1}
+    if repeated:
+        k, rows_ = next(iter(repeated.items()))
+        log.warning("%s: ids repeated: %d (e.g. %r at %ss %s); their predictions cannot be told apart by id: set "
+                    "data.id_field to a unique column", p, len(repeated), k, word,
+                    ", ".join(map(str, rows_[:3])))
     return out

@@ -142,3 +142,16 @@ def test_byte_order_mark_and_non_utf8_bytes(tmp_path):
         (tmp_path / name).write_bytes(body)
         with pytest.raises(DataError, match=rf"{name}: line {line}: not valid UTF-8 \(byte 0xe9 at column "):
             read(tmp_path / name)
+
+
+def test_repeated_ids_are_a_warning(tmp_path, caplog):
+    p = tmp_path / "d.csv"
+    p.write_text("id,text,label\na,one,1\nb,two,0\na,three,1\n,four,0\n2,five,1\n")
+    with caplog.at_level("WARNING", logger="clsgen_dist.data"):
+        exs = read(p)
+    assert [e.id for e in exs] == ["a", "b", "a", "5", "2"]
+    assert "d.csv: ids repeated: 1 (e.g. 'a' at lines 2, 4)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="clsgen_dist.data"):
+        read(p, limit=2)
+    assert caplog.text == ""
