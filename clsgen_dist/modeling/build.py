@@ -187,6 +187,33 @@ def check_trainable_architecture(path: str) -> None:
                           f"which would not be this model's distribution, so it cannot be trained here")
 
 
+@torch.no_grad()
+def check_lm_logits(backbone, path: str) -> None:
+    """ConfigError unless the LM logits the dual-head model computes (the LM head on the trunk's
+    hidden state, then the transforms :func:`~clsgen_dist.modeling.dual_head.logit_transform`
+    knows) equal the model's own HF forward on a short input: an architecture that changes its
+    logits in another way (a multiplier of its own, a scaled hidden state before the head) would
+    otherwise train and score a distribution that is not the model's."""
+    from .dual_head import apply_logit_transform
+
+    was = backbone.training
+    backbone.eval()
+    try:
+        device = next(backbone.parameters()).device
+        vocab = backbone.get_input_embeddings().num_embeddings
+        ids = ((torch.arange(8, device=device) * 7919 + 11) % vocab)[None]  # any tokens will do
+        ref = backbone(input_ids=ids, use_cache=False).logits[0, -1].float()
+        h = getattr(backbone, backbone.base_model_prefix)(input_ids=ids, use_cache=False).last_hidden_state[0, -1]
+        ours = apply_logit_transform(backbone.config, backbone.get_output_embeddings()(h)).float()
+    finally:
+        backbone.train(was)
+    err, size = (ours - ref).abs().max().item(), ref.abs().max().item()
+    if not err <= 1e-2 * size + 1e-3:
+        raise ConfigError(f"model.name_or_path: {path} ({backbone.config.model_type}) computes its LM logits in a way "
+                          f"the fused dual-head loss does not reproduce (max |difference| {err:.3g} on logits up to "
+                          f"{size:.3g}): training would not optimise this model's distribution, so it is refused")
+
+
 def build_model(cfg: ModelConfig, *, device: torch.device | str = "cpu", model_path: str | None = None,
                 seed: int | None = None) -> tuple[DualHeadModel, object]:
     """Load backbone + tokenizer, add the cls token if configured, wrap with LoRA or unfreeze all,
@@ -207,6 +234,7 @@ def build_model(cfg: ModelConfig, *, device: torch.device | str = "cpu", model_p
     tokenizer = load_tokenizer(path)
     backbone = load_backbone(path, cfg, dtype=dtype, attn=attn, device=device)
     backbone.config.use_cache = False
+    check_lm_logits(backbone, path)
     if cfg.cls_position == "token":
         add_cls_token(backbone, tokenizer, cfg.cls_token)
     if cfg.quantization != "none":

@@ -33,6 +33,17 @@ def logit_transform(config) -> tuple[float, float | None]:
     return scale, (float(cap) if cap else None)
 
 
+def apply_logit_transform(config, logits: torch.Tensor) -> torch.Tensor:
+    """``logits`` of the LM head as the architecture's own forward returns them (see
+    :func:`logit_transform`)."""
+    scale, cap = logit_transform(config)
+    if scale != 1.0:
+        logits = logits * scale
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
 @dataclass
 class DualHeadOutput(ModelOutput):
     """Forward output. A ``ModelOutput`` (a dict) on purpose: ZeRO-3 attaches its pre-backward hook
@@ -100,13 +111,7 @@ class DualHeadModel(nn.Module):
     def lm_logits(self, h: torch.Tensor) -> torch.Tensor:
         """The model's own next-token logits of hidden rows ``[R, H]``: the LM head, then whatever
         the architecture applies after it (:func:`logit_transform`), as its HF forward does."""
-        logits = self.lm_head(h)
-        scale, cap = logit_transform(self.config)
-        if scale != 1.0:
-            logits = logits * scale
-        if cap is not None:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
+        return apply_logit_transform(self.config, self.lm_head(h))
 
     # -- forward --------------------------------------------------------------------------
 

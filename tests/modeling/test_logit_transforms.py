@@ -77,3 +77,23 @@ def test_a_soft_capped_model_is_refused_for_training(tmp_path):
         tmp_path)
     with pytest.raises(ConfigError, match=r"soft-caps its LM logits \(final_logit_softcapping=30.0\)"):
         check_trainable_architecture(str(tmp_path))
+
+
+def test_an_unknown_logit_transform_is_refused_and_known_ones_pass(tiny_dir):
+    """The build checks the dual-head model's LM logits against the HF forward on a short input:
+    an architecture that changes its logits in a way the fused loss does not know is refused."""
+    from transformers import LlamaForCausalLM
+
+    from clsgen_dist.config import ConfigError
+    from clsgen_dist.modeling.build import check_lm_logits
+
+    class Tripled(LlamaForCausalLM):  # stands for any model that scales its logits in its own forward
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 3
+            return out
+
+    check_lm_logits(LlamaForCausalLM.from_pretrained(tiny_dir), "plain")
+    check_lm_logits(_granite(), "granite")  # logits_scaling is known: applied, so it matches
+    with pytest.raises(ConfigError, match=r"tripled \(llama\) computes its LM logits in a way the fused"):
+        check_lm_logits(Tripled.from_pretrained(tiny_dir), "tripled")
