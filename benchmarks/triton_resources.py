@@ -131,9 +131,9 @@ def main(argv=None) -> int:
             f"differ from a CPU machine's), newest first. Specialised as the JIT would at N, H, V = {SHAPE} (eager "
             "chunks of 2048 rows), bf16, contiguous, aligned, no bias. *stack* = bytes of local memory per thread "
             "(register spills); a config with spills is slower on the GPU, how much only a GPU run says.", ""]
+    when = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     lines = [f"## triton {triton.__version__}", "",
-             f"{machine()} (no GPU), git {git_sha()}, {dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}, "
-             f"`{command_line()}`.", "",
+             f"{machine()} (no GPU), git {git_sha()}, {when}, `{command_line()}`.", "",
              "| kernel | variant | BLOCK_N×V×H | warps | stages | registers | stack B | local stores | shared KiB | wgmma |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in table:

@@ -174,11 +174,9 @@ def zero_shot_config(cfg):
     """``cfg`` for prompting the base model: no ``<|cls|>`` token (``model.cls_position=token`` is a
     training setting; the base model never saw that token, and zero-shot reads the verdict tokens
     right after the prompt)."""
-    import copy
+    import dataclasses
 
-    cfg = copy.deepcopy(cfg)
-    cfg.model.cls_position = "last_prompt"
-    return cfg
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, cls_position="last_prompt"))
 
 
 def load_base_model(cfg, device):

@@ -113,7 +113,8 @@ def eval_main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int_at_least(1), default=None)
     p.add_argument("--limit", type=int_at_least(1), default=None, help="use only the first N examples")
     p.add_argument("--dev-limit", type=int_at_least(1), default=None, help="use only the first N dev examples")
-    p.add_argument("--text-field", default=None, help="text column of --data/--dev (default: the run's data.text_field)")
+    p.add_argument("--text-field", default=None,
+                   help="text column of --data/--dev (default: the run's data.text_field)")
     p.add_argument("--label-field", default=None,
                    help="label column of --data/--dev (default: the run's data.label_field)")
     p.add_argument("--id-field", default=None, help="id column of --data/--dev (default: the run's data.id_field)")

@@ -127,11 +127,12 @@ def evaluate_split(model, tokenizer, encoder: PromptEncoder, examples, *, cfg, e
         expl = explain_examples(model, encoder, {i: examples[i].text for i in range(limit)}, tokenizer=tokenizer,
                                 max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size, stop=stop)
     max_tokens = cfg.data.max_seq_len * max(1, cfg.train.micro_batch_size)
-    cut = [encoder.encode_prompt(ex.text)[1] for ex in examples]  # documents cut to data.max_seq_len
     if prob_source == "head":
         encoded = [encoder.encode(ex.text, ex.label, None, index=i) for i, ex in enumerate(examples)]
         probs = score_encoded(model, encoded, max_tokens=max_tokens, stop=stop)
+        cut = [e.truncated for e in encoded]  # documents cut to data.max_seq_len
     else:
+        cut = [encoder.encode_prompt(ex.text)[1] for ex in examples]
         texts = {i: ex.text for i, ex in enumerate(examples)}
         probs = verdict_probs(model, tokenizer, encoder, texts, expl if prob_source == "explanation" else None,
                               max_tokens=max_tokens)

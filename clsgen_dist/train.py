@@ -453,10 +453,11 @@ def _run(cfg: Config, stop: StopFlag) -> dict | None:
                      and (Path(cfg.output_dir) / "final" / MARKER).is_file())
     if was_done or evaluate_only:
         splits = load_splits(cfg)
-        check_resume_settings(done if was_done else trained, cfg, ranks, train_data_sha256=examples_sha256(
-            splits["train"]), training_done=True)
+        data_sha = examples_sha256(splits["train"])
+        check_resume_settings(done if was_done else trained, cfg, ranks, train_data_sha256=data_sha,
+                              training_done=True)
         if evaluate_only:
-            return evaluate_trained(cfg, stop, splits)
+            return evaluate_trained(cfg, stop, splits, data_sha)
         if launched_rank() == 0:
             print(f"{cfg.output_dir} holds a finished run ({done}); nothing to resume", flush=True)
         metrics = Path(cfg.output_dir) / "eval" / "metrics.json"
@@ -517,10 +518,10 @@ def _run(cfg: Config, stop: StopFlag) -> dict | None:
     if is_main():
         write_json_atomic(out / TRAINED, {"step": cfg.train.max_steps,
                                           "settings": training_settings(cfg, train_data_sha256=data_sha)})
-    return finish_run(cfg, out, stop, engine.module, tokenizer, encoder, splits, last_dev=tr.last_dev)
+    return finish_run(cfg, out, stop, engine.module, tokenizer, encoder, splits, data_sha, last_dev=tr.last_dev)
 
 
-def evaluate_trained(cfg: Config, stop: StopFlag, splits: dict) -> dict | None:
+def evaluate_trained(cfg: Config, stop: StopFlag, splits: dict, data_sha: str) -> dict | None:
     """A resumed run whose training finished in an earlier attempt (``TRAINED``): evaluate ``final/``,
     loaded as a plain model on every rank (as ``launch/eval.py`` does), and finish the run."""
     device = init_distributed()
@@ -531,13 +532,14 @@ def evaluate_trained(cfg: Config, stop: StopFlag, splits: dict) -> dict | None:
                  out, TRAINED, out / "final")
         (out / "PREEMPTED").unlink(missing_ok=True)
     model, tokenizer, _ = load_checkpoint(out / "final", device=device)
-    return finish_run(cfg, out, stop, model, tokenizer, make_encoder(cfg, tokenizer), splits)
+    return finish_run(cfg, out, stop, model, tokenizer, make_encoder(cfg, tokenizer), splits, data_sha)
 
 
-def finish_run(cfg: Config, out: Path, stop: StopFlag, model, tokenizer, encoder: PromptEncoder, splits: dict, *,
-               last_dev: tuple[int, list] | None = None) -> dict | None:
-    """The final evaluation of a trained model, then ``DONE``. A stop during the evaluation ends the
-    attempt with ``PREEMPTED`` instead: a resumed one evaluates ``final/`` without training."""
+def finish_run(cfg: Config, out: Path, stop: StopFlag, model, tokenizer, encoder: PromptEncoder, splits: dict,
+               data_sha: str, *, last_dev: tuple[int, list] | None = None) -> dict | None:
+    """The final evaluation of a trained model, then ``DONE`` (recording ``data_sha``, the training
+    split's :func:`examples_sha256`). A stop during the evaluation ends the attempt with
+    ``PREEMPTED`` instead: a resumed one evaluates ``final/`` without training."""
     fault_point("final_eval")
     try:
         metrics = (final_evaluation(cfg, model, tokenizer, encoder, splits, out, last_dev=last_dev, stop=stop)
@@ -550,7 +552,7 @@ def finish_run(cfg: Config, out: Path, stop: StopFlag, model, tokenizer, encoder
                         "which evaluates it without training", out / "final")
         return None
     if is_main():
-        settings = training_settings(cfg, train_data_sha256=examples_sha256(splits["train"]))
+        settings = training_settings(cfg, train_data_sha256=data_sha)
         write_json_atomic(out / DONE, {"step": cfg.train.max_steps, "settings": settings})
         (out / TRAINED).unlink(missing_ok=True)
     return metrics

@@ -79,27 +79,27 @@ def _read_csv(p: Path) -> list[dict]:
     header: list[str] | None = None
     with p.open("r", encoding="utf-8-sig", newline="") as fh:
         reader = csv.reader(fh, strict=True)
-        start = 1
+        start = 1  # the line the next record starts on
         try:
             for rec in reader:
-                if not any(c.strip() for c in rec):  # blank line
-                    pass
-                elif header is None:
+                line, start = start, reader.line_num + 1
+                if not any(c.strip() for c in rec):  # a blank line
+                    continue
+                if header is None:
                     header = [h.strip() for h in rec]
                     dup = sorted({h for h in header if h and header.count(h) > 1})
                     if dup:
-                        raise DataError(f"{p}: line {start}: the header row is not usable (column name {dup[0]!r} "
+                        raise DataError(f"{p}: line {line}: the header row is not usable (column name {dup[0]!r} "
                                         f"appears twice)")
                     if not any(header):
-                        raise DataError(f"{p}: line {start}: the header row names no column")
+                        raise DataError(f"{p}: line {line}: the header row names no column")
                 elif len(rec) != len(header):
                     named = [h for h in header if h]
-                    raise DataError(f"{p}: line {start}: {len(rec)} fields, expected {len(header)} as in the header "
+                    raise DataError(f"{p}: line {line}: {len(rec)} fields, expected {len(header)} as in the header "
                                     f"({', '.join(named)}); quote a field that contains a comma")
                 else:
                     rows.append({**{h: (v if v != "" else None) for h, v in zip(header, rec) if h},
-                                 "__row__": start})
-                start = reader.line_num + 1
+                                 "__row__": line})
         except csv.Error as e:
             if "unexpected end of data" in str(e):
                 raise DataError(f"{p}: line {start}: a quoted field that starts here is never closed") from None

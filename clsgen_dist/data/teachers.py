@@ -589,9 +589,9 @@ class HTTPTeacher:
     def judge(self, batch: list[Messages], names: Sequence[str], answer_prefix: str = "",
               null: Messages | None = None) -> list[float | ItemRejected | None]:
         """A second, greedy, short request per rationale; the first label name in the answer wins
-        (1.0 = names[1], 0.0 = names[0], None = neither named; the request's ItemRejected if refused). ``answer_prefix`` is not sent
-        (chat APIs do not portably continue a partial assistant turn) and ``null`` is not used (a
-        one-word answer has no probability to calibrate)."""
+        (1.0 = names[1], 0.0 = names[0], None = neither named; the request's ItemRejected if it was
+        refused). ``answer_prefix`` is not sent (chat APIs do not portably continue a partial
+        assistant turn) and ``null`` is not used (a one-word answer has no probability to calibrate)."""
         out = []
         for m in batch:
             try:

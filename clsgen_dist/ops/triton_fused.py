@@ -259,8 +259,9 @@ def _recompute_configs() -> list[triton.Config]:
     # (BLOCK_N, BLOCK_V, BLOCK_H, warps, stages). No GPU timing yet: the autotuner picks. Compiled
     # offline for sm_90 (benchmarks/triton_resources.md, specialised as the JIT does at the GPU
     # benchmark's shape), all of these are free of register spills with bf16 inputs, atomics or
-    # locks, except 128x256 with fp32 atomics (270 B under Triton 3.9, 8 B under 3.6). Taller or wider tiles halve the atomic traffic
-    # into d W (BLOCK_N = 256) or d hidden (BLOCK_V = 256), at fewer programs per wave.
+    # locks, except 128x256 with fp32 atomics (270 B under Triton 3.9, 8 B under 3.6). Taller or
+    # wider tiles halve the atomic traffic into d W (BLOCK_N = 256) or d hidden (BLOCK_V = 256), at
+    # fewer programs per wave.
     shapes = [(128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (256, 128, 32, 8, 3), (128, 256, 32, 8, 3),
               (64, 128, 32, 4, 3)]
     if not AUTOTUNE:  # one config (CUDA tests): the likely winner, which fits fp32 in shared memory too

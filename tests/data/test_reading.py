@@ -87,7 +87,8 @@ def test_empty_and_missing_files(tmp_path):
 def test_bad_csv_row(tmp_path):
     p = tmp_path / "d.csv"
     p.write_text("text,label\ngood,1\nbad,7\n")
-    with pytest.raises(DataError, match=r"d.csv: line 3: field 'label' = '7' is not a label"):  # the file's line, header = 1
+    # the file's line (the header is line 1)
+    with pytest.raises(DataError, match=r"d.csv: line 3: field 'label' = '7' is not a label"):
         read(p)
 
 
