@@ -26,7 +26,7 @@ from .logs import setup_logging
 from .evaluate import EvalStopped, dev_threshold, evaluate_split, write_results
 from .fileio import write_json_atomic
 from .modeling import build_model
-from .modeling.build import resolve_dtype
+from .modeling.build import check_lm_logits, is_partitioned, resolve_dtype, resolve_model_path
 from .predict import make_encoder
 from .fileio import check_output_path
 from .resume import (DONE, STOP, TRAINED, StopFlag, check_resume_settings, clear_earlier_run, fault_point,
@@ -417,6 +417,32 @@ def flop_counts(model) -> dict:
     return {"flops_per_token": 6.0 * n, "attn_flops_per_sq": 6.0 * c.num_hidden_layers * c.hidden_size}
 
 
+def load_memory(model) -> dict:
+    """This rank's memory right after building the model: the bytes of parameter storage it holds
+    (its partitions under a partitioned ZeRO-3 load, every weight otherwise) and the process's peak
+    resident set so far (host memory, which a whole-model load per rank fills first)."""
+    import resource
+
+    held = sum((p.ds_tensor if hasattr(p, "ds_id") else p).numel() * p.element_size() for p in model.parameters())
+    return {"param_bytes": held, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def record_load_memory(out: Path, loaded: dict) -> None:
+    """Every rank's :func:`load_memory`, into run_info.json (``load_param_bytes_per_rank``,
+    ``load_peak_rss_bytes_per_rank``)."""
+    from .distributed import all_gather_objects
+
+    per_rank = all_gather_objects(loaded)
+    if is_main():
+        info = json.loads((out / "run_info.json").read_text())
+        info["load_param_bytes_per_rank"] = [r["param_bytes"] for r in per_rank]
+        info["load_peak_rss_bytes_per_rank"] = [r["peak_rss_bytes"] for r in per_rank]
+        write_json_atomic(out / "run_info.json", info)
+        log.info("after loading the model: parameters held per rank %s MiB, peak RSS per rank %s MiB",
+                 ", ".join(f"{r['param_bytes'] / 2**20:.1f}" for r in per_rank),
+                 ", ".join(f"{r['peak_rss_bytes'] / 2**20:.0f}" for r in per_rank))
+
+
 def record_model_state(out: Path, engine) -> None:
     """Model-state bytes held by each rank (parameter partitions + optimizer state), into run_info.json."""
     from .distributed import all_gather_objects
@@ -473,7 +499,9 @@ def _run(cfg: Config, stop: StopFlag) -> dict | None:
     dtype = resolve_dtype(cfg.model.dtype, device)
     check_device_options(cfg.model, device, dtype)
     ds = fill_ds_config(ds_raw, cfg, world_size=world_size(), dtype=dtype, where=cfg.ds_config)
-    model, tokenizer = build_model(cfg.model, device=device, seed=cfg.train.seed)
+    zero3 = ds if zero_stage(ds) == 3 and cfg.model.zero3_init else None
+    model, tokenizer = build_model(cfg.model, device=device, seed=cfg.train.seed, zero3=zero3)
+    loaded, partitioned = load_memory(model), is_partitioned(model.causal_lm)
     encoder = make_encoder(cfg, tokenizer)
     rows, stats = encode_train(splits["train"], encoder, cfg.data.max_seq_len, cfg.train.seed)
     out = prepare_output(cfg, ds, {**run_info(cfg, device), "data": stats}, resume_step=_ckpt_step(resume_from))
@@ -489,6 +517,9 @@ def _run(cfg: Config, stop: StopFlag) -> dict | None:
         for w in data_warnings(splits["train"], stats, cfg):
             log.warning("%s", w)
     engine = build_engine(model, cfg, ds)
+    if partitioned:  # built partitioned: the LM logits are checked here, where the engine gathers the weights
+        check_lm_logits(model.causal_lm, resolve_model_path(cfg.model.name_or_path))
+    record_load_memory(out, loaded)
     writer = None
     if is_main():
         from torch.utils.tensorboard import SummaryWriter

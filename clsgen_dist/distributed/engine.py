@@ -179,7 +179,7 @@ def gathered(params: list[torch.nn.Parameter]):
 
 def full_state_dict(module: torch.nn.Module, *, trainable_only: bool = False,
                     rank0_only: bool = False) -> dict[str, torch.Tensor]:
-    """A CPU copy of ``module``'s parameters (gathered under ZeRO-3) and buffers, on every rank, or
+    """A CPU copy of ``module``'s parameters (gathered under ZeRO-3) and persistent buffers, on every rank, or
     only on rank 0 with ``rank0_only`` (the others still take part in the gathers and get ``{}``):
     a full copy per rank would cost a node 8 x 16 GB of host memory for an 8B model on 8 GPUs."""
     out = {}
@@ -205,8 +205,12 @@ def full_state_dict(module: torch.nn.Module, *, trainable_only: bool = False,
     if group:
         flush()
     if not trainable_only and keep:
+        # persistent buffers only, as the module's own state_dict() (rotary inv_freq is not one:
+        # saved, a checkpoint loads with an "unexpected keys" report)
+        persistent = set(module.state_dict(keep_vars=True))
         for n, b in module.named_buffers():
-            out[n] = b.detach().to("cpu", copy=True)
+            if n in persistent:
+                out[n] = b.detach().to("cpu", copy=True)
     return out
 
 

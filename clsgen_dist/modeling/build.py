@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -83,16 +84,50 @@ def add_cls_token(backbone, tokenizer, token: str, *, base_vocab: int | None = N
         tokenizer.add_special_tokens({"additional_special_tokens": [token]}, replace_extra_special_tokens=False) \
             if _accepts_replace(tokenizer) else tokenizer.add_special_tokens({"additional_special_tokens": [token]})
     tid = tokenizer.convert_tokens_to_ids(token)
-    if tid >= backbone.get_input_embeddings().weight.shape[0]:
+    emb = backbone.get_input_embeddings().weight
+    if tid >= getattr(emb, "ds_shape", emb.shape)[0]:  # ds_shape: the full shape of a ZeRO-3 partition
         backbone.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     if tid >= base_vocab:
-        with torch.no_grad():
-            emb = backbone.get_input_embeddings().weight
-            emb[tid] = emb[:base_vocab].mean(0)
-            out = backbone.get_output_embeddings()
-            if out is not None and out.weight is not emb:
-                out.weight[tid] = out.weight[:base_vocab].mean(0)
+        emb = backbone.get_input_embeddings().weight
+        out = backbone.get_output_embeddings()
+        rows = [emb] + ([out.weight] if out is not None and out.weight is not emb else [])
+        with _modified(rows), torch.no_grad():
+            for w in rows:
+                w[tid] = w[:base_vocab].mean(0)
     return tid
+
+
+@contextmanager
+def _modified(params: list[torch.nn.Parameter]):
+    """Full values of ``params`` inside the block; changes made there are kept. For ZeRO-3
+    partitions: gathered on every rank, and rank 0's values are partitioned again on exit."""
+    z3 = [p for p in params if hasattr(p, "ds_id")]
+    if not z3:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(z3, modifier_rank=0):
+        yield
+
+
+@contextmanager
+def zero3_loading(ds_config: dict | None):
+    """Inside the block, transformers builds and loads models partitioned by DeepSpeed ZeRO-3
+    (``zero.Init``; rank 0 reads the weights, one module at a time, and each rank keeps its share)
+    when ``ds_config`` (a filled ZeRO-3 config) is given; a no-op for None."""
+    if ds_config is None:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    live = HfDeepSpeedConfig(ds_config)  # transformers holds only a weak reference to it
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+        del live
 
 
 def _accepts_replace(tokenizer) -> bool:
@@ -215,12 +250,18 @@ def check_lm_logits(backbone, path: str) -> None:
 
 
 def build_model(cfg: ModelConfig, *, device: torch.device | str = "cpu", model_path: str | None = None,
-                seed: int | None = None) -> tuple[DualHeadModel, object]:
+                seed: int | None = None, zero3: dict | None = None) -> tuple[DualHeadModel, object]:
     """Load backbone + tokenizer, add the cls token if configured, wrap with LoRA or unfreeze all,
     and attach the zero-initialised fp32 classification head. Returns (model, tokenizer).
 
     ``cfg.quantization=nf4`` (QLoRA): the linear layers load frozen in 4-bit, gradient checkpointing
-    is on, and LoRA adapts them (``cfg.lora_target_modules``, all linear projections by default)."""
+    is on, and LoRA adapts them (``cfg.lora_target_modules``, all linear projections by default).
+
+    ``zero3`` (the filled DeepSpeed config of a ZeRO-3 run, with ``cfg.zero3_init``): the backbone is
+    built already partitioned (:func:`zero3_loading`; every rank must call this). A 4-bit backbone
+    loads whole as always. The LM-logit check (:func:`check_lm_logits`) then needs the gathered
+    weights, which only the DeepSpeed engine provides: the caller runs it on the engine's model
+    (see :func:`is_partitioned`)."""
     device = torch.device(device)
     path = model_path or resolve_model_path(cfg.name_or_path)
     if not Path(path).exists():
@@ -232,24 +273,60 @@ def build_model(cfg: ModelConfig, *, device: torch.device | str = "cpu", model_p
     if seed is not None:
         torch.manual_seed(seed)
     tokenizer = load_tokenizer(path)
-    backbone = load_backbone(path, cfg, dtype=dtype, attn=attn, device=device)
-    backbone.config.use_cache = False
-    check_lm_logits(backbone, path)
-    if cfg.cls_position == "token":
-        add_cls_token(backbone, tokenizer, cfg.cls_token)
+    with zero3_loading(zero3 if cfg.quantization == "none" else None):
+        backbone = load_backbone(path, cfg, dtype=dtype, attn=attn, device=device)
+        backbone.config.use_cache = False
+        partitioned = is_partitioned(backbone)
+        if not partitioned:
+            check_lm_logits(backbone, path)
+        if cfg.cls_position == "token":
+            add_cls_token(backbone, tokenizer, cfg.cls_token)
     if cfg.quantization != "none":
         backbone = prepare_kbit(backbone, dtype)
     elif cfg.gradient_checkpointing:
         backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         backbone.enable_input_require_grads()
     if cfg.finetune == "lora":
+        if seed is not None:
+            # the adapters' random init must not depend on how the backbone loaded: a partitioned
+            # load initialises on rank 0 only, and DeepSpeed takes new parameters from rank 0
+            torch.manual_seed(seed)
         backbone = apply_lora(backbone, cfg)
     else:
         backbone.requires_grad_(True)
     model = DualHeadModel(backbone, **cfg.loss_options())
-    model.to(device)
-    log.info("model: %s (%s, attn=%s, finetune=%s, quantization=%s), trainable %s / %s params", path, dtype, attn,
-             cfg.finetune, cfg.quantization,
-             f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,}",
-             f"{sum(p.numel() for p in model.parameters()):,}")
+    if partitioned:  # zero.Init placed the partitions (on the device, or the host under offload_param)
+        partition_the_rest(model)
+    else:
+        model.to(device)
+    log.info("model: %s (%s, attn=%s, finetune=%s, quantization=%s%s), trainable %s / %s params", path, dtype, attn,
+             cfg.finetune, cfg.quantization, ", loaded partitioned (ZeRO-3)" if partitioned else "",
+             f"{sum(_full_numel(p) for p in model.parameters() if p.requires_grad):,}",
+             f"{sum(_full_numel(p) for p in model.parameters()):,}")
     return model, tokenizer
+
+
+def _full_numel(p: torch.nn.Parameter) -> int:
+    return getattr(p, "ds_numel", p.numel())  # a ZeRO-3 partition's numel() is its local share
+
+
+def partition_the_rest(model: torch.nn.Module) -> None:
+    """Partition the parameters made after a partitioned load, which are whole on every rank: a
+    resized embedding (transformers builds it whole under ZeRO-3), the adapters, the head. As
+    ``deepspeed.initialize`` does with a model that is not partitioned yet: in the dtype of the
+    others (its 16-bit engine casts every parameter, but leaves a partitioned model as it is, and
+    needs one dtype), from rank 0's values, placed where zero.Init places partitions. Done here so
+    that no rank holds a whole (vocabulary x hidden) matrix until then."""
+    params = list(model.parameters())
+    anchor = next(p for p in params if hasattr(p, "ds_id"))
+    whole = [p for p in params if not hasattr(p, "ds_id")]
+    for p in whole:
+        if p.dtype.is_floating_point and p.dtype != anchor.dtype:
+            p.data = p.data.to(anchor.dtype)  # the head still computes in fp32 (ClsHead)
+    if whole:
+        anchor.convert_to_zero_parameters(param_list=whole)
+
+
+def is_partitioned(module: torch.nn.Module) -> bool:
+    """Whether ``module`` holds ZeRO-3-partitioned parameters (built under ``zero.Init``)."""
+    return any(hasattr(p, "ds_id") for p in module.parameters())

@@ -2,6 +2,7 @@
 (sharded under torchrun), predict."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -52,6 +53,12 @@ def test_single_process_run_writes_everything(single_run):
     preds = read_jsonl(out / "eval/predictions.jsonl")
     assert len(preds) == 11 and preds[0]["explanation"] is not None and preds[-1]["explanation"] is None
     assert list((out / "tensorboard").iterdir())
+    # the fine-tuned model holds what the base model's own file holds (no non-persistent buffers)
+    from safetensors import safe_open
+
+    with safe_open(str(out / "final/model.safetensors"), "pt") as a, \
+            safe_open(str(Path(load_config(out / "config.yaml").model.name_or_path) / "model.safetensors"), "pt") as b:
+        assert set(a.keys()) == set(b.keys())
 
 
 def test_two_deepspeed_ranks_match_one_process(single_run, tiny_dir, data, tmp_path):
@@ -75,7 +82,8 @@ def test_zero3_two_ranks_partitioned_match_one_process(single_run, tiny_dir, dat
     """ZeRO-3 with every parameter partitioned (persistence threshold 0): the fused loss sees the full
     LM weight, gradients reach the partitioned parameters (same losses within 1e-5 over 10 fp32 steps,
     and the same gradient norms as one
-    process), and the consolidated checkpoint loads in a plain process with the same probabilities."""
+    process), and the consolidated checkpoint loads in a plain process with the same probabilities.
+    The model was built partitioned: each rank held half of it from the start."""
     ds = json.loads((REPO / "ds_configs/zero3.json").read_text())
     ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     (tmp_path / "z3.json").write_text(json.dumps(ds))
@@ -106,6 +114,10 @@ def test_zero3_two_ranks_partitioned_match_one_process(single_run, tiny_dir, dat
     print(f"ZeRO-3 model state per rank: 1 rank {b1[0] / 2**20:.2f} MiB, 2 ranks {[x / 2**20 for x in b2]} MiB, "
           f"ratio {ratio:.3f}")
     assert len(b1) == 1 and len(b2) == 2 and ratio <= 0.55
+    # ... from the start: the model was built partitioned (model.zero3_init), not loaded whole per rank
+    l1 = json.loads((one_rank / "run_info.json").read_text())["load_param_bytes_per_rank"]
+    l2 = json.loads((out / "run_info.json").read_text())["load_param_bytes_per_rank"]
+    assert len(l2) == 2 and max(l2) / l1[0] <= 0.51, (l1, l2)
 
 
 def test_zero3_offload_two_ranks_match_one_process(single_run, tiny_dir, data, tmp_path):
