@@ -49,11 +49,14 @@ def machine(device: str = "cpu") -> str:
 
 
 def git_sha() -> str:
-    """Short HEAD SHA, ``+dirty`` with uncommitted changes; ``uncommitted`` outside a checkout."""
+    """Short HEAD SHA, ``+dirty`` with uncommitted changes other than the benchmarks' own results
+    (``benchmarks/*.jsonl``, ``*.md``: a second run after a first one has written them is still the
+    committed code); ``uncommitted`` outside a checkout."""
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                              timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", ".", ":!benchmarks/*.jsonl",
+                                ":!benchmarks/*.md"], cwd=ROOT, capture_output=True, text=True, timeout=10)
         if sha.returncode != 0:
             return "uncommitted"
         return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
