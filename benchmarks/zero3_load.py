@@ -254,7 +254,17 @@ def render(jsonl: Path, md: Path) -> None:
            "`max_memory_allocated` (CUDA), during the build alone and up to the built engine (which adds the "
            "optimizer's fp32 master partitions and DeepSpeed's buffers), and the seconds they take. *checksum*: "
            "float64 sum of the gathered "
-           "weights after the engine is built, which must be the same for both. See the script's docstring.", ""]
+           "weights after the engine is built, which must be the same for both. See the script's docstring.", "",
+           "Reading (CPU): a partitioned build holds exactly 1/ranks of the weights. Its transient is one module "
+           "gathered whole at a time (the largest: the 49,152-row embedding or LM head), so with glibc counting "
+           "live memory (`--mmap-threshold`) the build's peak is 0.85× the whole load's on 2 ranks and 0.61× on "
+           "4, and the gap grows with ranks and model size. With glibc's default, whose mmap threshold grows as "
+           "blocks are freed, the freed gather buffers stay in the heap and the build's resident peak is "
+           "0.9–1.3× (it varies from run to run). Up to the built engine the peak is the same either way at these "
+           "sizes: building the engine (fp32 master partitions, DeepSpeed's buffers: measured ≈ 11 bytes per "
+           "parameter / ranks) outweighs a bf16 model loaded whole (2 bytes per parameter) up to ~6 ranks, or "
+           "until the optimizer is offloaded. On GPUs the whole load also puts the full model on every GPU (which fails for a model "
+           "larger than one), the partitioned one 1/ranks of it; GPU figures pending.", ""]
     for run_id in sorted(runs, reverse=True):
         rows = runs[run_id]
         r0 = rows[0]
