@@ -179,20 +179,35 @@ def zero_shot_config(cfg):
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, cls_position="last_prompt"))
 
 
-def load_base_model(cfg, device):
+def load_base_model(cfg, device, *, ds_config: dict | None = None):
     """The untrained base model of ``cfg`` as a DualHeadModel (its classification head is unused)
-    and its tokenizer, for zero-shot prompting (use it with :func:`zero_shot_config`)."""
+    and its tokenizer, for zero-shot prompting (use it with :func:`zero_shot_config`).
+    ``ds_config`` (a ZeRO-3 JSON; collective): partitioned over the ranks under a DeepSpeed
+    inference engine, as :func:`~clsgen_dist.checkpoint.load_checkpoint` does."""
     from transformers import AutoModelForCausalLM
 
     from .modeling import DualHeadModel, load_tokenizer, resolve_model_path
-    from .modeling.build import resolve_attn, resolve_dtype
+    from .modeling.build import is_partitioned, partition_the_rest, resolve_attn, resolve_dtype, zero3_loading
 
     device = torch.device(device)
     path = resolve_model_path(cfg.model.name_or_path)
     tokenizer = load_tokenizer(path)
     dtype = resolve_dtype(cfg.model.dtype, device)
-    lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
-                                              attn_implementation=resolve_attn(cfg.model.attn_implementation, device,
-                                                                               dtype))
+    zero3 = None
+    if ds_config is not None:
+        from .distributed import world_size
+        from .distributed.engine import inference_ds_config
+
+        zero3 = inference_ds_config(ds_config, world_size=world_size(), dtype=dtype, where="ds_config")
+    with zero3_loading(zero3):
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=resolve_attn(
+            cfg.model.attn_implementation, device, dtype))
     model = DualHeadModel(lm, **cfg.model.loss_options())
-    return model.to(device).eval(), tokenizer
+    if is_partitioned(model):
+        from .distributed.engine import build_inference_engine
+
+        partition_the_rest(model, cast=False)
+        build_inference_engine(model, zero3)
+    else:
+        model.to(device)
+    return model.eval(), tokenizer

@@ -30,7 +30,8 @@ from .config import Config, ConfigError, dump_config, load_config
 from .distributed import barrier, is_main
 from .distributed.engine import full_state_dict
 from .modeling import DualHeadModel, load_tokenizer, resolve_model_path
-from .modeling.build import add_cls_token, load_backbone, resolve_attn, resolve_dtype
+from .modeling.build import (add_cls_token, is_partitioned, load_backbone, partition_the_rest, resolve_attn,
+                             resolve_dtype, zero3_loading)
 
 log = logging.getLogger("clsgen_dist.checkpoint")
 
@@ -159,9 +160,17 @@ def rebuild_cls_token(backbone, tokenizer, cfg: Config, base_path: str) -> None:
 
 
 def load_checkpoint(path: str | Path, *, device: torch.device | str = "cpu", dtype: str | None = None,
-                    attn_implementation: str | None = None, base_model: str | None = None):
+                    attn_implementation: str | None = None, base_model: str | None = None,
+                    ds_config: dict | None = None):
     """Returns (model, tokenizer, cfg) with the model in eval mode on ``device``. ``base_model``:
-    the LoRA adapter's base folder, if not where the config says (see :func:`check_checkpoint`)."""
+    the LoRA adapter's base folder, if not where the config says (see :func:`check_checkpoint`).
+
+    ``ds_config`` (a ZeRO-3 JSON; every rank must call this): the model is built partitioned over
+    the ranks (as training builds it, :func:`~clsgen_dist.modeling.build.zero3_loading`) and put
+    under a DeepSpeed inference engine, which gathers each module's weights for its forward: no
+    rank holds the whole model. Every forward is then collective; the evaluation loops lock-step
+    the ranks. A 4-bit base loads whole on every rank, as without ``ds_config`` (there is no
+    partitioned 4-bit load)."""
     from transformers import AutoModelForCausalLM
 
     p = Path(path)
@@ -170,18 +179,34 @@ def load_checkpoint(path: str | Path, *, device: torch.device | str = "cpu", dty
     tdtype = resolve_dtype(dtype or cfg.model.dtype, device)
     attn = _inference_attn(attn_implementation, cfg.model.attn_implementation, device, tdtype)
     tokenizer = load_tokenizer(str(p))
-    if (p / "adapter_config.json").is_file():
-        from peft import PeftModel
+    zero3 = None
+    if ds_config is not None:
+        from .distributed import world_size
+        from .distributed.engine import inference_ds_config
 
-        # model.quantization=nf4: the same 4-bit base the adapter was trained on
-        base_path = resolve_model_path(cfg.model.name_or_path)
-        base = load_backbone(base_path, cfg.model, dtype=tdtype, attn=attn, device=device)
-        rebuild_cls_token(base, tokenizer, cfg, base_path)
-        backbone = PeftModel.from_pretrained(base, str(p))
-    else:
-        backbone = AutoModelForCausalLM.from_pretrained(str(p), dtype=tdtype, attn_implementation=attn)
+        zero3 = inference_ds_config(ds_config, world_size=world_size(), dtype=tdtype, where="ds_config")
+    with zero3_loading(zero3 if cfg.model.quantization == "none" else None):
+        if (p / "adapter_config.json").is_file():
+            from peft import PeftModel
+
+            # model.quantization=nf4: the same 4-bit base the adapter was trained on
+            base_path = resolve_model_path(cfg.model.name_or_path)
+            base = load_backbone(base_path, cfg.model, dtype=tdtype, attn=attn, device=device)
+            rebuild_cls_token(base, tokenizer, cfg, base_path)
+            backbone = PeftModel.from_pretrained(base, str(p))
+        else:
+            backbone = AutoModelForCausalLM.from_pretrained(str(p), dtype=tdtype, attn_implementation=attn)
     model = DualHeadModel(backbone, **cfg.model.loss_options())
     head = load_file(str(p / HEAD_NAME))
     model.cls_head.load_state_dict({k: v.float() for k, v in head.items()})
-    model.to(device).eval()
+    if is_partitioned(model):
+        from .distributed.engine import build_inference_engine
+
+        partition_the_rest(model, cast=False)
+        build_inference_engine(model, zero3)
+    else:
+        if zero3 is not None:
+            log.info("%s: a 4-bit base loads whole on every rank (there is no partitioned 4-bit load)", p)
+        model.to(device)
+    model.eval()
     return model, tokenizer, cfg

@@ -122,6 +122,9 @@ def eval_main(argv: list[str] | None = None) -> int:
                    "the perplexity ratio against the base model (0 = skip)")
     p.add_argument("--bootstrap", type=int_at_least(0), default=1000,
                    help="bootstrap resamples for the 95%% intervals (0 = none)")
+    p.add_argument("--ds-config", default=None, help="a ZeRO-3 DeepSpeed JSON (e.g. ds_configs/zero3.json): build "
+                   "the model partitioned over the ranks, as training does, for a model that does not fit one "
+                   "GPU (default: a whole model per rank)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (with --config only)")
     args = p.parse_intermixed_args(argv)  # key=value overrides may sit anywhere among the flags
     with user_errors():

@@ -17,9 +17,9 @@ from .predict import make_encoder
 log = logging.getLogger("clsgen_dist.evaluate")
 
 
-def _load(args, device):
+def _load(args, device, ds_config: dict | None = None):
     """(model, tokenizer, cfg, mode): the checkpoint, or the base model of its config (or of
-    ``--config``) for ``--mode zero_shot``."""
+    ``--config``) for ``--mode zero_shot``; partitioned over the ranks with ``ds_config``."""
     from .baselines import load_base_model, resolve_mode, zero_shot_config
     from .config import load_config
 
@@ -31,9 +31,10 @@ def _load(args, device):
     mode = resolve_mode(getattr(args, "mode", "auto") or "auto", cfg)
     if mode == "zero_shot":
         cfg = zero_shot_config(cfg)
-        model, tokenizer = load_base_model(cfg, device)
+        model, tokenizer = load_base_model(cfg, device, ds_config=ds_config)
     else:
-        model, tokenizer, cfg = load_checkpoint(args.checkpoint, device=device, base_model=base_model)
+        model, tokenizer, cfg = load_checkpoint(args.checkpoint, device=device, base_model=base_model,
+                                                ds_config=ds_config)
     return model, tokenizer, cfg, mode
 
 
@@ -80,9 +81,20 @@ def run_eval(args) -> dict:
         data, dev = files["test"], dev or files["dev"]
     examples = read(data, args.limit)
     dev_ex = read(dev, getattr(args, "dev_limit", None)) if dev else None
+    ds_config = None
+    if getattr(args, "ds_config", None):
+        from .distributed.engine import load_ds_config, zero_stage
+
+        ds_config = load_ds_config(args.ds_config)
+        if zero_stage(ds_config) != 3:
+            from .config import ConfigError
+
+            raise ConfigError(f"--ds-config {args.ds_config}: evaluating a partitioned model needs a ZeRO-3 config "
+                              f"(zero_optimization.stage 3, e.g. ds_configs/zero3.json), got stage "
+                              f"{zero_stage(ds_config)}")
     device = init_distributed()
     setup_logging()
-    model, tokenizer, cfg, mode = _load(args, device)
+    model, tokenizer, cfg, mode = _load(args, device, ds_config)
     if args.max_new_tokens is not None:
         cfg.eval.max_new_tokens = args.max_new_tokens
     encoder = make_encoder(cfg, tokenizer)
@@ -99,8 +111,8 @@ def run_eval(args) -> dict:
     metrics, preds = evaluate_split(model, tokenizer, encoder, examples, cfg=cfg, explain_limit=limit,
                                     dev_threshold=thr, prob_source=source)
     ppl_tokens = getattr(args, "ppl_tokens", 4096)
-    retention = (language_retention(model, tokenizer, cfg, max_tokens=ppl_tokens, is_base=mode == "zero_shot")
-                 if ppl_tokens else None)
+    retention = (language_retention(model, tokenizer, cfg, max_tokens=ppl_tokens, is_base=mode == "zero_shot",
+                                    ds_config=ds_config) if ppl_tokens else None)
     if is_main():
         metrics = {"mode": mode, **metrics}
         metrics, arrays = finalize_metrics(metrics, preds, dev_labels=dev_labels, dev_probs=dev_probs,

@@ -26,7 +26,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from .distributed import all_reduce_sum, rank, world_size
+from .distributed import all_reduce_sum, max_over_ranks, rank, world_size
 
 log = logging.getLogger("clsgen_dist.retention")
 
@@ -66,45 +66,55 @@ def _windows(tokenizer, max_tokens: int, window: int) -> list[list[int]]:
 @torch.no_grad()
 def perplexity(causal_lm, windows: list[list[int]]) -> tuple[float, int]:
     """Summed next-token NLL and token count over ``windows``, this rank's share (``i % world ==
-    rank``) summed over ranks (collective: every rank must call it)."""
+    rank``) summed over ranks (collective: every rank must call it). A ZeRO-3-partitioned model
+    gathers its weights in every forward, so then every rank runs as many forwards as the busiest
+    (the extra ones count nothing)."""
     device = next(causal_lm.parameters()).device
     acc = torch.zeros(2, dtype=torch.float64, device=device)
-    for i in range(rank(), len(windows), world_size()):
-        ids = torch.tensor([windows[i]], device=device)
+    mine = list(range(rank(), len(windows), world_size()))
+    partitioned = any(hasattr(p, "ds_id") for p in causal_lm.parameters())
+    n_forwards = max_over_ranks(len(mine), device) if partitioned else len(mine)
+    for k in range(n_forwards):
+        ids = torch.tensor([windows[mine[k] if k < len(mine) else 0]], device=device)
         logits = causal_lm(input_ids=ids, use_cache=False).logits[0, :-1].float()  # [w-1, V]: one window only
-        acc[0] += F.cross_entropy(logits, ids[0, 1:], reduction="sum").double()
-        acc[1] += ids.shape[1] - 1
+        if k < len(mine):
+            acc[0] += F.cross_entropy(logits, ids[0, 1:], reduction="sum").double()
+            acc[1] += ids.shape[1] - 1
     nll, n = all_reduce_sum(acc).tolist()
     return nll, int(n)
 
 
 @contextmanager
-def _base_of(model, cfg):
+def _base_of(model, cfg, ds_config: dict | None = None):
     """The base causal LM of a DualHeadModel: its LoRA adapters switched off, or the model named in
-    ``cfg.model.name_or_path`` loaded anew for a fully fine-tuned checkpoint."""
+    ``cfg.model.name_or_path`` loaded anew for a fully fine-tuned checkpoint (partitioned over the
+    ranks when ``model`` is, with ``ds_config``: see :func:`~clsgen_dist.baselines.load_base_model`)."""
     bb = model.backbone
     if hasattr(bb, "disable_adapter"):
         with bb.disable_adapter():
             yield model.causal_lm
         return
-    from transformers import AutoModelForCausalLM
+    import dataclasses
 
-    from .modeling import resolve_model_path
+    from .baselines import load_base_model
 
     p = next(model.parameters())
-    base = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg.model.name_or_path), dtype=p.dtype)
-    base.to(p.device).eval()
+    dtype = {torch.bfloat16: "bfloat16", torch.float32: "float32"}.get(p.dtype, cfg.model.dtype)
+    base_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype=dtype))
+    base, _ = load_base_model(base_cfg, p.device, ds_config=ds_config if hasattr(p, "ds_id") else None)
     try:
-        yield base
+        yield base.causal_lm
     finally:
         del base
 
 
 def language_retention(model, tokenizer, cfg, *, max_tokens: int = 4096, window: int = 512,
-                       is_base: bool = False) -> dict:
+                       is_base: bool = False, ds_config: dict | None = None) -> dict:
     """Perplexity of ``model`` (a DualHeadModel) and of its base on the general text, and their
     ratio. ``is_base``: the model is the base itself (zero-shot), so the ratio is 1 by definition.
-    Collective under a process group (each rank scores a share of the windows)."""
+    Collective under a process group (each rank scores a share of the windows). ``ds_config``: the
+    ZeRO-3 JSON a partitioned ``model`` was loaded with; a fully fine-tuned one's base is loaded
+    partitioned too."""
     window = min(window, getattr(model.config, "max_position_embeddings", window) or window)
     windows = _windows(tokenizer, max_tokens, window)
     was_training = model.training
@@ -114,7 +124,7 @@ def language_retention(model, tokenizer, cfg, *, max_tokens: int = 4096, window:
     if is_base:
         ppl_base = ppl
     else:
-        with _base_of(model, cfg) as base:
+        with _base_of(model, cfg, ds_config) as base:
             nll_b, _ = perplexity(base, windows)
         ppl_base = math.exp(nll_b / n)
     model.train(was_training)

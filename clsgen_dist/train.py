@@ -468,7 +468,7 @@ def run(cfg: Config) -> dict | None:
 
 
 def _run(cfg: Config, stop: StopFlag) -> dict | None:
-    ds_raw = load_ds_config(_repo_path(cfg.ds_config))
+    ds_raw = load_ds_config(cfg.ds_config)
     setup_logging()  # before the process group: all ranks log at INFO until it exists
     check_output_path(cfg.output_dir, folder=True, flag="output_dir")
     ranks = launched_world_size()
@@ -554,7 +554,8 @@ def _run(cfg: Config, stop: StopFlag) -> dict | None:
 
 def evaluate_trained(cfg: Config, stop: StopFlag, splits: dict, data_sha: str) -> dict | None:
     """A resumed run whose training finished in an earlier attempt (``TRAINED``): evaluate ``final/``,
-    loaded as a plain model on every rank (as ``launch/eval.py`` does), and finish the run."""
+    loaded as training built the model (partitioned under ZeRO-3 with ``model.zero3_init``, else
+    whole on every rank), and finish the run."""
     device = init_distributed()
     setup_logging()
     out = Path(cfg.output_dir)
@@ -562,7 +563,9 @@ def evaluate_trained(cfg: Config, stop: StopFlag, splits: dict, data_sha: str) -
         log.info("%s: training finished in an earlier attempt (%s); evaluating %s without training",
                  out, TRAINED, out / "final")
         (out / "PREEMPTED").unlink(missing_ok=True)
-    model, tokenizer, _ = load_checkpoint(out / "final", device=device)
+    ds = load_ds_config(cfg.ds_config)  # as training built it: partitioned under ZeRO-3 (model.zero3_init)
+    zero3 = ds if zero_stage(ds) == 3 and cfg.model.zero3_init else None
+    model, tokenizer, _ = load_checkpoint(out / "final", device=device, ds_config=zero3)
     return finish_run(cfg, out, stop, model, tokenizer, make_encoder(cfg, tokenizer), splits, data_sha)
 
 
@@ -589,9 +592,3 @@ def finish_run(cfg: Config, out: Path, stop: StopFlag, model, tokenizer, encoder
     return metrics
 
 
-def _repo_path(p: str) -> str:
-    """Relative ds_config paths resolve against the working directory, then the repository."""
-    if os.path.isabs(p) or os.path.exists(p):
-        return p
-    alt = REPO / p
-    return str(alt) if alt.exists() else p

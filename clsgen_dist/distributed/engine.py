@@ -74,7 +74,11 @@ def _walk(d: dict, prefix: str = "") -> Iterator[tuple[str, object]]:
 
 
 def load_ds_config(path: str | Path) -> dict:
+    """The DeepSpeed JSON at ``path``; a relative path is looked up in the working directory, then
+    in the repository (``ds_configs/zero3.json`` works from anywhere)."""
     p = Path(path)
+    if not p.is_absolute() and not p.exists() and (Path(__file__).resolve().parents[2] / p).exists():
+        p = Path(__file__).resolve().parents[2] / p
     if not p.is_file():
         raise ConfigError(f"ds_config: {p} not found (the files ship in ds_configs/)")
     try:
@@ -157,6 +161,43 @@ def build_engine(model: torch.nn.Module, cfg: Config, ds: dict):
     engine, optimizer, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, model_parameters=groups if optimizer is None else None, config=ds,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
+    return engine
+
+
+def inference_ds_config(ds: dict, *, world_size: int, dtype: torch.dtype, where: str) -> dict:
+    """A copy of the ZeRO-3 JSON ``ds`` for evaluating a model partitioned over the ranks: no
+    optimizer or its offload, one row per rank (batch values play no part in inference), the
+    precision of ``dtype``. ConfigError unless it is stage 3: lower stages do not partition the
+    parameters, so every rank would hold the whole model anyway."""
+    if zero_stage(ds) != 3:
+        raise ConfigError(f"{where}: evaluating a partitioned model needs a ZeRO-3 DeepSpeed config "
+                          f"(zero_optimization.stage 3, e.g. ds_configs/zero3.json), got stage {zero_stage(ds)}; "
+                          f"without one every rank holds the whole model")
+    ds = {k: copy.deepcopy(v) for k, v in ds.items() if k not in ("optimizer", "scheduler", "gradient_clipping")}
+    ds["zero_optimization"].pop("offload_optimizer", None)
+    ds.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1, train_batch_size=world_size,
+              bf16={"enabled": dtype == torch.bfloat16}, fp16={"enabled": dtype == torch.float16})
+    ds.setdefault("steps_per_print", 10**9)
+    leftover = [k for k, v in _walk(ds) if v == "auto"]
+    if leftover:
+        raise ConfigError(f"{where}: 'auto' values this trainer does not fill: {', '.join(leftover)}")
+    return ds
+
+
+def build_inference_engine(model: torch.nn.Module, ds: dict):
+    """``deepspeed.initialize`` without an optimizer (ZeRO-3 inference) for a model built
+    partitioned: installs the hooks that gather each module's weights around its forward. The
+    weights the dual-head model reads directly are registered as in :func:`build_engine`."""
+    import deepspeed
+
+    for p in (model.lm_head.weight, model.cls_head.weight, model.cls_head.bias):
+        deepspeed.zero.register_external_parameter(model, p)
+    engine, _, _, _ = deepspeed.initialize(model=model, config=ds)
+    if is_main():
+        log.info("model partitioned over %d ranks (ZeRO-3 inference): %s of %s parameters on this rank",
+                 engine.world_size if hasattr(engine, "world_size") else "?",
+                 f"{sum(p.ds_tensor.numel() for p in model.parameters() if is_zero3_param(p)):,}",
+                 f"{sum(getattr(p, 'ds_numel', p.numel()) for p in model.parameters()):,}")
     return engine
 
 

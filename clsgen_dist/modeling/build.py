@@ -310,18 +310,19 @@ def _full_numel(p: torch.nn.Parameter) -> int:
     return getattr(p, "ds_numel", p.numel())  # a ZeRO-3 partition's numel() is its local share
 
 
-def partition_the_rest(model: torch.nn.Module) -> None:
+def partition_the_rest(model: torch.nn.Module, *, cast: bool = True) -> None:
     """Partition the parameters made after a partitioned load, which are whole on every rank: a
     resized embedding (transformers builds it whole under ZeRO-3), the adapters, the head. As
     ``deepspeed.initialize`` does with a model that is not partitioned yet: in the dtype of the
     others (its 16-bit engine casts every parameter, but leaves a partitioned model as it is, and
     needs one dtype), from rank 0's values, placed where zero.Init places partitions. Done here so
-    that no rank holds a whole (vocabulary x hidden) matrix until then."""
+    that no rank holds a whole (vocabulary x hidden) matrix until then. ``cast=False`` (inference,
+    no optimizer) keeps each parameter's dtype: the fp32 head stays fp32."""
     params = list(model.parameters())
     anchor = next(p for p in params if hasattr(p, "ds_id"))
     whole = [p for p in params if not hasattr(p, "ds_id")]
     for p in whole:
-        if p.dtype.is_floating_point and p.dtype != anchor.dtype:
+        if cast and p.dtype.is_floating_point and p.dtype != anchor.dtype:
             p.data = p.data.to(anchor.dtype)  # the head still computes in fp32 (ClsHead)
     if whole:
         anchor.convert_to_zero_parameters(param_list=whole)

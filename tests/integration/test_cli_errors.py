@@ -114,6 +114,20 @@ def test_out_of_range_flags_and_blank_texts(capsys, ckpt):
     assert "data.test_limit must be a positive integer, got 0" in _main_error(capsys, train_main, "data.test_limit=0")
 
 
+def test_eval_ds_config_must_be_a_zero3_json(capsys, tmp_path, ckpt):
+    """--ds-config names a ZeRO-3 JSON that exists (a relative path is also looked up in the
+    repository): else one line, before any process group or model."""
+    from clsgen_dist.cli import eval_main
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": "ok", "label": 1}])
+    common = ["--checkpoint", str(ckpt["lora"]), "--data", str(data), "--output", str(tmp_path / "o")]
+    err = _main_error(capsys, eval_main, *common, "--ds-config", "ds_configs/zero2.json")
+    assert "--ds-config ds_configs/zero2.json: evaluating a partitioned model needs a ZeRO-3 config" in err
+    err = _main_error(capsys, eval_main, *common, "--ds-config", "ds_configs/nope.json")
+    assert "ds_config: ds_configs/nope.json not found" in err
+    assert not (tmp_path / "o").exists()
+
+
 def test_incomplete_checkpoints_say_what_is_missing(capsys, tmp_path, ckpt):
     import shutil
 

@@ -274,3 +274,24 @@ def test_resume_follows_the_training_data_content_not_its_path(straight, tiny_di
     shutil.copy(data, moved)
     launch("train.py", _args(tiny_dir, moved, tmp_path / "run", "resume=true"))
     assert _losses(tmp_path / "run") == _losses(straight)
+
+
+def test_zero3_killed_during_final_evaluation_evaluates_partitioned(evaluated, tiny_dir, data, tmp_path):
+    """The same on 2 ZeRO-3 ranks: the requeued attempt builds final/ partitioned over the ranks,
+    as training built the model (model.zero3_init), evaluates it lock-stepped and gives the
+    uninterrupted single-process run's results."""
+    ref, extra = evaluated
+    extra = [*extra, "ds_config=ds_configs/zero3.json"]
+    two = ["train.gradient_accumulation_steps=1"]  # 2 ranks x 1 = the reference's 1 x 2 rows per step
+    proc = subprocess.run([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+                           str(REPO / "launch/train.py"), *_args(tiny_dir, data, tmp_path, *extra, *two)],
+                          cwd=REPO, env=clean_env() | {"CLSGEN_FAULT": "final_eval"}, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode != 0 and (tmp_path / "TRAINED").is_file(), proc.stderr[-3000:]
+    assert not (tmp_path / "DONE").exists()
+    proc = launch("train.py", _args(tiny_dir, data, tmp_path, *extra, *two, "resume=auto"), launcher="deepspeed",
+                  nproc=2)
+    out = proc.stdout + proc.stderr
+    assert "without training" in out and "partitioned over 2 ranks (ZeRO-3 inference)" in out
+    assert (tmp_path / "DONE").is_file() and not (tmp_path / "TRAINED").exists()
+    _same_evaluation(tmp_path, ref)

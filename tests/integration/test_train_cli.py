@@ -223,6 +223,65 @@ def test_eval_sharded_over_two_ranks_equals_one_process(single_run, data, tmp_pa
     assert m1["auroc"] == pytest.approx(roc_auc_score([r["label"] for r in p1], [r["prob"] for r in p1]))
 
 
+def _z3_all_partitioned(tmp_path) -> str:
+    ds = json.loads((REPO / "ds_configs/zero3.json").read_text())
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    (tmp_path / "z3.json").write_text(json.dumps(ds))
+    return str(tmp_path / "z3.json")
+
+
+def _same_eval(one, two, *, ppl: bool) -> None:
+    p1, p2 = read_jsonl(one / "predictions.jsonl"), read_jsonl(two / "predictions.jsonl")
+    assert [r["id"] for r in p1] == [r["id"] for r in p2]
+    for a, b in zip(p1, p2):
+        assert a["prob"] == pytest.approx(b["prob"], abs=1e-6) and a["explanation"] == b["explanation"]
+    m1, m2 = json.loads((one / "metrics.json").read_text()), json.loads((two / "metrics.json").read_text())
+    for k in ("n", "auroc", "f1", "accuracy", "brier") + (("perplexity", "perplexity_base", "perplexity_tokens")
+                                                          if ppl else ()):
+        assert m1[k] == pytest.approx(m2[k], rel=1e-6, abs=1e-6), k
+
+
+def test_eval_partitioned_under_zero3_equals_one_process(single_run, data, tmp_path):
+    """launch/eval.py --ds-config (ZeRO-3, every parameter partitioned) on 2 ranks: the fully
+    fine-tuned checkpoint and, for the perplexity ratio, its base are built partitioned (each rank
+    holds half) and give the single process's probabilities, explanations and perplexities. 1,500
+    tokens make 3 perplexity windows, 2 on one rank and 1 on the other: the forwards lock-step."""
+    common = ["--checkpoint", str(single_run / "final"), "--data", str(data["test"]), "--explain-limit", "3",
+              "--ppl-tokens", "1500", "--bootstrap", "0"]
+    launch("eval.py", common + ["--output", str(tmp_path / "one")])
+    proc = launch("eval.py", common + ["--output", str(tmp_path / "two"), "--ds-config", _z3_all_partitioned(tmp_path)],
+                  launcher="deepspeed", nproc=2)
+    assert (proc.stdout + proc.stderr).count("partitioned over 2 ranks (ZeRO-3 inference)") == 2  # model + base
+    _same_eval(tmp_path / "one", tmp_path / "two", ppl=True)
+    assert json.loads((tmp_path / "two/metrics.json").read_text())["perplexity_tokens"] == 1497
+
+
+def test_zero3_lora_cls_token_run_then_partitioned_eval(tiny_dir, data, tmp_path):
+    """LoRA with an added cls token, trained on 2 ZeRO-3 ranks (built partitioned) and on 2 ranks
+    with model.zero3_init=false: the same losses and test predictions. Its checkpoint evaluated
+    partitioned (the cls token's rows rebuilt through gathers, the adapter loaded onto the
+    partitioned base) gives the single process's results."""
+    z3 = _z3_all_partitioned(tmp_path)
+    extra = ["model.finetune=lora", "model.cls_position=token", "train.max_steps=4", "train.eval_every=4",
+             "train.gradient_accumulation_steps=2", "eval.explain_limit=2", f"ds_config={z3}"]
+    runs = {}
+    for name, more in (("partitioned", []), ("whole", ["model.zero3_init=false"])):
+        out = tmp_path / name
+        args = _args(tiny_dir, data, out, *extra, *more)
+        launch("train.py", args, launcher="deepspeed", nproc=2)
+        runs[name] = out
+    a, b = read_jsonl(runs["partitioned"] / "train_log.jsonl"), read_jsonl(runs["whole"] / "train_log.jsonl")
+    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], abs=1e-6)
+    _same_eval(runs["partitioned"] / "eval", runs["whole"] / "eval", ppl=False)
+    common = ["--checkpoint", str(runs["partitioned"] / "final"), "--explain-limit", "2", "--ppl-tokens", "0",
+              "--bootstrap", "0"]
+    launch("eval.py", common + ["--output", str(tmp_path / "one")])
+    proc = launch("eval.py", common + ["--output", str(tmp_path / "two"), "--ds-config", z3], launcher="deepspeed",
+                  nproc=2)
+    assert "partitioned over 2 ranks (ZeRO-3 inference)" in proc.stdout + proc.stderr
+    _same_eval(tmp_path / "one", tmp_path / "two", ppl=False)
+
+
 def test_predict_cli_and_python_api(single_run):
     proc = launch("predict.py", ["--checkpoint", str(single_run / "final"), "--text", "Great fun.",
                                  "--text", "Awful.", "--max-new-tokens", "5"])
