@@ -261,7 +261,8 @@ def render(jsonl: Path, md: Path) -> None:
            "4, and the gap grows with ranks and model size. With glibc's default, whose mmap threshold grows as "
            "blocks are freed, the freed gather buffers stay in the heap and the build's resident peak is "
            "0.9–1.3× (it varies from run to run). Up to the built engine the peak is the same either way at these "
-           "sizes: building the engine (fp32 master partitions, DeepSpeed's buffers: measured ≈ 11 bytes per "
+           "sizes with glibc counting live memory, and 1.10–1.15× with its default (the same retention): "
+           "building the engine (fp32 master partitions, DeepSpeed's buffers: measured ≈ 11 bytes per "
            "parameter / ranks) outweighs a bf16 model loaded whole (2 bytes per parameter) up to ~6 ranks, or "
            "until the optimizer is offloaded. On GPUs the whole load also puts the full model on every GPU (which fails for a model "
            "larger than one), the partitioned one 1/ranks of it; GPU figures pending.", ""]

@@ -429,7 +429,9 @@ def load_memory(model) -> dict:
 
 def record_load_memory(out: Path, loaded: dict) -> None:
     """Every rank's :func:`load_memory`, into run_info.json (``load_param_bytes_per_rank``,
-    ``load_peak_rss_bytes_per_rank``)."""
+    ``load_peak_rss_bytes_per_rank``). A partitioned build holds 1/ranks of the parameters; its peak
+    RSS is not lower on a small model, where the interpreter, the libraries and zero.Init's own
+    allocations outweigh the weights (see ``benchmarks/zero3_load.md``)."""
     from .distributed import all_gather_objects
 
     per_rank = all_gather_objects(loaded)
@@ -502,6 +504,10 @@ def _run(cfg: Config, stop: StopFlag) -> dict | None:
     zero3 = ds if zero_stage(ds) == 3 and cfg.model.zero3_init else None
     model, tokenizer = build_model(cfg.model, device=device, seed=cfg.train.seed, zero3=zero3)
     loaded, partitioned = load_memory(model), is_partitioned(model.causal_lm)
+    engine = build_engine(model, cfg, ds)
+    if partitioned:  # built partitioned: the LM logits are checked here, where the engine gathers the weights,
+        # still before anything is written to output_dir (a refused model must not replace an earlier run)
+        check_lm_logits(model.causal_lm, resolve_model_path(cfg.model.name_or_path))
     encoder = make_encoder(cfg, tokenizer)
     rows, stats = encode_train(splits["train"], encoder, cfg.data.max_seq_len, cfg.train.seed)
     out = prepare_output(cfg, ds, {**run_info(cfg, device), "data": stats}, resume_step=_ckpt_step(resume_from))
@@ -516,9 +522,6 @@ def _run(cfg: Config, stop: StopFlag) -> dict | None:
                  cfg.data.label_names[1])
         for w in data_warnings(splits["train"], stats, cfg):
             log.warning("%s", w)
-    engine = build_engine(model, cfg, ds)
-    if partitioned:  # built partitioned: the LM logits are checked here, where the engine gathers the weights
-        check_lm_logits(model.causal_lm, resolve_model_path(cfg.model.name_or_path))
     record_load_memory(out, loaded)
     writer = None
     if is_main():

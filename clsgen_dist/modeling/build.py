@@ -122,12 +122,17 @@ def zero3_loading(ds_config: dict | None):
     from transformers.integrations import HfDeepSpeedConfig
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-    live = HfDeepSpeedConfig(ds_config)  # transformers holds only a weak reference to it
+    from transformers.integrations import deepspeed as hf_ds
+
+    before = getattr(hf_ds, "_hf_deepspeed_config_weak_ref", None)  # a caller's own (HF Trainer's): put back
+    live = HfDeepSpeedConfig(ds_config)  # noqa: F841  (transformers holds only a weak reference to it)
     try:
         yield
     finally:
-        unset_hf_deepspeed_config()
-        del live
+        if before is None:
+            unset_hf_deepspeed_config()
+        else:
+            hf_ds._hf_deepspeed_config_weak_ref = before
 
 
 def _accepts_replace(tokenizer) -> bool:
@@ -288,8 +293,8 @@ def build_model(cfg: ModelConfig, *, device: torch.device | str = "cpu", model_p
         backbone.enable_input_require_grads()
     if cfg.finetune == "lora":
         if seed is not None:
-            # the adapters' random init must not depend on how the backbone loaded: a partitioned
-            # load initialises on rank 0 only, and DeepSpeed takes new parameters from rank 0
+            # the adapters' random init must not depend on how the backbone loaded: resizing the
+            # embedding for a cls token draws from the generator, differently when partitioned
             torch.manual_seed(seed)
         backbone = apply_lora(backbone, cfg)
     else:

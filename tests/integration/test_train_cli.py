@@ -282,6 +282,33 @@ def test_zero3_lora_cls_token_run_then_partitioned_eval(tiny_dir, data, tmp_path
     _same_eval(tmp_path / "one", tmp_path / "two", ppl=False)
 
 
+def test_partitioned_model_refused_before_output_dir_is_touched(tiny_dir, data, tmp_path):
+    """A model built partitioned has its LM logits checked on the engine; a refused one (its forward
+    triples the logits) is refused before anything is written: with overwrite=true an earlier run
+    in output_dir is left as it was."""
+    import shutil
+    import subprocess
+
+    from tests.integration._run import BIN, clean_env, free_port
+
+    model = tmp_path / "tripled"
+    shutil.copytree(tiny_dir, model)
+    cfg = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**cfg, "model_type": "tripled_llama"}))
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "train_log.jsonl").write_text('{"step": 1}\n')
+    (out / "DONE").write_text("{}\n")
+    before = {p.name: p.read_text() for p in out.iterdir()}
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+           str(REPO / "tests/integration/_tripled_train.py"),
+           *_args(model, data, out, f"ds_config={_z3_all_partitioned(tmp_path)}", "overwrite=true")]
+    proc = subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "computes its LM logits in a way the fused" in proc.stdout + proc.stderr, \
+        (proc.stdout + proc.stderr)[-4000:]
+    assert {p.name: p.read_text() for p in out.iterdir()} == before
+
+
 def test_predict_cli_and_python_api(single_run):
     proc = launch("predict.py", ["--checkpoint", str(single_run / "final"), "--text", "Great fun.",
                                  "--text", "Awful.", "--max-new-tokens", "5"])

@@ -29,3 +29,31 @@ def test_partitioned_build_equals_whole_build_two_ranks(tiny_dir, tokenizer, tmp
     assert [x.split()[0] for x in passed] == ["full_fp32", "lora_token_fp32", "lora_token_bf16",
                                                "full_token_padded_fp32", "refuses"], out[-4000:]
     print("\n".join(passed))
+
+
+def test_zero3_loading_puts_back_the_callers_deepspeed_config():
+    """transformers keeps one global DeepSpeed config: inside the block it is ours (ZeRO-3), after
+    it whatever the caller had set (HF Trainer's, say), or none."""
+    import json
+
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import deepspeed_config, is_deepspeed_zero3_enabled
+
+    from clsgen_dist.modeling.build import zero3_loading
+
+    z3 = json.loads((ROOT / "ds_configs/zero3.json").read_text())
+    z2 = json.loads((ROOT / "ds_configs/zero2.json").read_text())
+    with zero3_loading(z3):
+        assert is_deepspeed_zero3_enabled()
+    assert not is_deepspeed_zero3_enabled() and deepspeed_config() is None
+    caller = HfDeepSpeedConfig(z2)
+    try:
+        with zero3_loading(z3):
+            assert is_deepspeed_zero3_enabled()
+        assert deepspeed_config() is caller.config and not is_deepspeed_zero3_enabled()
+        with zero3_loading(None):
+            assert deepspeed_config() is caller.config
+    finally:
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
