@@ -9,6 +9,7 @@ import json
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -92,3 +93,35 @@ def run_worker(cmd: list[str], *, timeout: float, env: dict | None = None) -> di
             return res
     tail = (p.stderr or p.stdout).strip().splitlines()[-1:] or ["no output"]
     return {"status": f"error (rc={p.returncode}): {tail[0][:200]}"}
+
+
+def status_kib(field: str) -> int:
+    """A field of ``/proc/self/status`` in KiB (``RssAnon``: anonymous resident memory); 0 if absent."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+class AnonPeak:
+    """Peak of this process's anonymous resident memory (``RssAnon``, KiB) over a block, sampled in
+    a thread every ``every_s`` seconds and at both ends."""
+
+    def __init__(self, every_s: float = 0.002) -> None:
+        self.every_s, self.peak, self._stop = every_s, 0, threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, status_kib("RssAnon"))
+            time.sleep(self.every_s)
+
+    def __enter__(self):
+        self.peak = status_kib("RssAnon")
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, status_kib("RssAnon"))

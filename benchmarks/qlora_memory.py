@@ -42,11 +42,10 @@ import json
 import os
 import resource
 import sys
-import threading
 import time
 from pathlib import Path
 
-from _env import command_line, command_note, git_sha, machine, run_worker, versions  # noqa: E402  (benchmarks/ is on sys.path as the script folder)
+from _env import AnonPeak, command_line, command_note, git_sha, machine, run_worker, status_kib, versions  # noqa: E402  (benchmarks/ is on sys.path as the script folder)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -65,36 +64,6 @@ MiB = 2**20
 # ----------------------------------------------------------------------------------------------
 # worker: one variant, in its own process
 # ----------------------------------------------------------------------------------------------
-
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
-
-
-class _AnonPeak:
-    """Peak of this process's anonymous resident memory (``RssAnon``), sampled in a thread."""
-
-    def __init__(self, every_s: float = 0.002) -> None:
-        self.every_s, self.peak, self._stop = every_s, 0, threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, _status_kib("RssAnon"))
-            time.sleep(self.every_s)
-
-    def __enter__(self):
-        self.peak = _status_kib("RssAnon")
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._t.join()
-        self.peak = max(self.peak, _status_kib("RssAnon"))
 
 
 def weight_bytes(causal_lm) -> dict:
@@ -166,7 +135,7 @@ def _worker(args) -> dict:
                              f"data.max_seq_len={args.seq}", "data.label_names=[negative, positive]",
                              *OVERRIDES[args.variant]])
     maxrss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB (Linux)
-    anon0 = _status_kib("RssAnon") / 1024
+    anon0 = status_kib("RssAnon") / 1024
     model, tok = build_model(cfg.model, device=device, seed=0)
     res = weight_bytes(model.causal_lm)
     res["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -194,7 +163,7 @@ def _worker(args) -> dict:
         # run holds, not what loading left behind
         gc.collect()
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-        res["after_load_mib"] = _status_kib("RssAnon") / 1024 - anon0
+        res["after_load_mib"] = status_kib("RssAnon") / 1024 - anon0
     if cuda:
         torch.cuda.synchronize()
         res["after_load_mib"] = torch.cuda.memory_allocated() / MiB
@@ -202,7 +171,7 @@ def _worker(args) -> dict:
         torch.cuda.reset_peak_memory_stats()
     losses = []
     t0 = time.perf_counter()
-    with _AnonPeak() as anon:
+    with AnonPeak() as anon:
         for _ in range(args.steps):
             out = model(**b.model_inputs(), num_lm_tokens=b.n_lm, num_cls_examples=len(b.cls_index))
             out.loss.backward()

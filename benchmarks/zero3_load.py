@@ -35,47 +35,16 @@ import os
 import shutil
 import socket
 import sys
-import threading
 import time
 from pathlib import Path
 
-from _env import command_line, command_note, git_sha, machine, run_worker, versions  # noqa: E402  (benchmarks/ is on sys.path as the script folder)
+from _env import AnonPeak, command_line, command_note, git_sha, machine, run_worker, status_kib, versions  # noqa: E402  (benchmarks/ is on sys.path as the script folder)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 DEFAULT_JSONL = HERE / "zero3_load_results.jsonl"
 DEFAULT_MD = HERE / "zero3_load.md"
 MiB = 2**20
-
-
-def _anon_kib() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1])
-    return 0
-
-
-class _AnonPeak:
-    """Peak of this process's anonymous resident memory, sampled in a thread."""
-
-    def __init__(self, every_s: float = 0.002) -> None:
-        self.every_s, self.peak, self._stop = every_s, 0, threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, _anon_kib())
-            time.sleep(self.every_s)
-
-    def __enter__(self):
-        self.peak = _anon_kib()
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._t.join()
-        self.peak = max(self.peak, _anon_kib())
 
 
 def _worker(args) -> dict | None:
@@ -99,9 +68,9 @@ def _worker(args) -> dict | None:
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    anon0 = _anon_kib()
+    anon0 = status_kib("RssAnon")
     t0 = time.perf_counter()
-    with _AnonPeak() as build_anon:
+    with AnonPeak() as build_anon:
         model, _ = build_model(cfg.model, device=device, seed=0, zero3=ds if cfg.model.zero3_init else None)
         if cuda:
             torch.cuda.synchronize()
@@ -110,7 +79,7 @@ def _worker(args) -> dict | None:
     mine = {"params_after_build_mib": held / MiB, "build_anon_peak_mib": (build_anon.peak - anon0) / 1024}
     if cuda:
         mine["build_cuda_peak_mib"] = torch.cuda.max_memory_allocated() / MiB
-    with _AnonPeak() as anon:
+    with AnonPeak() as anon:
         engine = build_engine(model, cfg, ds)
         if cuda:
             torch.cuda.synchronize()
