@@ -152,9 +152,9 @@ def verdict_probs(model, tokenizer, encoder, texts: dict[int, str], explanations
                   max_tokens: int = 4096) -> dict[int, float]:
     """P(y=1) from the verdict tokens for every ``texts`` entry (index → document), after the prompt
     (``explanations=None``: zero-shot) or after the model's explanation of it (gen-only). Sharded
-    over ranks (``i % world == rank``) and gathered; the model may be a plain module per rank (as in
-    ``launch/eval.py``) or ZeRO-3-partitioned (the trainer's own evaluation): the forwards are
-    lock-stepped."""
+    over ranks (``i % world == rank``) and gathered; the model may be whole on every rank or
+    ZeRO-3-partitioned (the trainer's own evaluation, ``launch/eval.py --ds-config``): the forwards
+    are lock-stepped."""
     prefix, suffixes = verdict_tokens(tokenizer, encoder.label_names, encoder.verdict_template)
     mine = sorted(i for i in texts if i % world_size() == rank())
     contexts = [verdict_context(tokenizer, encoder.encode_prompt(texts[i])[0], prefix,

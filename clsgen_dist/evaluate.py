@@ -111,8 +111,8 @@ def evaluate_split(model, tokenizer, encoder: PromptEncoder, examples, *, cfg, e
     ``prob_source`` (see :mod:`clsgen_dist.baselines`): ``head`` — the classification head;
     ``explanation`` — the verdict tokens after the model's own explanation (gen-only; every example
     is explained); ``prompt`` — the verdict tokens right after the prompt (zero-shot). Every source
-    works with a plain model per rank (``launch/eval.py``) and a ZeRO-3-partitioned one (the
-    trainer's evaluation): the forwards are lock-stepped across ranks. ``stop`` (the trainer's final
+    works with a whole model per rank and a ZeRO-3-partitioned one (the trainer's evaluation,
+    ``launch/eval.py --ds-config``): the forwards are lock-stepped across ranks. ``stop`` (the trainer's final
     evaluation): :class:`EvalStopped` between batches once a stop is requested.
     Explanation metrics (verdict parse rate, alignment AUROC and kappa of the probability vs the
     parsed verdict, readability) cover the explained examples."""

@@ -99,13 +99,21 @@ def _base_of(model, cfg, ds_config: dict | None = None):
     from .baselines import load_base_model
 
     p = next(model.parameters())
+    # the dtype and attention the model was loaded with (a checkpoint trained with a CUDA-only
+    # kernel loads with sdpa on a CPU, and so must its base)
     dtype = {torch.bfloat16: "bfloat16", torch.float32: "float32"}.get(p.dtype, cfg.model.dtype)
-    base_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype=dtype))
-    base, _ = load_base_model(base_cfg, p.device, ds_config=ds_config if hasattr(p, "ds_id") else None)
+    attn = getattr(model.config, "_attn_implementation", None) or cfg.model.attn_implementation
+    base_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype=dtype, attn_implementation=attn))
+    partitioned = hasattr(p, "ds_id")
+    base, _ = load_base_model(base_cfg, p.device, ds_config=ds_config if partitioned else None)
     try:
         yield base.causal_lm
     finally:
         del base
+        if partitioned:  # the engine's hooks hold the base in reference cycles: free its partitions now
+            import gc
+
+            gc.collect()
 
 
 def language_retention(model, tokenizer, cfg, *, max_tokens: int = 4096, window: int = 512,

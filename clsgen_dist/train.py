@@ -566,7 +566,9 @@ def evaluate_trained(cfg: Config, stop: StopFlag, splits: dict, data_sha: str) -
         log.info("%s: training finished in an earlier attempt (%s); evaluating %s without training",
                  out, TRAINED, out / "final")
         (out / "PREEMPTED").unlink(missing_ok=True)
-    ds = load_ds_config(cfg.ds_config)  # as training built it: partitioned under ZeRO-3 (model.zero3_init)
+    # as training built it: partitioned under ZeRO-3 (model.zero3_init); the run's own filled JSON
+    # (output_dir/ds_config.json) holds its stage even if cfg.ds_config has moved since
+    ds = load_ds_config(out / "ds_config.json" if (out / "ds_config.json").is_file() else cfg.ds_config)
     zero3 = ds if zero_stage(ds) == 3 and cfg.model.zero3_init else None
     model, tokenizer, _ = load_checkpoint(out / "final", device=device, ds_config=zero3)
     return finish_run(cfg, out, stop, model, tokenizer, make_encoder(cfg, tokenizer), splits, data_sha)

@@ -82,13 +82,21 @@ def load_ds_config(path: str | Path) -> dict:
     if not p.is_file():
         raise ConfigError(f"ds_config: {p} not found (the files ship in ds_configs/)")
     try:
-        return json.loads(p.read_text())
+        ds = json.loads(p.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"ds_config: {p} is not valid JSON: {e}") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"ds_config: {p} holds a JSON {type(ds).__name__}; expected an object of DeepSpeed settings")
+    return ds
 
 
 def zero_stage(ds: dict) -> int:
-    return int(ds.get("zero_optimization", {}).get("stage", 0))
+    """``zero_optimization.stage`` (0 when absent); ConfigError unless it is 0-3."""
+    zero = ds.get("zero_optimization", {})
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else None
+    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
+        raise ConfigError(f"DeepSpeed config: zero_optimization.stage must be set explicitly (0-3), got {stage!r}")
+    return stage
 
 
 def lr_lambda(cfg: Config):
@@ -180,7 +188,7 @@ def inference_ds_config(ds: dict, *, world_size: int, dtype: torch.dtype, where:
     ds.setdefault("steps_per_print", 10**9)
     leftover = [k for k, v in _walk(ds) if v == "auto"]
     if leftover:
-        raise ConfigError(f"{where}: 'auto' values this trainer does not fill: {', '.join(leftover)}")
+        raise ConfigError(f"{where}: 'auto' values that evaluation does not fill: {', '.join(leftover)}")
     return ds
 
 
@@ -192,10 +200,12 @@ def build_inference_engine(model: torch.nn.Module, ds: dict):
 
     for p in (model.lm_head.weight, model.cls_head.weight, model.cls_head.bias):
         deepspeed.zero.register_external_parameter(model, p)
+    from .env import world_size as n_ranks
+
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds)
     if is_main():
         log.info("model partitioned over %d ranks (ZeRO-3 inference): %s of %s parameters on this rank",
-                 engine.world_size if hasattr(engine, "world_size") else "?",
+                 n_ranks(),
                  f"{sum(p.ds_tensor.numel() for p in model.parameters() if is_zero3_param(p)):,}",
                  f"{sum(getattr(p, 'ds_numel', p.numel()) for p in model.parameters()):,}")
     return engine

@@ -125,6 +125,12 @@ def test_eval_ds_config_must_be_a_zero3_json(capsys, tmp_path, ckpt):
     assert "--ds-config ds_configs/zero2.json: evaluating a partitioned model needs a ZeRO-3 config" in err
     err = _main_error(capsys, eval_main, *common, "--ds-config", "ds_configs/nope.json")
     assert "ds_config: ds_configs/nope.json not found" in err
+    (tmp_path / "auto.json").write_text('{"zero_optimization": {"stage": "auto"}}')
+    err = _main_error(capsys, eval_main, *common, "--ds-config", str(tmp_path / "auto.json"))
+    assert "zero_optimization.stage must be set explicitly (0-3), got 'auto'" in err
+    (tmp_path / "list.json").write_text("[1, 2]")
+    err = _main_error(capsys, eval_main, *common, "--ds-config", str(tmp_path / "list.json"))
+    assert "holds a JSON list; expected an object of DeepSpeed settings" in err
     assert not (tmp_path / "o").exists()
 
 

@@ -256,6 +256,25 @@ def test_eval_partitioned_under_zero3_equals_one_process(single_run, data, tmp_p
     assert json.loads((tmp_path / "two/metrics.json").read_text())["perplexity_tokens"] == 1497
 
 
+def test_eval_perplexity_of_a_checkpoint_trained_with_a_cuda_only_kernel(single_run, data, tmp_path):
+    """A fully fine-tuned checkpoint trained with flash-attn loads with sdpa on a CPU, and so does its
+    base for the perplexity ratio: the same perplexities as the checkpoint saying sdpa."""
+    import shutil
+
+    ck = tmp_path / "final"
+    shutil.copytree(single_run / "final", ck)
+    conf = ck / "clsgen_config.yaml"
+    text = conf.read_text()
+    assert "attn_implementation: auto" in text
+    conf.write_text(text.replace("attn_implementation: auto", "attn_implementation: flash_attention_2"))
+    common = ["--data", str(data["test"]), "--explain-limit", "0", "--ppl-tokens", "600", "--bootstrap", "0"]
+    launch("eval.py", ["--checkpoint", str(ck), "--output", str(tmp_path / "fa"), *common])
+    launch("eval.py", ["--checkpoint", str(single_run / "final"), "--output", str(tmp_path / "plain"), *common])
+    a, b = (json.loads((tmp_path / x / "metrics.json").read_text()) for x in ("fa", "plain"))
+    for k in ("perplexity", "perplexity_base", "auroc"):
+        assert a[k] == pytest.approx(b[k], rel=1e-6), k
+
+
 def test_zero3_lora_cls_token_run_then_partitioned_eval(tiny_dir, data, tmp_path):
     """LoRA with an added cls token, trained on 2 ZeRO-3 ranks (built partitioned) and on 2 ranks
     with model.zero3_init=false: the same losses and test predictions. Its checkpoint evaluated
