@@ -45,7 +45,8 @@ import sys
 import time
 from pathlib import Path
 
-from _env import AnonPeak, command_line, command_note, git_sha, machine, run_worker, status_kib, versions  # noqa: E402  (benchmarks/ is on sys.path as the script folder)
+# benchmarks/ is on sys.path as the script folder
+from _env import AnonPeak, command_line, command_note, git_sha, machine, run_worker, status_kib, versions  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

@@ -38,7 +38,8 @@ import sys
 import time
 from pathlib import Path
 
-from _env import AnonPeak, command_line, command_note, git_sha, machine, run_worker, status_kib, versions  # noqa: E402  (benchmarks/ is on sys.path as the script folder)
+# benchmarks/ is on sys.path as the script folder
+from _env import AnonPeak, command_line, command_note, git_sha, machine, run_worker, status_kib, versions  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -181,7 +182,8 @@ def main(argv=None) -> None:
         args.model = str(synthetic_model(layers, hidden))
         note = f"random-weight Llama, {layers} layers, hidden {hidden}, untied head"
     now = dt.datetime.now(dt.timezone.utc)
-    common = {"model_note": note, "mmap_threshold": args.mmap_threshold, "run_id": now.strftime("%Y%m%dT%H%M%SZ"), "date": now.isoformat(timespec="seconds"),
+    common = {"model_note": note, "mmap_threshold": args.mmap_threshold, "run_id": now.strftime("%Y%m%dT%H%M%SZ"),
+              "date": now.isoformat(timespec="seconds"),
               "git_sha": git_sha(), "command": command_line(), "machine": machine(args.device), "device": args.device,
               "versions": versions("torch", "transformers", "deepspeed"), "dtype": args.dtype,
               "model": "SmolLM2-135M-Instruct" if args.model == "default" else Path(args.model).name}
@@ -197,7 +199,8 @@ def main(argv=None) -> None:
             print(json.dumps(rec), flush=True)
             with args.jsonl.open("a") as f:
                 f.write(json.dumps(rec) + "\n")
-        if all(r.get("status") == "ok" for r in by.values()) and by["whole"]["checksum"] != by["partitioned"]["checksum"]:
+        ok = all(r.get("status") == "ok" for r in by.values())
+        if ok and by["whole"]["checksum"] != by["partitioned"]["checksum"]:
             failed.append(("checksum", ranks, f"{by['whole']['checksum']!r} != {by['partitioned']['checksum']!r}"))
     render(args.jsonl, args.md)
     sections = args.md.read_text().split("\n## ")
@@ -233,7 +236,8 @@ def render(jsonl: Path, md: Path) -> None:
            "sizes with glibc counting live memory, and 1.10–1.15× with its default (the same retention): "
            "building the engine (fp32 master partitions, DeepSpeed's buffers: measured ≈ 11 bytes per "
            "parameter / ranks) outweighs a bf16 model loaded whole (2 bytes per parameter) up to ~6 ranks, or "
-           "until the optimizer is offloaded. On GPUs the whole load also puts the full model on every GPU (which fails for a model "
+           "until the optimizer is offloaded. On GPUs the whole load also puts the full model on every GPU "
+           "(which fails for a model "
            "larger than one), the partitioned one 1/ranks of it; GPU figures pending.", ""]
     for run_id in sorted(runs, reverse=True):
         rows = runs[run_id]

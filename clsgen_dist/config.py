@@ -65,11 +65,12 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     zero3_init: bool = True
     """Under a ZeRO-3 ``ds_config``, build the backbone already partitioned (DeepSpeed ``zero.Init``
-    through transformers): rank 0 reads the weights one layer at a time and each rank keeps its
-    1/world share, so no process ever holds the whole model (what a model that does not fit one
-    GPU, or eight full copies in a node's host memory, needs). ``false`` loads the whole model on
-    every rank and partitions it at ``deepspeed.initialize``. Both train the same numbers. A 4-bit
-    (``quantization=nf4``) backbone always loads whole (4-bit loading has no ``zero.Init``)."""
+    through transformers): rank 0 reads the weights one module at a time and each rank keeps its
+    1/world share (plus the module being loaded), so no rank loads the whole model (what a model
+    that does not fit one GPU, or eight full copies in a node's host memory, needs). ``false`` loads
+    the whole model on every rank and partitions it at ``deepspeed.initialize``. Both train the same
+    numbers. A 4-bit (``quantization=nf4``) backbone always loads whole (4-bit loading has no
+    ``zero.Init``)."""
     loss_impl: str = "auto"
     """Fused loss implementation: ``auto`` (triton on CUDA, torch elsewhere), ``triton``,
     ``torch`` (chunked) or ``reference`` (naive, materialises logits: tests only)."""

@@ -198,10 +198,10 @@ def build_inference_engine(model: torch.nn.Module, ds: dict):
     weights the dual-head model reads directly are registered as in :func:`build_engine`."""
     import deepspeed
 
-    for p in (model.lm_head.weight, model.cls_head.weight, model.cls_head.bias):
-        deepspeed.zero.register_external_parameter(model, p)
     from .env import world_size as n_ranks
 
+    for p in (model.lm_head.weight, model.cls_head.weight, model.cls_head.bias):
+        deepspeed.zero.register_external_parameter(model, p)
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds)
     if is_main():
         log.info("model partitioned over %d ranks (ZeRO-3 inference): %s of %s parameters on this rank",
@@ -230,8 +230,8 @@ def gathered(params: list[torch.nn.Parameter]):
 
 def full_state_dict(module: torch.nn.Module, *, trainable_only: bool = False,
                     rank0_only: bool = False) -> dict[str, torch.Tensor]:
-    """A CPU copy of ``module``'s parameters (gathered under ZeRO-3) and persistent buffers, on every rank, or
-    only on rank 0 with ``rank0_only`` (the others still take part in the gathers and get ``{}``):
+    """A CPU copy of ``module``'s parameters (gathered under ZeRO-3) and persistent buffers, on every
+    rank, or only on rank 0 with ``rank0_only`` (the others still take part in the gathers and get ``{}``):
     a full copy per rank would cost a node 8 x 16 GB of host memory for an 8B model on 8 GPUs."""
     out = {}
     keep = not rank0_only or is_main()

@@ -120,8 +120,6 @@ def zero3_loading(ds_config: dict | None):
         yield
         return
     from transformers.integrations import HfDeepSpeedConfig
-    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
     from transformers.integrations import deepspeed as hf_ds
 
     before = getattr(hf_ds, "_hf_deepspeed_config_weak_ref", None)  # a caller's own (HF Trainer's): put back
@@ -130,7 +128,7 @@ def zero3_loading(ds_config: dict | None):
         yield
     finally:
         if before is None:
-            unset_hf_deepspeed_config()
+            hf_ds.unset_hf_deepspeed_config()
         else:
             hf_ds._hf_deepspeed_config_weak_ref = before
 
