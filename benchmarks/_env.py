@@ -78,6 +78,24 @@ def command_note(rec: dict) -> str:
     return f" Command: `{rec['command']}`." if rec.get("command") else ""
 
 
+def record(jsonl: Path, rec: dict) -> None:
+    """Print one result record and append it to the results file ``jsonl``."""
+    print(json.dumps(rec), flush=True)
+    with jsonl.open("a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+def read_records(jsonl: Path) -> list[dict]:
+    """Every record of the results file ``jsonl`` (none before the first run)."""
+    return [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()] if jsonl.exists() else []
+
+
+def print_this_run(md: Path, date: str) -> None:
+    """Print the sections of the rendered table ``md`` whose heading carries this run's ``date``."""
+    sections = md.read_text().split("\n## ")
+    print("\n".join("## " + s for s in sections[1:] if date in s.split("\n", 1)[0]))
+
+
 def run_worker(cmd: list[str], *, timeout: float, env: dict | None = None) -> dict:
     """Run a worker process that prints its result as one ``RESULT {json}`` line; returns that dict
     (+ ``wall_s``), or ``{"status": ...}`` saying why there is none (timeout, crash: its last line)."""

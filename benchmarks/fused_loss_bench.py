@@ -32,7 +32,9 @@ import sys
 import time
 from pathlib import Path
 
-from _env import command_line, command_note, git_sha, machine, run_worker, versions  # noqa: E402  (benchmarks/ is on sys.path as the script folder)
+# benchmarks/ is on sys.path as the script folder
+from _env import (command_line, command_note, git_sha, machine, print_this_run, read_records, record,  # noqa: E402
+                  run_worker, versions)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -263,12 +265,9 @@ def main(argv=None) -> None:
                 print(f"--- {variant} at {shape}:\n{res.pop('traceback')}", flush=True)
             rec = {**common, "N": shape[0], "H": shape[1], "V": shape[2], "variant": variant, **res}
             all_results.append(rec)
-            print(json.dumps(rec), flush=True)
-            with args.jsonl.open("a") as f:
-                f.write(json.dumps(rec) + "\n")
+            record(args.jsonl, rec)
     render(args.jsonl, args.md)
-    sections = args.md.read_text().split("\n## ")
-    print("\n".join("## " + s for s in sections[1:] if common["date"] in s.split("\n", 1)[0]))  # this run
+    print_this_run(args.md, common["date"])
     ours = [r for r in all_results if r["variant"] in OURS]
     if any(r.get("status") != "ok" for r in ours):
         sys.exit(f"our variants did not all run: {[(r['N'], r['variant'], r.get('status')) for r in ours]}")
@@ -284,7 +283,7 @@ def _fmt(x, nd=1):
 
 
 def render(jsonl: Path, md: Path) -> None:
-    recs = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()] if jsonl.exists() else []
+    recs = read_records(jsonl)
     groups: dict[tuple, list] = {}
     for r in recs:
         groups.setdefault((r["run_id"], r["device"], r["N"], r["H"], r["V"], r["dtype"]), []).append(r)

@@ -46,7 +46,8 @@ import time
 from pathlib import Path
 
 # benchmarks/ is on sys.path as the script folder
-from _env import AnonPeak, command_line, command_note, git_sha, machine, run_worker, status_kib, versions  # noqa: E402
+from _env import (AnonPeak, command_line, command_note, git_sha, machine, print_this_run, read_records,  # noqa: E402
+                  record, run_worker, status_kib, versions)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -256,12 +257,9 @@ def main(argv=None) -> None:
         if res.get("status") != "ok":
             failed.append((v, res.get("status")))
         rec = {**common, "variant": v, **res}
-        print(json.dumps(rec), flush=True)
-        with args.jsonl.open("a") as f:
-            f.write(json.dumps(rec) + "\n")
+        record(args.jsonl, rec)
     render(args.jsonl, args.md)
-    sections = args.md.read_text().split("\n## ")
-    print("\n".join("## " + s for s in sections[1:] if common["date"] in s.split("\n", 1)[0]))  # this run
+    print_this_run(args.md, common["date"])
     if failed:
         sys.exit(f"variants that did not run: {failed}")
 
@@ -280,7 +278,7 @@ def _ratio(a, b, nd=2):
 
 
 def render(jsonl: Path, md: Path) -> None:
-    recs = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()] if jsonl.exists() else []
+    recs = read_records(jsonl)
     runs: dict[str, list] = {}
     for r in recs:
         runs.setdefault(r["run_id"], []).append(r)

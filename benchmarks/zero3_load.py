@@ -39,7 +39,8 @@ import time
 from pathlib import Path
 
 # benchmarks/ is on sys.path as the script folder
-from _env import AnonPeak, command_line, command_note, git_sha, machine, run_worker, status_kib, versions  # noqa: E402
+from _env import (AnonPeak, command_line, command_note, git_sha, machine, print_this_run, read_records,  # noqa: E402
+                  record, run_worker, status_kib, versions)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -53,7 +54,8 @@ def _worker(args) -> dict | None:
 
     from clsgen_dist.config import load_config
     from clsgen_dist.distributed import all_gather_objects, init_distributed, is_main, world_size
-    from clsgen_dist.distributed.engine import build_engine, fill_ds_config, full_state_dict, load_ds_config
+    from clsgen_dist.distributed.engine import (build_engine, fill_ds_config, full_numel, full_state_dict,
+                                                load_ds_config, local_param_bytes)
     from clsgen_dist.modeling import build_model
     from clsgen_dist.modeling.build import resolve_dtype
 
@@ -75,7 +77,7 @@ def _worker(args) -> dict | None:
         model, _ = build_model(cfg.model, device=device, seed=0, zero3=ds if cfg.model.zero3_init else None)
         if cuda:
             torch.cuda.synchronize()
-    held = sum((p.ds_tensor if hasattr(p, "ds_id") else p).numel() * p.element_size() for p in model.parameters())
+    held = local_param_bytes(model)
     t_build = time.perf_counter() - t0
     mine = {"params_after_build_mib": held / MiB, "build_anon_peak_mib": (build_anon.peak - anon0) / 1024}
     if cuda:
@@ -93,7 +95,7 @@ def _worker(args) -> dict | None:
     if not is_main():
         return None
     checksum = sum(float(t.double().sum()) for k, t in sorted(sd.items()) if "cls_head" not in k)
-    n = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
+    n = sum(full_numel(p) for p in engine.module.parameters())
     out = {"ranks": world_size(), "params": n, "checksum": checksum, "per_rank": per_rank}
     for k in mine:
         out[k] = max(r[k] for r in per_rank)
@@ -196,15 +198,12 @@ def main(argv=None) -> None:
             if res.get("status") != "ok":
                 failed.append((v, ranks, res.get("status")))
             rec = {**common, "variant": v, "ranks_requested": ranks, **res}
-            print(json.dumps(rec), flush=True)
-            with args.jsonl.open("a") as f:
-                f.write(json.dumps(rec) + "\n")
+            record(args.jsonl, rec)
         ok = all(r.get("status") == "ok" for r in by.values())
         if ok and by["whole"]["checksum"] != by["partitioned"]["checksum"]:
             failed.append(("checksum", ranks, f"{by['whole']['checksum']!r} != {by['partitioned']['checksum']!r}"))
     render(args.jsonl, args.md)
-    sections = args.md.read_text().split("\n## ")
-    print("\n".join("## " + s for s in sections[1:] if common["date"] in s.split("\n", 1)[0]))
+    print_this_run(args.md, common["date"])
     if failed:
         sys.exit(f"failed: {failed}")
 
@@ -214,7 +213,7 @@ def _fmt(x, nd=0):
 
 
 def render(jsonl: Path, md: Path) -> None:
-    recs = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()] if jsonl.exists() else []
+    recs = read_records(jsonl)
     runs: dict[str, list] = {}
     for r in recs:
         runs.setdefault(r["run_id"], []).append(r)

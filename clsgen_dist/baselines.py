@@ -187,27 +187,17 @@ def load_base_model(cfg, device, *, ds_config: dict | None = None):
     from transformers import AutoModelForCausalLM
 
     from .modeling import DualHeadModel, load_tokenizer, resolve_model_path
-    from .modeling.build import is_partitioned, partition_the_rest, resolve_attn, resolve_dtype, zero3_loading
+    from .distributed.engine import inference_ds_config
+    from .modeling.build import place_for_inference, resolve_attn, resolve_dtype, zero3_loading
 
     device = torch.device(device)
     path = resolve_model_path(cfg.model.name_or_path)
     tokenizer = load_tokenizer(path)
     dtype = resolve_dtype(cfg.model.dtype, device)
-    zero3 = None
-    if ds_config is not None:
-        from .distributed import world_size
-        from .distributed.engine import inference_ds_config
-
-        zero3 = inference_ds_config(ds_config, world_size=world_size(), dtype=dtype, where="ds_config")
+    zero3 = inference_ds_config(ds_config, dtype)
     with zero3_loading(zero3):
         lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=resolve_attn(
             cfg.model.attn_implementation, device, dtype))
     model = DualHeadModel(lm, **cfg.model.loss_options())
-    if is_partitioned(model):
-        from .distributed.engine import build_inference_engine
-
-        partition_the_rest(model, cast=False)
-        build_inference_engine(model, zero3)
-    else:
-        model.to(device)
+    place_for_inference(model, zero3, device)
     return model.eval(), tokenizer

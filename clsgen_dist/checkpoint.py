@@ -30,8 +30,9 @@ from .config import Config, ConfigError, dump_config, load_config
 from .distributed import barrier, is_main
 from .distributed.engine import full_state_dict
 from .modeling import DualHeadModel, load_tokenizer, resolve_model_path
-from .modeling.build import (add_cls_token, is_partitioned, load_backbone, partition_the_rest, resolve_attn,
-                             resolve_dtype, zero3_loading)
+from .distributed.engine import inference_ds_config, is_partitioned
+from .modeling.build import (add_cls_token, load_backbone, place_for_inference, resolve_attn, resolve_dtype,
+                             zero3_loading)
 
 log = logging.getLogger("clsgen_dist.checkpoint")
 
@@ -179,12 +180,7 @@ def load_checkpoint(path: str | Path, *, device: torch.device | str = "cpu", dty
     tdtype = resolve_dtype(dtype or cfg.model.dtype, device)
     attn = _inference_attn(attn_implementation, cfg.model.attn_implementation, device, tdtype)
     tokenizer = load_tokenizer(str(p))
-    zero3 = None
-    if ds_config is not None:
-        from .distributed import world_size
-        from .distributed.engine import inference_ds_config
-
-        zero3 = inference_ds_config(ds_config, world_size=world_size(), dtype=tdtype, where="ds_config")
+    zero3 = inference_ds_config(ds_config, tdtype)
     with zero3_loading(zero3 if cfg.model.quantization == "none" else None):
         if (p / "adapter_config.json").is_file():
             from peft import PeftModel
@@ -199,14 +195,8 @@ def load_checkpoint(path: str | Path, *, device: torch.device | str = "cpu", dty
     model = DualHeadModel(backbone, **cfg.model.loss_options())
     head = load_file(str(p / HEAD_NAME))
     model.cls_head.load_state_dict({k: v.float() for k, v in head.items()})
-    if is_partitioned(model):
-        from .distributed.engine import build_inference_engine
-
-        partition_the_rest(model, cast=False)
-        build_inference_engine(model, zero3)
-    else:
-        if zero3 is not None:
-            log.info("%s: a 4-bit base loads whole on every rank (there is no partitioned 4-bit load)", p)
-        model.to(device)
+    if zero3 is not None and not is_partitioned(model):
+        log.info("%s: a 4-bit base loads whole on every rank (there is no partitioned 4-bit load)", p)
+    place_for_inference(model, zero3, device)
     model.eval()
     return model, tokenizer, cfg

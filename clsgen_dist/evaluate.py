@@ -13,6 +13,7 @@ from .data import PromptEncoder, eval_batches
 from .data.prompts import Encoded
 from .fileio import write_json_atomic, write_jsonl_atomic
 from .distributed import all_gather_objects, all_reduce_sum, is_main, max_over_ranks, rank, world_size
+from .distributed.engine import is_partitioned
 from .metrics import classification_metrics, tune_threshold
 from .predict import parse_verdict, prefill_and_decode, sigmoid
 
@@ -74,7 +75,7 @@ def explain_examples(model, encoder: PromptEncoder, texts: dict[int, str], *, to
     mine = sorted(i for i in texts if i % world_size() == rank())
     chunks = [mine[s:s + batch_size] for s in range(0, len(mine), batch_size)]
     n = max_over_ranks(len(chunks), device)
-    lockstep = world_size() > 1 and any(hasattr(p, "ds_id") for p in model.parameters())
+    lockstep = world_size() > 1 and is_partitioned(model)
 
     def all_done(local: bool) -> bool:
         if not lockstep:

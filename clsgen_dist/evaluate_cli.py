@@ -83,15 +83,10 @@ def run_eval(args) -> dict:
     dev_ex = read(dev, getattr(args, "dev_limit", None)) if dev else None
     ds_config = None
     if getattr(args, "ds_config", None):
-        from .distributed.engine import load_ds_config, zero_stage
+        from .distributed.engine import load_ds_config, require_zero3_for_inference
 
         ds_config = load_ds_config(args.ds_config)
-        if zero_stage(ds_config) != 3:
-            from .config import ConfigError
-
-            raise ConfigError(f"--ds-config {args.ds_config}: evaluating a partitioned model needs a ZeRO-3 config "
-                              f"(zero_optimization.stage 3, e.g. ds_configs/zero3.json), got stage "
-                              f"{zero_stage(ds_config)}")
+        require_zero3_for_inference(ds_config, f"--ds-config {args.ds_config}")  # before any process group
     device = init_distributed()
     setup_logging()
     model, tokenizer, cfg, mode = _load(args, device, ds_config)

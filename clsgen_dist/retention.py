@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .distributed import all_reduce_sum, max_over_ranks, rank, world_size
+from .distributed.engine import is_partitioned
 
 log = logging.getLogger("clsgen_dist.retention")
 
@@ -72,8 +73,7 @@ def perplexity(causal_lm, windows: list[list[int]]) -> tuple[float, int]:
     device = next(causal_lm.parameters()).device
     acc = torch.zeros(2, dtype=torch.float64, device=device)
     mine = list(range(rank(), len(windows), world_size()))
-    partitioned = any(hasattr(p, "ds_id") for p in causal_lm.parameters())
-    n_forwards = max_over_ranks(len(mine), device) if partitioned else len(mine)
+    n_forwards = max_over_ranks(len(mine), device) if is_partitioned(causal_lm) else len(mine)
     for k in range(n_forwards):
         ids = torch.tensor([windows[mine[k] if k < len(mine) else 0]], device=device)
         logits = causal_lm(input_ids=ids, use_cache=False).logits[0, :-1].float()  # [w-1, V]: one window only
@@ -104,7 +104,7 @@ def _base_of(model, cfg, ds_config: dict | None = None):
     dtype = {torch.bfloat16: "bfloat16", torch.float32: "float32"}.get(p.dtype, cfg.model.dtype)
     attn = getattr(model.config, "_attn_implementation", None) or cfg.model.attn_implementation
     base_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype=dtype, attn_implementation=attn))
-    partitioned = hasattr(p, "ds_id")
+    partitioned = is_partitioned(model)
     base, _ = load_base_model(base_cfg, p.device, ds_config=ds_config if partitioned else None)
     try:
         yield base.causal_lm

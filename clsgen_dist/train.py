@@ -21,12 +21,13 @@ from .config import Config, ConfigError, dump_config
 from .data import PackedRows, PromptEncoder, read_examples
 from .distributed import all_reduce_sum, barrier, init_distributed, is_main, rank, world_size
 from .distributed.env import launched_rank, launched_world_size
-from .distributed.engine import build_engine, fill_ds_config, load_ds_config, zero_stage
+from .distributed.engine import (build_engine, fill_ds_config, full_numel, is_partitioned, load_ds_config,
+                                 local_param_bytes, zero_stage)
 from .logs import setup_logging
 from .evaluate import EvalStopped, dev_threshold, evaluate_split, write_results
 from .fileio import write_json_atomic
 from .modeling import build_model
-from .modeling.build import check_lm_logits, is_partitioned, resolve_dtype, resolve_model_path
+from .modeling.build import check_lm_logits, resolve_dtype, resolve_model_path
 from .predict import make_encoder
 from .fileio import check_output_path
 from .resume import (DONE, STOP, TRAINED, StopFlag, check_resume_settings, clear_earlier_run, fault_point,
@@ -412,8 +413,7 @@ def flop_counts(model) -> dict:
     the weights train, as MFU is usually quoted) + 6·L·H per squared example length for causal
     attention (the score and value matmuls, halved by the mask)."""
     c = model.config
-    # ds_numel: the full size of a ZeRO-3-partitioned parameter (numel() is its local shard)
-    n = sum(getattr(p, "ds_numel", p.numel()) for p in model.causal_lm.parameters())
+    n = sum(full_numel(p) for p in model.causal_lm.parameters())
     return {"flops_per_token": 6.0 * n, "attn_flops_per_sq": 6.0 * c.num_hidden_layers * c.hidden_size}
 
 
@@ -423,8 +423,7 @@ def load_memory(model) -> dict:
     resident set so far (host memory, which a whole-model load per rank fills first)."""
     import resource
 
-    held = sum((p.ds_tensor if hasattr(p, "ds_id") else p).numel() * p.element_size() for p in model.parameters())
-    return {"param_bytes": held, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    return {"param_bytes": local_param_bytes(model), "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
 def record_load_memory(out: Path, loaded: dict) -> None:

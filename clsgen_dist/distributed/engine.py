@@ -172,18 +172,27 @@ def build_engine(model: torch.nn.Module, cfg: Config, ds: dict):
     return engine
 
 
-def inference_ds_config(ds: dict, *, world_size: int, dtype: torch.dtype, where: str) -> dict:
-    """A copy of the ZeRO-3 JSON ``ds`` for evaluating a model partitioned over the ranks: no
-    optimizer or its offload, one row per rank (batch values play no part in inference), the
-    precision of ``dtype``. ConfigError unless it is stage 3: lower stages do not partition the
-    parameters, so every rank would hold the whole model anyway."""
+def require_zero3_for_inference(ds: dict, where: str) -> None:
+    """ConfigError unless ``ds`` is a ZeRO-3 config: lower stages do not partition the parameters,
+    so every rank would hold the whole model anyway."""
     if zero_stage(ds) != 3:
-        raise ConfigError(f"{where}: evaluating a partitioned model needs a ZeRO-3 DeepSpeed config "
-                          f"(zero_optimization.stage 3, e.g. ds_configs/zero3.json), got stage {zero_stage(ds)}; "
-                          f"without one every rank holds the whole model")
+        raise ConfigError(f"{where}: evaluating a partitioned model needs a ZeRO-3 config (zero_optimization.stage "
+                          f"3, e.g. ds_configs/zero3.json), got stage {zero_stage(ds)}; without one every rank "
+                          f"holds the whole model")
+
+
+def inference_ds_config(ds: dict | None, dtype: torch.dtype, *, where: str = "ds_config") -> dict | None:
+    """A copy of the ZeRO-3 JSON ``ds`` for evaluating a model partitioned over the ranks (None for
+    None): no optimizer or its offload, one row per rank (batch values play no part in inference),
+    the precision of ``dtype``. ConfigError unless it is stage 3."""
+    if ds is None:
+        return None
+    from .env import world_size
+
+    require_zero3_for_inference(ds, where)
     ds = {k: copy.deepcopy(v) for k, v in ds.items() if k not in ("optimizer", "scheduler", "gradient_clipping")}
     ds["zero_optimization"].pop("offload_optimizer", None)
-    ds.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1, train_batch_size=world_size,
+    ds.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1, train_batch_size=world_size(),
               bf16={"enabled": dtype == torch.bfloat16}, fp16={"enabled": dtype == torch.float16})
     ds.setdefault("steps_per_print", 10**9)
     leftover = [k for k, v in _walk(ds) if v == "auto"]
@@ -205,9 +214,8 @@ def build_inference_engine(model: torch.nn.Module, ds: dict):
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds)
     if is_main():
         log.info("model partitioned over %d ranks (ZeRO-3 inference): %s of %s parameters on this rank",
-                 n_ranks(),
-                 f"{sum(p.ds_tensor.numel() for p in model.parameters() if is_zero3_param(p)):,}",
-                 f"{sum(getattr(p, 'ds_numel', p.numel()) for p in model.parameters()):,}")
+                 n_ranks(), f"{sum(p.ds_tensor.numel() for p in model.parameters() if is_zero3_param(p)):,}",
+                 f"{sum(full_numel(p) for p in model.parameters()):,}")
     return engine
 
 
@@ -215,16 +223,34 @@ def is_zero3_param(p: torch.nn.Parameter) -> bool:
     return hasattr(p, "ds_id")
 
 
+def is_partitioned(module: torch.nn.Module) -> bool:
+    """Whether ``module`` holds ZeRO-3-partitioned parameters."""
+    return any(is_zero3_param(p) for p in module.parameters())
+
+
+def full_numel(p: torch.nn.Parameter) -> int:
+    """Elements of the whole parameter (a ZeRO-3 partition's ``numel()`` is 0 outside a gather)."""
+    return p.ds_numel if is_zero3_param(p) else p.numel()
+
+
+def local_param_bytes(module: torch.nn.Module) -> int:
+    """Bytes of parameter storage this rank holds for ``module``: its partitions under ZeRO-3,
+    every weight otherwise."""
+    return sum((p.ds_tensor if is_zero3_param(p) else p).numel() * p.element_size() for p in module.parameters())
+
+
 @contextmanager
-def gathered(params: list[torch.nn.Parameter]):
-    """Full values of (possibly ZeRO-3-partitioned) parameters inside the block, on every rank."""
+def gathered(params: list[torch.nn.Parameter], *, modifier_rank: int | None = None):
+    """Full values of (possibly ZeRO-3-partitioned) parameters inside the block, on every rank.
+    ``modifier_rank``: changes that rank makes inside the block are kept (partitioned again on
+    exit); with None the block must only read them."""
     z3 = [p for p in params if is_zero3_param(p)]
     if not z3:
         yield
         return
     import deepspeed
 
-    with deepspeed.zero.GatheredParameters(z3, modifier_rank=None):
+    with deepspeed.zero.GatheredParameters(z3, modifier_rank=modifier_rank):
         yield
 
 
@@ -249,7 +275,7 @@ def full_state_dict(module: torch.nn.Module, *, trainable_only: bool = False,
     budget, used = 256 * 2**20, 0
     for n, p in named:
         group.append((n, p))
-        used += (p.ds_numel if is_zero3_param(p) else p.numel()) * p.element_size()
+        used += full_numel(p) * p.element_size()
         if used > budget:
             flush()
             used = 0

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError, ModelConfig
+from ..distributed.engine import full_numel, gathered, is_partitioned, is_zero3_param
 from .attention import register as _register_attention
 from .attention import flash_attn_available, torch_varlen_available
 from .dual_head import DualHeadModel
@@ -91,24 +92,10 @@ def add_cls_token(backbone, tokenizer, token: str, *, base_vocab: int | None = N
         emb = backbone.get_input_embeddings().weight
         out = backbone.get_output_embeddings()
         rows = [emb] + ([out.weight] if out is not None and out.weight is not emb else [])
-        with _modified(rows), torch.no_grad():
+        with gathered(rows, modifier_rank=0), torch.no_grad():
             for w in rows:
                 w[tid] = w[:base_vocab].mean(0)
     return tid
-
-
-@contextmanager
-def _modified(params: list[torch.nn.Parameter]):
-    """Full values of ``params`` inside the block; changes made there are kept. For ZeRO-3
-    partitions: gathered on every rank, and rank 0's values are partitioned again on exit."""
-    z3 = [p for p in params if hasattr(p, "ds_id")]
-    if not z3:
-        yield
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(z3, modifier_rank=0):
-        yield
 
 
 @contextmanager
@@ -304,13 +291,9 @@ def build_model(cfg: ModelConfig, *, device: torch.device | str = "cpu", model_p
         model.to(device)
     log.info("model: %s (%s, attn=%s, finetune=%s, quantization=%s%s), trainable %s / %s params", path, dtype, attn,
              cfg.finetune, cfg.quantization, ", loaded partitioned (ZeRO-3)" if partitioned else "",
-             f"{sum(_full_numel(p) for p in model.parameters() if p.requires_grad):,}",
-             f"{sum(_full_numel(p) for p in model.parameters()):,}")
+             f"{sum(full_numel(p) for p in model.parameters() if p.requires_grad):,}",
+             f"{sum(full_numel(p) for p in model.parameters()):,}")
     return model, tokenizer
-
-
-def _full_numel(p: torch.nn.Parameter) -> int:
-    return getattr(p, "ds_numel", p.numel())  # a ZeRO-3 partition's numel() is its local share
 
 
 def partition_the_rest(model: torch.nn.Module, *, cast: bool = True) -> None:
@@ -322,8 +305,8 @@ def partition_the_rest(model: torch.nn.Module, *, cast: bool = True) -> None:
     that no rank holds a whole (vocabulary x hidden) matrix until then. ``cast=False`` (inference,
     no optimizer) keeps each parameter's dtype: the fp32 head stays fp32."""
     params = list(model.parameters())
-    anchor = next(p for p in params if hasattr(p, "ds_id"))
-    whole = [p for p in params if not hasattr(p, "ds_id")]
+    anchor = next(p for p in params if is_zero3_param(p))
+    whole = [p for p in params if not is_zero3_param(p)]
     for p in whole:
         if cast and p.dtype.is_floating_point and p.dtype != anchor.dtype:
             p.data = p.data.to(anchor.dtype)  # the head still computes in fp32 (ClsHead)
@@ -331,6 +314,15 @@ def partition_the_rest(model: torch.nn.Module, *, cast: bool = True) -> None:
         anchor.convert_to_zero_parameters(param_list=whole)
 
 
-def is_partitioned(module: torch.nn.Module) -> bool:
-    """Whether ``module`` holds ZeRO-3-partitioned parameters (built under ``zero.Init``)."""
-    return any(hasattr(p, "ds_id") for p in module.parameters())
+def place_for_inference(model: DualHeadModel, zero3: dict | None, device: torch.device) -> None:
+    """A model loaded for inference onto its device: a partitioned one (loaded under
+    :func:`zero3_loading` with ``zero3``, an :func:`~clsgen_dist.distributed.engine.inference_ds_config`)
+    gets its remaining parameters partitioned, in their own dtype (the fp32 head stays fp32), and a
+    DeepSpeed inference engine that gathers each module's weights for its forward."""
+    if is_partitioned(model):
+        from ..distributed.engine import build_inference_engine
+
+        partition_the_rest(model, cast=False)
+        build_inference_engine(model, zero3)
+    else:
+        model.to(device)

@@ -29,7 +29,8 @@ from clsgen_dist.config import ConfigError, load_config  # noqa: E402
 from clsgen_dist.distributed import init_distributed, rank, world_size  # noqa: E402
 from clsgen_dist.distributed.engine import build_engine, fill_ds_config, full_state_dict  # noqa: E402
 from clsgen_dist.modeling import build_model  # noqa: E402
-from clsgen_dist.modeling.build import check_lm_logits, is_partitioned, zero3_loading  # noqa: E402
+from clsgen_dist.distributed.engine import full_numel, is_partitioned  # noqa: E402
+from clsgen_dist.modeling.build import check_lm_logits, zero3_loading  # noqa: E402
 from clsgen_dist.modeling.dual_head import DualHeadModel  # noqa: E402
 
 # name: (model, overrides); "padded" is untied with spare vocabulary rows: the cls token takes one
@@ -55,7 +56,7 @@ def build(cfg, ds, device, *, partitioned: bool):
     model, tok = build_model(cfg.model, device=device, seed=cfg.train.seed, zero3=ds if partitioned else None)
     assert is_partitioned(model) == partitioned
     held = sum((p.ds_tensor if hasattr(p, "ds_id") else p).numel() for p in model.parameters())
-    full = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    full = sum(full_numel(p) for p in model.parameters())
     engine = build_engine(model, cfg, ds)
     return engine, tok, held, full
 
