@@ -7,7 +7,8 @@
 Every variant runs in its own subprocess: ``build_model`` (the project's loader, so QLoRA is exactly
 what ``model.quantization=nf4`` trains) + ``--steps`` training steps on one fixed packed row of
 ``--seq`` tokens (fused loss forward, backward, optimizer step). The optimizer is the one
-``build_engine`` picks: torch AdamW, except bitsandbytes ``PagedAdamW8bit`` for QLoRA on CUDA.
+``build_engine`` picks (``train.optimizer=auto``): torch AdamW, except bitsandbytes ``PagedAdamW8bit``
+for QLoRA on CUDA; ``full_fp32_8bit`` names ``adamw_8bit``.
 Gradient checkpointing is on in every variant (QLoRA forces it), so the differences are weights,
 gradients and optimizer state rather than activations.
 
@@ -17,6 +18,7 @@ Variants:
   full_fp32   full fine-tuning, fp32 weights + AdamW: 16 bytes/parameter, what a bf16 mixed-precision
               engine also holds (bf16 weights and gradients, fp32 master weights and moments)
   qlora_fp32  (CPU only) QLoRA as CPU runs of this project compute it: fp32, embeddings fp32
+  full_fp32_8bit  full_fp32 with ``train.optimizer=adamw_8bit``: 8-bit moments, 10 bytes/parameter
 
 Measured per variant:
   weights     bytes of the loaded backbone (4-bit weights + their quantization constants), and of
@@ -53,12 +55,14 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 DEFAULT_JSONL = HERE / "qlora_memory_results.jsonl"
 DEFAULT_MD = HERE / "qlora_memory.md"
-VARIANTS = {"cpu": ["qlora", "lora_bf16", "full_fp32", "qlora_fp32"], "cuda": ["qlora", "lora_bf16", "full_fp32"]}
+VARIANTS = {"cpu": ["qlora", "lora_bf16", "full_fp32", "qlora_fp32", "full_fp32_8bit"],
+            "cuda": ["qlora", "lora_bf16", "full_fp32", "full_fp32_8bit"]}
 OVERRIDES = {
     "qlora": ["model.quantization=nf4", "model.dtype=bfloat16"],
     "qlora_fp32": ["model.quantization=nf4", "model.dtype=float32"],
     "lora_bf16": ["model.finetune=lora", "model.dtype=bfloat16"],
     "full_fp32": ["model.finetune=full", "model.dtype=float32"],
+    "full_fp32_8bit": ["model.finetune=full", "model.dtype=float32", "train.optimizer=adamw_8bit"],
 }
 MiB = 2**20
 
@@ -124,7 +128,7 @@ def _worker(args) -> dict:
 
     import bitsandbytes  # noqa: F401  (imported before the baseline, like every other library)
     from clsgen_dist.config import load_config
-    from clsgen_dist.distributed.engine import param_groups
+    from clsgen_dist.distributed.engine import make_optimizer, param_groups, resolve_optimizer
     from clsgen_dist.modeling import build_model
 
     torch.manual_seed(0)
@@ -142,13 +146,7 @@ def _worker(args) -> dict:
     res = weight_bytes(model.causal_lm)
     res["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     b = _batch(cfg, tok, args.seq).to(device)
-    groups = param_groups(model, cfg)
-    if cuda and cfg.model.quantization != "none":
-        import bitsandbytes as bnb
-
-        opt = bnb.optim.PagedAdamW8bit(groups, lr=1e-4)
-    else:
-        opt = torch.optim.AdamW(groups, lr=1e-4)
+    opt = make_optimizer(resolve_optimizer(cfg, cuda), param_groups(model, cfg), lr=1e-4)
     model.train()
     if not cuda:
         import ctypes

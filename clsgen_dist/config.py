@@ -46,8 +46,8 @@ class ModelConfig:
     bitsandbytes (double quantization; computed in ``dtype``: bf16 on CUDA, fp32 on CPU), LoRA
     adapts every one of them (``finetune`` must be ``lora``), embeddings and norms stay in ``dtype``
     and frozen, the head trains in fp32, gradient checkpointing is on whatever
-    ``gradient_checkpointing`` says, and the optimizer is bitsandbytes' paged 8-bit AdamW on CUDA
-    (torch AdamW on CPU). The packed 4-bit weights are stored as elements of ``dtype``
+    ``gradient_checkpointing`` says, and ``train.optimizer=auto`` is bitsandbytes' paged 8-bit AdamW
+    on CUDA (torch AdamW on CPU). The packed 4-bit weights are stored as elements of ``dtype``
     (``bnb_4bit_quant_storage``), which lets ZeRO-3 partition them like any weight (QLoRA x ZeRO-3)
     and DeepSpeed's bf16 cast leave them alone. ``launch/export.py`` merges the adapter into a
     16-bit model."""
@@ -189,6 +189,16 @@ class TrainConfig:
     weight_decay: float = 0.0
     """AdamW weight decay of the backbone's trainable matrices; norm gains, biases and the
     classification head are not decayed."""
+    optimizer: str = "auto"
+    """``adamw_torch`` (torch AdamW: fp32 moments, 8 bytes per trainable parameter), ``adamw_8bit``
+    (bitsandbytes' AdamW8bit: blockwise-quantized 8-bit moments, 2 bytes per parameter; tensors of
+    under 4,096 elements keep fp32 moments), ``paged_adamw_8bit`` (the same in paged CUDA unified
+    memory, which is evicted to the host under memory pressure instead of failing; bitsandbytes runs
+    it unpaged on CPU) or ``auto``: ``paged_adamw_8bit`` for QLoRA (``model.quantization=nf4``) on
+    CUDA, else ``adamw_torch``. A ``ds_config`` that names its own ``optimizer`` block
+    (``zero3_offload.json``: DeepSpeed's CPU Adam) is used instead of ``auto``; choosing one here as
+    well is an error. Under ZeRO-1/2/3 a run with 8-bit states resumes on its own number of ranks
+    (DeepSpeed's conversion to another count reads fp32 Adam moments)."""
     warmup_steps: int = 0
     lr_scheduler: str = "cosine"
     """``cosine``, ``linear`` or ``constant`` (after warm-up)."""
@@ -219,6 +229,7 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         _choice("train.lr_scheduler", self.lr_scheduler, ("cosine", "linear", "constant"))
+        _choice("train.optimizer", self.optimizer, ("auto", "adamw_torch", "adamw_8bit", "paged_adamw_8bit"))
         _number("train.learning_rate", self.learning_rate, low=0, low_open=True)
         if self.head_learning_rate is not None:
             _number("train.head_learning_rate", self.head_learning_rate, low=0)

@@ -33,6 +33,7 @@ import torch
 
 from .config import ConfigError
 from .distributed import barrier, is_main, rank, world_size
+from .distributed.engine import EIGHT_BIT, resolve_optimizer
 
 log = logging.getLogger("clsgen_dist.resume")
 
@@ -173,6 +174,7 @@ def training_settings(cfg, ranks: int | None = None, train_data_sha256: str | No
 
     walk(json.loads(json.dumps(cfg.to_dict())), "")
     out = {k: v for k, v in flat.items() if k not in _FREE_KEYS and not k.startswith("eval.")}
+    out["train.optimizer"] = resolve_optimizer(cfg)  # what auto means here: QLoRA's differs on CPU and GPU
     t = cfg.train
     out["rows_per_step"] = t.micro_batch_size * t.gradient_accumulation_steps * (ranks or world_size())
     if train_data_sha256 is not None:
@@ -211,8 +213,10 @@ def check_resume_settings(ckpt: Path, cfg, ranks: int, zero_stage: int | None = 
     new = training_settings(cfg, ranks, train_data_sha256)
     # the data's content decides when both sides know it; else (an older checkpoint) its path does
     ignore = {"data.train_file"} if "train_data_sha256" in old.keys() & new.keys() else {"train_data_sha256"}
+    if "train.optimizer" not in old:  # recorded since train.optimizer exists; before, it followed from the rest
+        ignore.add("train.optimizer")
     if training_done:
-        ignore.add("rows_per_step")
+        ignore |= {"rows_per_step", "train.optimizer"}  # no step is left
     diff = [k for k in sorted(old.keys() | new.keys()) if k not in ignore and old.get(k) != new.get(k)]
     if diff:
         shown = "; ".join(f"{k}={old.get(k)!r} there, {new.get(k)!r} now" for k in diff[:5])
@@ -222,6 +226,13 @@ def check_resume_settings(ckpt: Path, cfg, ranks: int, zero_stage: int | None = 
             hint += " (the training data's content changed: rows added, removed, edited or reordered)"
         raise ConfigError(f"resume: {ckpt} was trained with other settings ({shown}{'; …' if len(diff) > 5 else ''})"
                           f"{hint}. Resume with the run's own settings (its config.yaml), or start a new output_dir")
+    saved_ranks = state.get("world_size") if ckpt.is_dir() else None
+    if not training_done and saved_ranks not in (None, ranks) and saved_stage and new["train.optimizer"] in EIGHT_BIT:
+        raise ConfigError(f"resume: {ckpt} was saved by {saved_ranks} ranks under ZeRO stage {saved_stage} with "
+                          f"train.optimizer={new['train.optimizer']}, and this run has {ranks}: DeepSpeed's "
+                          f"conversion to another number of ranks (the universal checkpoint) reads AdamW's fp32 "
+                          f"moments, which the 8-bit optimizer does not have (it keeps blockwise-quantized ones of "
+                          f"each rank's slice). Resume on {saved_ranks} ranks")
 
 
 # Written last by a run that finished (final checkpoint saved, test split evaluated).
@@ -263,7 +274,10 @@ def save_training_state(engine, out: Path, step: int, *, zero_stage: int, keep: 
         if path.exists():  # an incomplete leftover of a killed save with the same step
             shutil.rmtree(path)
     barrier()
-    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+    # Frozen weights (a LoRA or QLoRA base) are left out, as HF Trainer does for peft models: the
+    # resumed run builds them again from the base model, identically, and each checkpoint holds the
+    # adapters, the head and the optimizer state instead of another copy of the backbone.
+    engine.save_checkpoint(str(root), tag=tag, save_latest=False, exclude_frozen_parameters=True)
     torch.save(_rng_state(), path / f"rng_rank{rank()}.pt")
     fault_point("during_save", step)
     barrier()
@@ -334,7 +348,7 @@ def load_training_state(engine, ckpt: Path) -> int:
     hyper = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr", "step")}
              for g in opt.param_groups] if universal else None  # before the load overwrites them
     load_path, _ = engine.load_checkpoint(str(src.parent), tag=src.name, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
+                                          load_lr_scheduler_states=True, custom_load_fn=_load_module_state)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {src}")
     if universal:
@@ -343,6 +357,32 @@ def load_training_state(engine, ckpt: Path) -> int:
     if rng.is_file() and state["world_size"] == world_size():
         _set_rng_state(torch.load(rng, weights_only=False))
     return int(state["step"])
+
+
+def _quant_state_keys(model: torch.nn.Module) -> set[str]:
+    """The state-dict entries that bitsandbytes' 4-bit layers write next to each packed weight (block
+    scales, code book, packed metadata: ``...weight.absmax`` etc.) and that their loading does not
+    take back."""
+    keys = set()
+    for name, m in model.named_modules():
+        qs = getattr(getattr(m, "weight", None), "quant_state", None)
+        if qs is not None and hasattr(qs, "as_dict"):
+            keys |= {f"{name}.weight.{k}" if name else f"weight.{k}" for k in qs.as_dict(packed=True)}
+    return keys
+
+
+def _load_module_state(src: dict, dst: torch.nn.Module) -> None:
+    """DeepSpeed's module load, strict except for what the model was built with already: frozen
+    parameters (left out of the checkpoint, see :func:`save_training_state`) and the quantization
+    state of 4-bit weights, which bitsandbytes writes into a state dict but does not load back (the
+    frozen 4-bit weights are quantized again, identically, when the model is built from its base)."""
+    result = dst.load_state_dict(src, strict=False)
+    frozen = {n for n, p in dst.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    missing = sorted(set(result.missing_keys) - frozen)
+    unexpected = sorted(set(result.unexpected_keys) - _quant_state_keys(dst))
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint module state does not match the model: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}")
 
 
 def _repair_universal_groups(opt, hyper: list[dict], scheduler) -> None:

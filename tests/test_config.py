@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from clsgen_dist.config import ConfigError, load_config
-from clsgen_dist.distributed.engine import fill_ds_config, lr_lambda
+from clsgen_dist.distributed.engine import fill_ds_config, lr_lambda, make_optimizer, resolve_optimizer
+from clsgen_dist.resume import STATE, check_resume_settings, training_settings
 from tests.integration._run import REPO
 
 
@@ -28,6 +29,7 @@ def test_yaml_then_overrides(tmp_path):
     ("resume=maybe", "resume: expected true, false or auto"),
     ("train", "expected key=value"),
     ("model.loss_grad_mode=lazy", "model.loss_grad_mode: expected one of"),
+    ("train.optimizer=adamw_4bit", "train.optimizer: expected one of"),
     # 0 and 1 equal False and True: refused rather than taken for the other one
     ("resume=0", "resume: expected true, false or auto, got 0"),
     ("resume=1", "resume: expected true, false or auto, got 1"),
@@ -155,6 +157,88 @@ def test_ds_conflicting_value_is_an_error():
     ds = json.loads((REPO / "ds_configs/zero2.json").read_text()) | {"gradient_accumulation_steps": 4}
     with pytest.raises(ConfigError, match="gradient_accumulation_steps = 4 conflicts with the run config"):
         fill_ds_config(ds, cfg, world_size=1, dtype=torch.float32)
+
+
+def test_optimizer_auto_is_paged_8bit_only_for_qlora_on_cuda():
+    def resolved(*over, cuda):
+        return resolve_optimizer(load_config(None, list(over)), cuda)
+
+    assert resolved("model.quantization=nf4", cuda=True) == "paged_adamw_8bit"
+    assert resolved("model.quantization=nf4", cuda=False) == "adamw_torch"
+    assert resolved(cuda=True) == "adamw_torch"
+    assert resolved("train.optimizer=adamw_8bit", cuda=False) == "adamw_8bit"
+    assert resolved("model.quantization=nf4", "train.optimizer=adamw_torch", cuda=True) == "adamw_torch"
+
+
+def test_make_optimizer_passes_the_groups_and_hyperparameters():
+    """The bitsandbytes optimizers get each group's own lr and weight decay: with 8-bit states (tensors
+    of >= 4,096 elements) three steps move the weights as torch AdamW's do, group by group, up to the
+    quantization error (about 1% on average; single elements with a tiny second moment stray more).
+    A lost lr (10x apart) or weight decay (half the step of group 0) would be far outside."""
+    pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    w = [torch.randn(64, 128), torch.randn(128, 64)]
+    grads = [torch.randn_like(x) for x in w]
+    kw = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    out = {}
+    for name in ("adamw_torch", "adamw_8bit", "paged_adamw_8bit"):
+        ps = [torch.nn.Parameter(x.clone()) for x in w]
+        opt = make_optimizer(name, [{"params": [ps[0]], "lr": 1e-2, "weight_decay": 0.5},
+                                    {"params": [ps[1]], "lr": 1e-3, "weight_decay": 0.0}], **kw)
+        for _ in range(3):
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+            opt.step()
+        out[name] = [p.detach() for p in ps]
+        if name != "adamw_torch":
+            assert opt.state[ps[0]]["state1"].dtype == torch.uint8  # 8-bit moments
+    for name in ("adamw_8bit", "paged_adamw_8bit"):
+        for i, (a, b, x) in enumerate(zip(out[name], out["adamw_torch"], w)):
+            moved = (b - x).abs().mean()  # 3 steps of ~lr each (+ decay on group 0)
+            assert (a - b).abs().mean() < 0.03 * moved, (name, i, (a - b).abs().mean() / moved)
+            assert not torch.equal(a, b)
+
+
+def test_ds_optimizer_choices_are_checked_before_the_model_is_built():
+    ds_off = json.loads((REPO / "ds_configs/zero3_offload.json").read_text())
+    with pytest.raises(ConfigError, match="names its own optimizer \\('AdamW'\\) and train.optimizer=adamw_8bit"):
+        fill_ds_config(ds_off, load_config(None, ["train.optimizer=adamw_8bit"]), world_size=1, dtype=torch.float32)
+    fill_ds_config(ds_off, load_config(None, []), world_size=1, dtype=torch.float32)  # auto: the JSON's CPU Adam
+    no_block = {k: v for k, v in ds_off.items() if k != "optimizer"}
+    with pytest.raises(ConfigError, match="offloads the optimizer .* but has no 'optimizer' block"):
+        fill_ds_config(no_block, load_config(None, []), world_size=1, dtype=torch.float32)
+    fill_ds_config(no_block | {"zero_force_ds_cpu_optimizer": False}, load_config(None, []), world_size=1,
+                   dtype=torch.float32)  # the user's explicit choice
+
+
+def test_resume_compares_the_resolved_optimizer(tmp_path):
+    """The optimizer a checkpoint trained with is part of its settings (auto resolved: a QLoRA run's
+    differs between a GPU and a CPU); older checkpoints without it still resume; a checkpoint of 8-bit
+    states saved by 2 ZeRO ranks is refused on 1 with the reason (the universal conversion needs fp32
+    Adam moments)."""
+    cfg = load_config(None, ["train.optimizer=adamw_8bit"])
+    ckpt = tmp_path / "step-00000003"
+    ckpt.mkdir()
+
+    def save(settings, ranks=1, stage=2):
+        (ckpt / STATE).write_text(json.dumps({"step": 3, "world_size": ranks, "zero_stage": stage,
+                                              "settings": settings}))
+
+    settings = training_settings(cfg, 1)
+    assert settings["train.optimizer"] == "adamw_8bit"
+    save(settings)
+    check_resume_settings(ckpt, cfg, 1, 2)
+    with pytest.raises(ConfigError, match="train.optimizer='adamw_8bit' there, 'adamw_torch' now"):
+        check_resume_settings(ckpt, load_config(None, []), 1, 2)
+    save({k: v for k, v in training_settings(load_config(None, []), 1).items() if k != "train.optimizer"})
+    check_resume_settings(ckpt, load_config(None, []), 1, 2)  # written before the key existed
+    save(training_settings(cfg, 2), ranks=2)
+    two = load_config(None, ["train.optimizer=adamw_8bit", "train.gradient_accumulation_steps=2"])
+    with pytest.raises(ConfigError, match="saved by 2 ranks under ZeRO stage 2 with train.optimizer=adamw_8bit, "
+                                          "and this run has 1.*Resume on 2 ranks"):
+        check_resume_settings(ckpt, two, 1, 2)
+    save(training_settings(cfg, 2), ranks=2, stage=0)
+    check_resume_settings(ckpt, two, 1, 0)  # stage 0: every rank holds the whole state
 
 
 def test_lr_schedule_shapes():

@@ -51,6 +51,16 @@ def fill_ds_config(ds: dict, cfg: Config, *, world_size: int, dtype: torch.dtype
     if zero.get("stage") == "auto":
         raise ConfigError(f"{where}.zero_optimization.stage must be set explicitly (0-3)")
     opt = ds.get("optimizer")
+    if opt is not None and t.optimizer != "auto":
+        raise ConfigError(f"{where} names its own optimizer ({opt.get('type')!r}) and train.optimizer={t.optimizer}; "
+                          f"keep one: remove the JSON's 'optimizer' block, or set train.optimizer=auto")
+    offload = (zero.get("offload_optimizer") or {}).get("device", "none") if isinstance(zero, dict) else "none"
+    if opt is None and offload not in (None, "none") and ds.get("zero_force_ds_cpu_optimizer", True):
+        # what DeepSpeed would refuse after the model is built, with a traceback
+        raise ConfigError(f"{where} offloads the optimizer (zero_optimization.offload_optimizer.device={offload!r}) "
+                          f"but has no 'optimizer' block: the offloaded step is DeepSpeed's CPU Adam, built from "
+                          f"that block (see ds_configs/zero3_offload.json), not train.optimizer="
+                          f"{resolve_optimizer(cfg)}")
     if opt is not None:
         params = opt.setdefault("params", {})
         _fill(params, "lr", t.learning_rate, f"{where}.optimizer.params")
@@ -99,6 +109,37 @@ def zero_stage(ds: dict) -> int:
     return stage
 
 
+# train.optimizer values that are bitsandbytes 8-bit optimizers
+EIGHT_BIT = ("adamw_8bit", "paged_adamw_8bit")
+
+
+def resolve_optimizer(cfg: Config, cuda: bool | None = None) -> str:
+    """``cfg.train.optimizer`` with ``auto`` resolved: ``paged_adamw_8bit`` for QLoRA on CUDA (``cuda``:
+    this process trains on a GPU; default ``torch.cuda.is_available()``, as ``init_distributed``
+    decides), else ``adamw_torch``."""
+    name = cfg.train.optimizer
+    if name != "auto":
+        return name
+    if cuda is None:
+        cuda = torch.cuda.is_available()
+    return "paged_adamw_8bit" if cfg.model.quantization != "none" and cuda else "adamw_torch"
+
+
+def make_optimizer(name: str, groups: list[dict], **kw) -> torch.optim.Optimizer:
+    """The optimizer ``name`` (a resolved ``train.optimizer``) over ``groups``."""
+    if name == "adamw_torch":
+        return torch.optim.AdamW(groups, **kw)
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise ConfigError(f"train.optimizer={name} needs bitsandbytes (pip install bitsandbytes)") from None
+    if name == "adamw_8bit":
+        return bnb.optim.AdamW8bit(groups, **kw)
+    if name == "paged_adamw_8bit":
+        return bnb.optim.PagedAdamW8bit(groups, **kw)  # on CPU bitsandbytes warns and keeps them unpaged
+    raise ValueError(name)
+
+
 def lr_lambda(cfg: Config):
     t = cfg.train
 
@@ -137,10 +178,10 @@ def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
 
 
 def build_engine(model: torch.nn.Module, cfg: Config, ds: dict):
-    """``deepspeed.initialize`` with our optimizer (unless the JSON names one) and LR schedule. Our
-    optimizer is torch AdamW, or bitsandbytes' PagedAdamW8bit for QLoRA on CUDA. A 4-bit model needs
-    nothing else: ZeRO-1/2 only shard the trainable (LoRA, head) parameters, and ZeRO-3 partitions the
-    packed 4-bit weights like any other since they are stored in the compute dtype (modeling/build.py)."""
+    """``deepspeed.initialize`` with our optimizer (``train.optimizer``, unless the JSON names one) and
+    LR schedule. A 4-bit model needs nothing else: ZeRO-1/2 only shard the trainable (LoRA, head)
+    parameters, and ZeRO-3 partitions the packed 4-bit weights like any other since they are stored
+    in the compute dtype (modeling/build.py)."""
     import deepspeed
 
     if zero_stage(ds) == 3:
@@ -153,19 +194,13 @@ def build_engine(model: torch.nn.Module, cfg: Config, ds: dict):
     groups = param_groups(model, cfg)
     optimizer = None
     if "optimizer" not in ds:
-        kw = dict(lr=cfg.train.learning_rate, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.train.weight_decay)
-        if cfg.model.quantization != "none" and next(model.parameters()).is_cuda:
-            import bitsandbytes as bnb
-
-            # QLoRA: 8-bit blockwise Adam states in paged (unified) memory, evicted to the host under
-            # memory pressure instead of failing with an out-of-memory error.
-            optimizer = bnb.optim.PagedAdamW8bit(groups, **kw)
-            if zero_stage(ds) > 0:
-                # ZeRO accepts only the optimizers it knows; set here (it follows from the run config),
-                # so the ds_config.json written to output_dir does not show it
-                ds = {**ds, "zero_allow_untested_optimizer": True}
-        else:
-            optimizer = torch.optim.AdamW(groups, **kw)
+        name = resolve_optimizer(cfg, next(model.parameters()).is_cuda)
+        optimizer = make_optimizer(name, groups, lr=cfg.train.learning_rate, betas=(0.9, 0.999), eps=1e-8,
+                                   weight_decay=cfg.train.weight_decay)
+        if name in EIGHT_BIT and zero_stage(ds) > 0:
+            # ZeRO accepts only the optimizers it knows; set here (it follows from the run config),
+            # so the ds_config.json written to output_dir does not show it
+            ds = {**ds, "zero_allow_untested_optimizer": True}
     engine, optimizer, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, model_parameters=groups if optimizer is None else None, config=ds,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
