@@ -14,7 +14,7 @@
 # Then benchmarks/qlora_gpu_check.py run: a random-weight SmolLM2-135M, `launch/train.py
 # model.quantization=nf4` (ZeRO-2, one process) and the same under `deepspeed --num_gpus 1` with
 # ds_configs/zero3.json, export, eval of adapter vs merged. Writes summary.json / summary.md and the
-# logs to $OUT. Expected ~4 min; hard limit 8 min.
+# logs to $OUT, and a run killed after its mid-run checkpoint and resumed. Expected ~5 min; hard limit 8 min.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-outputs/gpu_qlora}

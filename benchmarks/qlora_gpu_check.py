@@ -14,6 +14,9 @@ default Rotten Tomatoes splits with the teacher rationales the default trains on
      default ``ds_config``), bf16 compute on CUDA, paged 8-bit AdamW;
   2. ``deepspeed --num_gpus 1 launch/train.py ... ds_config=ds_configs/zero3.json`` -- QLoRA x
      ZeRO-3 under the DeepSpeed launcher (the 4-bit weights stored as bf16 elements);
+  2b. run 1 again, SIGKILLed after the step following its mid-run checkpoint (``train.save_every``),
+     then ``resume=true``: the resumed losses are compared with run 1's (periodic checkpoints hold
+     the adapter, head and 8-bit optimizer states, not the 4-bit base);
   3. ``launch/export.py`` on run 1's checkpoint (LoRA merged into the dequantized 16-bit base);
   4. ``launch/eval.py`` on run 1's adapter checkpoint and on the merged export: the per-example
      probabilities of the two are compared.
@@ -87,11 +90,15 @@ def _random_model(assets: Path, out: Path, seed: int) -> Path:
     return dst
 
 
-def _run(name: str, cmd: list[str], out: Path, env: dict) -> dict:
+def _run(name: str, cmd: list[str], out: Path, env: dict, *, killed: bool = False) -> dict:
+    """Run one command; ``killed``: it is meant to die (a fault injected), so a non-zero exit is
+    recorded as rc 0 and a clean exit as a failure."""
     t0 = time.time()
     log = out / f"{name}.log"
     with open(log, "w") as fh:
         rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT).returncode
+    if killed:
+        rc = 0 if rc != 0 else 1
     rec = {"step": name, "cmd": " ".join(cmd), "rc": rc, "wall_s": round(time.time() - t0, 1)}
     print(f"[{name}] rc={rc} {rec['wall_s']} s  (log: {log})", flush=True)
     if rc:
@@ -146,7 +153,8 @@ def run(args) -> int:
         f"data.train_file={data / 'train.jsonl'}", f"data.dev_file={data / 'dev.jsonl'}",
         f"data.test_file={data / 'test.jsonl'}", f"train.max_steps={args.steps}", f"train.eval_every={args.steps}",
         f"eval.explain_limit={args.explain}", f"data.train_limit={args.train_limit}",
-        f"data.dev_limit={args.eval_limit}", f"data.test_limit={args.eval_limit}", "overwrite=true", *args.set,
+        f"data.dev_limit={args.eval_limit}", f"data.test_limit={args.eval_limit}", "overwrite=true",
+        f"train.save_every={max(1, args.steps // 2)}", *args.set,
     ]  # fmt: skip
     py = sys.executable
     results = []
@@ -160,6 +168,19 @@ def run(args) -> int:
         rec = _run(name, cmd, out, env)
         rec.update(_train_facts(out / name))
         results.append(rec)
+    # 2b: killed after the step that follows the mid-run checkpoint, then resumed
+    half = max(1, args.steps // 2)
+    resumed = [py, "launch/train.py", *common, f"output_dir={out / 'resumed'}"]
+    results.append(_run("zero2_killed", resumed, out, env | {"CLSGEN_FAULT": f"after_step:{half + 1}"}, killed=True))
+    rec = _run("zero2_resumed", [*resumed, "resume=true"], out, env)
+    rec.update(_train_facts(out / "resumed"))
+    a, b = (out / "zero2" / "train_log.jsonl"), (out / "resumed" / "train_log.jsonl")
+    if a.exists() and b.exists():
+        la = [json.loads(x)["loss"] for x in a.read_text().splitlines() if x.strip()]
+        lb = [json.loads(x)["loss"] for x in b.read_text().splitlines() if x.strip()]
+        rec["resumed_steps_match"] = len(la) == len(lb)
+        rec["resumed_max_rel_loss_diff"] = max((abs(x - y) / max(abs(x), 1e-12) for x, y in zip(la, lb)), default=None)
+    results.append(rec)
     ckpt = out / "zero2" / "final"
     results.append(_run("export", [py, "launch/export.py", "--checkpoint", str(ckpt), "--output", str(out / "merged")],
                         out, env))
@@ -180,6 +201,9 @@ def run(args) -> int:
     failures = [r["step"] for r in results if r["rc"] != 0]
     failures += [f"{r['step']}: loss did not fall" for r in results if r.get("loss_falls") is False]
     failures += [f"{r['step']}: checkpoint not adapter-only" for r in results if r.get("adapter_only") is False]
+    failures += [f"{r['step']}: resumed run's steps differ" for r in results if r.get("resumed_steps_match") is False]
+    failures += [f"{r['step']}: resumed losses differ by {r['resumed_max_rel_loss_diff']:.2e} (> 1e-2)"
+                 for r in results if (r.get("resumed_max_rel_loss_diff") or 0) > 1e-2]
     summary["failures"] = failures
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     lines = [f"# QLoRA check — {summary['gpu'] or 'CPU'}, torch {summary['torch']}, {args.steps} steps", "",
@@ -190,6 +214,9 @@ def run(args) -> int:
         step_s = f"{r['median_step_s']:.2f}" if r.get("median_step_s") else "–"
         auroc = f"{r['test']['auroc']:.3f}" if r.get("test", {}).get("auroc") is not None else "–"
         lines.append(f"| {r['step']} | {r['rc']} | {r['wall_s']} | {loss} | {step_s} | {r.get('optimizer') or '–'} | {auroc} |")
+    res = next((r for r in results if r["step"] == "zero2_resumed"), {})
+    lines += ["", f"killed + resumed vs uninterrupted zero2, max relative loss difference over the steps: "
+              f"{res.get('resumed_max_rel_loss_diff')}"]
     lines += ["", f"merged export vs adapter, max |Δp| over {summary.get('n_compared')} test examples: "
               f"{summary.get('merged_vs_adapter_max_abs_prob_diff')}", f"failures: {failures or 'none'}"]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
