@@ -296,7 +296,8 @@ def render(jsonl: Path, md: Path) -> None:
         f"returned gradients). {TARGETS}.",
         "",
         "Variants: `naive` = `F.cross_entropy(F.linear(h, W).float(), t, reduction='sum')`; `torch` = our chunked "
-        "path (fp32 compute); `triton` = ours on CUDA with the default `accum_dtype=float32` (the LM weight gradient "
+        "path (CPU: fp32 compute; CUDA: 16-bit GEMMs with fp32 output and an fp32 log-sum-exp, except in the H200 "
+        "runs at git 3b22bf0, which predate that mode and computed in fp32); `triton` = ours on CUDA with the default `accum_dtype=float32` (the LM weight gradient "
         "is held in fp32 until backward: +4·V·H bytes); `triton_acc_bf16` = ours accumulating it in bf16, as Liger "
         "and CCE do by default; `triton_acc_bf16_c512` = the same in 512-row chunks; `triton_recompute` / "
         "`triton_recompute_bf16` = ours with `grad_mode='recompute'` (no logits buffer; the backward recomputes "

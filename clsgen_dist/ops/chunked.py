@@ -15,7 +15,7 @@ buffer; the fp32 gradient buffers exist in either scheme). Unscaled gradients ar
 applied before the single rounding to the parameter dtype.
 
 The per-chunk work (logits, log-sum-exp, ``softmax - onehot``) is done by a *backend*:
-``TorchChunkBackend`` here (fp32 throughout, CPU and fallback) or the Triton backend in
+``TorchChunkBackend`` here (CPU, and the CUDA fallback without Triton) or the Triton backend in
 ``triton_fused.py`` (CUDA, or the CPU interpreter in tests). The two gradient matmuls are shared.
 
 Consequences of computing gradients eagerly, all handled: forward under ``torch.no_grad`` skips
@@ -62,30 +62,46 @@ class ChunkBackend(Protocol):
 
 
 class TorchChunkBackend:
-    """Plain PyTorch, fp32 throughout: logits of a chunk, in-place LSE and ``softmax - onehot``."""
+    """Plain PyTorch: logits of a chunk, in-place LSE and ``softmax - onehot``, in fp32.
+
+    Two modes. *fp32* (CPU, and any fp32 weight): everything in fp32, a 16-bit weight is copied to
+    fp32 once per call (CPU has no fast 16-bit GEMM with fp32 output). *mixed* (a 16-bit weight on
+    CUDA: the fallback where Triton is missing): the weight and hidden states stay 16-bit; the logits
+    are computed with fp32 output (``mm_into_f32``) ``TORCH_CHUNK_BYTES`` worth of rows at a time into
+    an fp32 scratch, where the LSE and ``softmax - onehot`` are taken, and ``softmax - onehot`` is
+    rounded into the chunk's 16-bit buffer, which the two gradient GEMMs read with fp32 accumulation
+    (as the Triton backend does). ``mixed`` forces a mode (tests run the mixed one on CPU)."""
 
     name = "torch"
 
+    def __init__(self, mixed: bool | None = None) -> None:
+        self.mixed = mixed
+
+    def _mixed(self, weight: torch.Tensor) -> bool:
+        return self.mixed if self.mixed is not None else (weight.is_cuda and _low_precision(weight))
+
     def compute_dtype(self, weight: torch.Tensor) -> torch.dtype:
-        return torch.float32
+        return weight.dtype if self._mixed(weight) else torch.float32
 
     def default_chunk_rows(self, n: int, vocab: int, weight: torch.Tensor) -> int:
-        return default_chunk_rows(n, vocab, 4, TORCH_CHUNK_BYTES)
+        return default_chunk_rows(n, vocab, self.compute_dtype(weight).itemsize, TORCH_CHUNK_BYTES)
 
     def prepare_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        # Memory: a low-precision weight gets an fp32 copy ([V, H] x 4 bytes) for the whole call.
-        # This path is the CPU/fallback one; on CUDA the Triton backend reads bf16 directly.
-        return weight if weight.dtype == torch.float32 else weight.float()
+        # fp32 mode: a low-precision weight gets an fp32 copy ([V, H] x 4 bytes) for the whole call.
+        return weight if self._mixed(weight) or weight.dtype == torch.float32 else weight.float()
 
     def loss_only(self, hidden, weight, bias, targets, chunk_size: int | None = None) -> torch.Tensor:
         n, vocab = hidden.shape[0], weight.shape[0]
         rows = max(1, chunk_size or self.default_chunk_rows(n, vocab, weight))
         weight = self.prepare_weight(weight)
-        buf = hidden.new_empty((min(rows, n), vocab), dtype=torch.float32)
+        # the mixed mode needs no chunk buffer without gradients (its fp32 scratch is bounded anyway)
+        buf = None if self._mixed(weight) else hidden.new_empty((min(rows, n), vocab), dtype=torch.float32)
         out = [self.chunk(hidden[s : s + rows], weight, bias, targets[s : s + rows], buf, False) for s in range(0, n, rows)]
         return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
 
     def chunk(self, hidden, weight, bias, targets, buf, need_grad: bool) -> torch.Tensor:
+        if self._mixed(weight):
+            return self._chunk_mixed(hidden, weight, bias, targets, buf, need_grad)
         c = hidden.shape[0]
         h = hidden.float()  # [c, h]
         logits = buf[:c]  # [c, V] fp32, reused across chunks: the only O(V) buffer
@@ -93,6 +109,31 @@ class TorchChunkBackend:
             torch.mm(h, weight.t(), out=logits)
         else:
             torch.addmm(bias.float(), h, weight.t(), out=logits)
+        return self._lse_and_grad(logits, targets, need_grad)
+
+    def _chunk_mixed(self, hidden, weight, bias, targets, buf, need_grad: bool) -> torch.Tensor:
+        c, vocab = hidden.shape[0], weight.shape[0]
+        if hidden.dtype != weight.dtype:
+            hidden = hidden.to(weight.dtype)
+        sub = default_chunk_rows(c, vocab, 4, TORCH_CHUNK_BYTES)
+        scratch = hidden.new_empty((min(sub, c), vocab), dtype=torch.float32)  # [sub, V] fp32
+        losses = []
+        for s in range(0, c, sub):
+            e = min(c, s + sub)
+            z = scratch[: e - s]
+            mm_into_f32(z, hidden[s:e], weight.t())
+            if bias is not None:
+                z.add_(bias.float())
+            losses.append(self._lse_and_grad(z, targets[s:e], need_grad))
+            if need_grad:
+                buf[s:e].copy_(z)  # softmax - onehot, rounded once to the 16-bit buffer
+        return torch.cat(losses)
+
+    @staticmethod
+    def _lse_and_grad(logits: torch.Tensor, targets: torch.Tensor, need_grad: bool) -> torch.Tensor:
+        """``[c]`` per-row ``lse - z_target`` of fp32 ``logits`` (overwritten: ``softmax - onehot`` if
+        ``need_grad``, else scratch)."""
+        c = logits.shape[0]
         tgt = logits.gather(1, targets[:, None])  # [c, 1] target logit, read before the in-place ops
         m = logits.amax(dim=1, keepdim=True)  # [c, 1]
         logits.sub_(m).exp_()  # exp(z - max), in place

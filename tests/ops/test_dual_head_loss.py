@@ -13,6 +13,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from clsgen_dist.ops import dual_head, dual_head_loss
+from clsgen_dist.ops import chunked
+from clsgen_dist.ops.chunked import TorchChunkBackend
 
 from ._util import (
     CASES,
@@ -43,13 +45,38 @@ def test_fp32_matches_float64(case: Case, impl: str, seed: int):
     compare(out, reference_f64(inp), **TOL[torch.float32], name=f"{impl}/{case.name}/seed={seed}")
 
 
+@pytest.mark.parametrize("mode", ["fp32", "mixed"])
 @pytest.mark.parametrize("case", [CASES_BY_NAME["basic"], CASES_BY_NAME["everything"]], ids=lambda c: c.name)
-def test_bf16_no_worse_than_plain_torch(case: Case, seed: int):
-    name = f"torch-bf16/{case.name}/seed={seed}"
+def test_bf16_no_worse_than_plain_torch(case: Case, mode: str, seed: int, monkeypatch):
+    """The torch path in bf16, in both of its modes: fp32 (what CPU runs) and mixed (what CUDA runs
+    when Triton is missing: 16-bit GEMMs with fp32 output, a 16-bit ``softmax - onehot`` buffer),
+    forced here on CPU."""
+    if mode == "mixed":
+        backend = TorchChunkBackend(mixed=True)
+        w = torch.zeros(4, 4, dtype=torch.bfloat16)
+        assert backend.compute_dtype(w) == torch.bfloat16 and backend.prepare_weight(w) is w  # no fp32 copy
+        monkeypatch.setattr(dual_head, "_backend", lambda impl, device: backend)
+        # chunks of 16 rows, each computed in fp32 sub-blocks of 8 (and a partial last one)
+        monkeypatch.setattr(chunked, "TORCH_CHUNK_BYTES", 8 * 4 * case.V)
+    name = f"torch-{mode}-bf16/{case.name}/seed={seed}"
     runs = bf16_runs(case, device="cpu", seed=seed, impl="torch")
     for i, (ours, _, truth) in enumerate(runs):
         compare(ours, truth, **TOL[torch.bfloat16], name=f"{name}+{i}")
         assert ours["hidden"].dtype == ours["lm_weight"].dtype == torch.bfloat16
+    assert_no_worse_than_torch(runs, name=name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the mixed mode is chosen on CUDA")
+@pytest.mark.parametrize("case", [CASES_BY_NAME["basic"], CASES_BY_NAME["everything"]], ids=lambda c: c.name)
+def test_torch_path_on_cuda_is_mixed_and_no_worse_than_plain_torch(case: Case, seed: int):
+    """impl='torch' on CUDA (the fallback without Triton) keeps a bf16 weight bf16 (no fp32 copy) and
+    computes the GEMMs with fp32 output, to the same accuracy as plain torch."""
+    w = torch.zeros(4, 4, dtype=torch.bfloat16, device="cuda")
+    assert TorchChunkBackend().compute_dtype(w) == torch.bfloat16 and TorchChunkBackend().prepare_weight(w) is w
+    name = f"torch-cuda-bf16/{case.name}/seed={seed}"
+    runs = bf16_runs(case, device="cuda", seed=seed, impl="torch")
+    for i, (ours, _, truth) in enumerate(runs):
+        compare(ours, truth, **TOL[torch.bfloat16], name=f"{name}+{i}")
     assert_no_worse_than_torch(runs, name=name)
 
 
