@@ -213,9 +213,10 @@ class TrainConfig:
     """Evaluate on the dev split every N steps (0 = never during training; the dev split still tunes
     the end-of-run F1 threshold)."""
     save_every: int = 0
-    """Write a resumable checkpoint (``output_dir/checkpoints/step-00000100`` for step 100: model,
-    optimizer, scheduler, RNG states) every N steps (0 = none; a stop request always writes one
-    before exiting)."""
+    """Write a resumable checkpoint (``output_dir/checkpoints/step-00000100`` for step 100: the
+    trainable weights, optimizer, scheduler, RNG states; frozen weights such as a LoRA base are built
+    again from ``model.name_or_path`` on resume) every N steps (0 = none; a stop request always
+    writes one before exiting)."""
     save_total_limit: int = 2
     """Keep only the newest N resumable checkpoints (0 = keep all)."""
     peak_tflops: float | None = None

@@ -2,7 +2,8 @@
 
 Layout (``output_dir/checkpoints/step-00000010/``)::
 
-    global_step…/ or *_model_states.pt, *_optim_states.pt   DeepSpeed engine state (model, optimizer, LR scheduler)
+    *_model_states.pt, *_optim_states.pt                     DeepSpeed engine state (trainable weights, optimizer,
+                                                             LR scheduler; frozen weights are left out)
     rng_rank{r}.pt                                           every rank's RNG states
     trainer_state.json                                       step, world size, ZeRO stage, the run settings
     COMPLETE                                                 written last, after every rank finished
@@ -33,7 +34,7 @@ import torch
 
 from .config import ConfigError
 from .distributed import barrier, is_main, rank, world_size
-from .distributed.engine import EIGHT_BIT, resolve_optimizer
+from .distributed.engine import EIGHT_BIT, optimizer_setting
 
 log = logging.getLogger("clsgen_dist.resume")
 
@@ -159,10 +160,13 @@ _FREE_KEYS = {"output_dir", "resume", "overwrite", "ds_config", "train.eval_ever
               "data.teacher_batch_size", "data.dev_file", "data.test_file", "data.dev_limit", "data.test_limit"}
 
 
-def training_settings(cfg, ranks: int | None = None, train_data_sha256: str | None = None) -> dict:
+def training_settings(cfg, ranks: int | None = None, train_data_sha256: str | None = None,
+                      ds: dict | None = None) -> dict:
     """The config flattened to ``{"train.learning_rate": 0.0002, ...}`` (JSON values), without
     evaluation and the keys in ``_FREE_KEYS``, plus ``rows_per_step`` (micro-batch × accumulation ×
-    ranks) and, when given, ``train_data_sha256`` (:func:`examples_sha256` of the training split)."""
+    ranks) and, when given, ``train_data_sha256`` (:func:`examples_sha256` of the training split).
+    ``train.optimizer`` is the optimizer the run steps with (``auto`` resolved, or the DeepSpeed JSON
+    ``ds``'s own: :func:`optimizer_setting`)."""
     flat: dict = {}
 
     def walk(node: dict, prefix: str) -> None:
@@ -174,12 +178,50 @@ def training_settings(cfg, ranks: int | None = None, train_data_sha256: str | No
 
     walk(json.loads(json.dumps(cfg.to_dict())), "")
     out = {k: v for k, v in flat.items() if k not in _FREE_KEYS and not k.startswith("eval.")}
-    out["train.optimizer"] = resolve_optimizer(cfg)  # what auto means here: QLoRA's differs on CPU and GPU
+    out["train.optimizer"] = optimizer_setting(cfg, ds)  # QLoRA's auto differs on CPU and GPU
+    fingerprint = model_fingerprint(cfg.model.name_or_path)
+    if fingerprint is not None:  # the base the checkpoints' frozen weights are rebuilt from
+        out["model.fingerprint"] = fingerprint
     t = cfg.train
     out["rows_per_step"] = t.micro_batch_size * t.gradient_accumulation_steps * (ranks or world_size())
     if train_data_sha256 is not None:
         out["train_data_sha256"] = train_data_sha256
     return out
+
+
+# Blocks of each weight file that model_fingerprint reads, and their size.
+_FP_BLOCKS, _FP_BLOCK_BYTES = 64, 64 * 1024
+
+
+def model_fingerprint(name_or_path: str) -> str | None:
+    """A sampled identity of a local model folder (None for anything else): its config, tokenizer and
+    chat-template files in full, and of every weight file its name, size and 64 blocks of 64 KiB
+    spread evenly over it (4 MiB read per file, whatever the model's size). Another model put at the
+    same path (a base swapped for its instruct version, a retrained or re-merged one) changes it; an
+    edit confined to a few small tensors may not."""
+    if name_or_path == "default":
+        from .assets import default_model_dir
+
+        folder = Path(default_model_dir())
+    else:
+        folder = Path(name_or_path)
+    if not folder.is_dir():
+        return None
+    h = hashlib.sha256()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "chat_template.jinja", "chat_template.json"):
+        if (folder / name).is_file():
+            h.update(name.encode() + b"\0" + (folder / name).read_bytes())
+    for f in sorted(folder.iterdir()):
+        if f.suffix not in (".safetensors", ".bin", ".pt") or not f.is_file():
+            continue
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            for i in range(_FP_BLOCKS):
+                fh.seek(max(0, size - _FP_BLOCK_BYTES) * i // max(1, _FP_BLOCKS - 1))
+                h.update(fh.read(_FP_BLOCK_BYTES))
+    return h.hexdigest()[:16]
 
 
 def examples_sha256(examples) -> str:
@@ -192,14 +234,16 @@ def examples_sha256(examples) -> str:
 
 
 def check_resume_settings(ckpt: Path, cfg, ranks: int, zero_stage: int | None = None,
-                          train_data_sha256: str | None = None, training_done: bool = False) -> None:
+                          train_data_sha256: str | None = None, training_done: bool = False,
+                          ds: dict | None = None) -> None:
     """ConfigError if ``ckpt`` (a checkpoint folder, or the ``DONE`` or ``TRAINED`` file of a run) was
     trained with other settings than ``cfg`` (learning rate, schedule, data, model, ...): resuming
     would silently continue the old run under the new config's name. A checkpoint also needs the
     ZeRO stage it was saved with (``zero_stage``: the run's ``ds_config``); DeepSpeed cannot load
     one stage's partitioned state into another. With ``train_data_sha256`` on both sides the training
     data must have the same content, wherever its file now is (a copy on node-local scratch).
-    ``training_done`` (``DONE``, ``TRAINED``): no step is left, so the number of ranks is free."""
+    ``training_done`` (``DONE``, ``TRAINED``): no step is left, so the number of ranks is free.
+    ``ds``: the run's DeepSpeed JSON, whose own optimizer block decides the optimizer."""
     state = json.loads((ckpt / STATE if ckpt.is_dir() else ckpt).read_text())
     saved_stage = state.get("zero_stage") if ckpt.is_dir() else None
     if zero_stage is not None and saved_stage is not None and saved_stage != zero_stage:
@@ -210,11 +254,15 @@ def check_resume_settings(ckpt: Path, cfg, ranks: int, zero_stage: int | None = 
     if old is None:  # written before the settings were recorded
         log.warning("%s records no run settings; resuming without checking them", ckpt)
         return
-    new = training_settings(cfg, ranks, train_data_sha256)
+    new = training_settings(cfg, ranks, train_data_sha256, ds)
+    if "train.optimizer" not in old:
+        # written before train.optimizer existed: the optimizer was what auto picks now (as far as this
+        # machine's kind, GPU or CPU, and this ds_config tell)
+        old = {**old, "train.optimizer": optimizer_setting(cfg, ds, name="auto")}
     # the data's content decides when both sides know it; else (an older checkpoint) its path does
     ignore = {"data.train_file"} if "train_data_sha256" in old.keys() & new.keys() else {"train_data_sha256"}
-    if "train.optimizer" not in old:  # recorded since train.optimizer exists; before, it followed from the rest
-        ignore.add("train.optimizer")
+    if "model.fingerprint" not in old:  # written before it was recorded (or not a local folder)
+        ignore.add("model.fingerprint")
     if training_done:
         ignore |= {"rows_per_step", "train.optimizer"}  # no step is left
     diff = [k for k in sorted(old.keys() | new.keys()) if k not in ignore and old.get(k) != new.get(k)]
@@ -224,6 +272,9 @@ def check_resume_settings(ckpt: Path, cfg, ranks: int, zero_stage: int | None = 
                 "adjust the accumulation to the number of ranks)" if "rows_per_step" in diff else "")
         if "train_data_sha256" in diff:
             hint += " (the training data's content changed: rows added, removed, edited or reordered)"
+        if "model.fingerprint" in diff:
+            hint += (f" (the model files at {cfg.model.name_or_path} changed; the checkpoint's frozen weights are "
+                     f"rebuilt from them)")
         raise ConfigError(f"resume: {ckpt} was trained with other settings ({shown}{'; …' if len(diff) > 5 else ''})"
                           f"{hint}. Resume with the run's own settings (its config.yaml), or start a new output_dir")
     saved_ranks = state.get("world_size") if ckpt.is_dir() else None
@@ -347,8 +398,12 @@ def load_training_state(engine, ckpt: Path) -> int:
     opt = getattr(engine.optimizer, "optimizer", engine.optimizer)  # the torch optimizer inside ZeRO's wrapper
     hyper = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr", "step")}
              for g in opt.param_groups] if universal else None  # before the load overwrites them
-    load_path, _ = engine.load_checkpoint(str(src.parent), tag=src.name, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True, custom_load_fn=_load_module_state)
+    try:
+        load_path, _ = engine.load_checkpoint(str(src.parent), tag=src.name, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True, custom_load_fn=_load_module_state)
+    except CheckpointMismatch as e:
+        raise ConfigError(f"resume: {src}: {e}; was it written by another model or finetune setting? "
+                          f"Start a new output_dir") from None
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {src}")
     if universal:
@@ -371,6 +426,10 @@ def _quant_state_keys(model: torch.nn.Module) -> set[str]:
     return keys
 
 
+class CheckpointMismatch(RuntimeError):
+    """A checkpoint's module state does not fit the model built for resuming it."""
+
+
 def _load_module_state(src: dict, dst: torch.nn.Module) -> None:
     """DeepSpeed's module load, strict except for what the model was built with already: frozen
     parameters (left out of the checkpoint, see :func:`save_training_state`) and the quantization
@@ -381,8 +440,8 @@ def _load_module_state(src: dict, dst: torch.nn.Module) -> None:
     missing = sorted(set(result.missing_keys) - frozen)
     unexpected = sorted(set(result.unexpected_keys) - _quant_state_keys(dst))
     if missing or unexpected:
-        raise RuntimeError(f"checkpoint module state does not match the model: missing {missing[:5]}, "
-                           f"unexpected {unexpected[:5]}")
+        raise CheckpointMismatch(f"its module state does not match the model: missing {missing[:5]}, "
+                                 f"unexpected {unexpected[:5]}")
 
 
 def _repair_universal_groups(opt, hyper: list[dict], scheduler) -> None:

@@ -185,6 +185,7 @@ class Trainer:
     peak_flops: float | None = None
     last_dev: tuple[int, list] | None = None  # (step, dev predictions) of the latest periodic evaluation
     data_sha256: str | None = None  # examples_sha256 of the training split, recorded with every checkpoint
+    ds: dict | None = None  # the filled DeepSpeed JSON (its optimizer block is part of the recorded settings)
 
     def train_step(self, step: int) -> dict:
         """One optimizer step over ``grad_accum`` micro-batches; returns the step's global metrics."""
@@ -255,7 +256,8 @@ class Trainer:
         if force or (every and (step + 1) % every == 0 and step + 1 < self.cfg.train.max_steps):
             save_training_state(self.engine, self.out, step + 1, zero_stage=self.zero_stage,
                                 keep=self.cfg.train.save_total_limit,
-                                settings=training_settings(self.cfg, train_data_sha256=self.data_sha256))
+                                settings=training_settings(self.cfg, train_data_sha256=self.data_sha256,
+                                                           ds=self.ds))
 
     def train(self, start_step: int = 0) -> bool:
         """Steps ``start_step .. max_steps``; False if stopped early by a signal (state saved)."""
@@ -493,7 +495,7 @@ def _run(cfg: Config, stop: StopFlag) -> dict | None:
     splits = load_splits(cfg)  # user data is validated before any process group or model exists
     data_sha = examples_sha256(splits["train"])
     if resume_from is not None:
-        check_resume_settings(resume_from, cfg, ranks, zero_stage(ds_raw), train_data_sha256=data_sha)
+        check_resume_settings(resume_from, cfg, ranks, zero_stage(ds_raw), train_data_sha256=data_sha, ds=ds_raw)
     device = init_distributed()
     setup_logging()
     torch.manual_seed(cfg.train.seed)
@@ -535,7 +537,7 @@ def _run(cfg: Config, stop: StopFlag) -> dict | None:
     with open(out / "train_log.jsonl", "a") if is_main() else open(os.devnull, "w") as fh:
         tr = Trainer(cfg=cfg, engine=engine, model=engine.module, tokenizer=tokenizer, encoder=encoder, rows=rows,
                      splits=splits, device=device, out=out, writer=writer, log_fh=fh, stop=stop,
-                     zero_stage=zero_stage(ds), peak_flops=peak_flops(cfg, device), data_sha256=data_sha,
+                     zero_stage=zero_stage(ds), peak_flops=peak_flops(cfg, device), data_sha256=data_sha, ds=ds,
                      **flop_counts(model))
         finished = tr.train(start)
     if writer is not None:
@@ -550,8 +552,9 @@ def _run(cfg: Config, stop: StopFlag) -> dict | None:
     save_checkpoint(engine.module, tokenizer, cfg, out / "final")
     if is_main():
         write_json_atomic(out / TRAINED, {"step": cfg.train.max_steps,
-                                          "settings": training_settings(cfg, train_data_sha256=data_sha)})
-    return finish_run(cfg, out, stop, engine.module, tokenizer, encoder, splits, data_sha, last_dev=tr.last_dev)
+                                          "settings": training_settings(cfg, train_data_sha256=data_sha, ds=ds)})
+    return finish_run(cfg, out, stop, engine.module, tokenizer, encoder, splits, data_sha, last_dev=tr.last_dev,
+                      ds=ds)
 
 
 def evaluate_trained(cfg: Config, stop: StopFlag, splits: dict, data_sha: str) -> dict | None:
@@ -570,14 +573,15 @@ def evaluate_trained(cfg: Config, stop: StopFlag, splits: dict, data_sha: str) -
     ds = load_ds_config(out / "ds_config.json" if (out / "ds_config.json").is_file() else cfg.ds_config)
     zero3 = ds if zero_stage(ds) == 3 and cfg.model.zero3_init else None
     model, tokenizer, _ = load_checkpoint(out / "final", device=device, ds_config=zero3)
-    return finish_run(cfg, out, stop, model, tokenizer, make_encoder(cfg, tokenizer), splits, data_sha)
+    return finish_run(cfg, out, stop, model, tokenizer, make_encoder(cfg, tokenizer), splits, data_sha, ds=ds)
 
 
 def finish_run(cfg: Config, out: Path, stop: StopFlag, model, tokenizer, encoder: PromptEncoder, splits: dict,
-               data_sha: str, *, last_dev: tuple[int, list] | None = None) -> dict | None:
+               data_sha: str, *, last_dev: tuple[int, list] | None = None, ds: dict | None = None) -> dict | None:
     """The final evaluation of a trained model, then ``DONE`` (recording ``data_sha``, the training
     split's :func:`examples_sha256`). A stop during the evaluation ends the attempt with
-    ``PREEMPTED`` instead: a resumed one evaluates ``final/`` without training."""
+    ``PREEMPTED`` instead: a resumed one evaluates ``final/`` without training. ``ds``: the run's
+    DeepSpeed JSON, for the settings ``DONE`` records."""
     fault_point("final_eval")
     try:
         metrics = (final_evaluation(cfg, model, tokenizer, encoder, splits, out, last_dev=last_dev, stop=stop)
@@ -590,7 +594,7 @@ def finish_run(cfg: Config, out: Path, stop: StopFlag, model, tokenizer, encoder
                         "which evaluates it without training", out / "final")
         return None
     if is_main():
-        settings = training_settings(cfg, train_data_sha256=data_sha)
+        settings = training_settings(cfg, train_data_sha256=data_sha, ds=ds)
         write_json_atomic(out / DONE, {"step": cfg.train.max_steps, "settings": settings})
         (out / TRAINED).unlink(missing_ok=True)
     return metrics

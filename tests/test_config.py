@@ -211,12 +211,15 @@ def test_ds_optimizer_choices_are_checked_before_the_model_is_built():
                    dtype=torch.float32)  # the user's explicit choice
 
 
-def test_resume_compares_the_resolved_optimizer(tmp_path):
-    """The optimizer a checkpoint trained with is part of its settings (auto resolved: a QLoRA run's
-    differs between a GPU and a CPU); older checkpoints without it still resume; a checkpoint of 8-bit
-    states saved by 2 ZeRO ranks is refused on 1 with the reason (the universal conversion needs fp32
-    Adam moments)."""
+def test_resume_compares_the_optimizer_and_the_base_model(tmp_path):
+    """What a checkpoint records and a resume must match: the optimizer it stepped with (auto resolved,
+    since a QLoRA run's differs between a GPU and a CPU; a DeepSpeed JSON's own optimizer block) and
+    a fingerprint of the base model files (frozen weights are rebuilt from them). A checkpoint older
+    than these keys compares its optimizer with what auto picks now, and skips the fingerprint. A
+    checkpoint of 8-bit states saved by 2 ZeRO ranks is refused on 1 with the reason (the universal
+    conversion needs fp32 Adam moments)."""
     cfg = load_config(None, ["train.optimizer=adamw_8bit"])
+    plain = load_config(None, [])
     ckpt = tmp_path / "step-00000003"
     ckpt.mkdir()
 
@@ -225,13 +228,21 @@ def test_resume_compares_the_resolved_optimizer(tmp_path):
                                               "settings": settings}))
 
     settings = training_settings(cfg, 1)
-    assert settings["train.optimizer"] == "adamw_8bit"
+    assert settings["train.optimizer"] == "adamw_8bit" and len(settings["model.fingerprint"]) == 16
     save(settings)
     check_resume_settings(ckpt, cfg, 1, 2)
     with pytest.raises(ConfigError, match="train.optimizer='adamw_8bit' there, 'adamw_torch' now"):
-        check_resume_settings(ckpt, load_config(None, []), 1, 2)
-    save({k: v for k, v in training_settings(load_config(None, []), 1).items() if k != "train.optimizer"})
-    check_resume_settings(ckpt, load_config(None, []), 1, 2)  # written before the key existed
+        check_resume_settings(ckpt, plain, 1, 2)
+    old = {k: v for k, v in training_settings(plain, 1).items() if k not in ("train.optimizer", "model.fingerprint")}
+    save(old)  # written before the keys existed: torch AdamW (auto, no JSON optimizer)
+    check_resume_settings(ckpt, plain, 1, 2)
+    with pytest.raises(ConfigError, match="train.optimizer='adamw_torch' there, 'adamw_8bit' now"):
+        check_resume_settings(ckpt, load_config(None, ["train.optimizer=adamw_8bit"]), 1, 2)
+    ds_adamw = {"optimizer": {"type": "AdamW", "params": {}}}
+    with pytest.raises(ConfigError, match="train.optimizer='ds_config:AdamW' there, 'adamw_torch' now"):
+        save(training_settings(plain, 1, ds=ds_adamw))
+        check_resume_settings(ckpt, plain, 1, 2)
+
     save(training_settings(cfg, 2), ranks=2)
     two = load_config(None, ["train.optimizer=adamw_8bit", "train.gradient_accumulation_steps=2"])
     with pytest.raises(ConfigError, match="saved by 2 ranks under ZeRO stage 2 with train.optimizer=adamw_8bit, "
@@ -239,6 +250,31 @@ def test_resume_compares_the_resolved_optimizer(tmp_path):
         check_resume_settings(ckpt, two, 1, 2)
     save(training_settings(cfg, 2), ranks=2, stage=0)
     check_resume_settings(ckpt, two, 1, 0)  # stage 0: every rank holds the whole state
+    save(training_settings(plain, 2, ds=ds_adamw), ranks=2)  # DeepSpeed's own fp32 Adam converts fine
+    check_resume_settings(ckpt, load_config(None, ["train.gradient_accumulation_steps=2"]), 1, 2, ds=ds_adamw)
+
+
+def test_resume_refuses_a_changed_base_model(tmp_path, tokenizer):
+    """The base model folder rewritten between the checkpoint and the resume with a model of the same
+    shapes and other values (a re-seeded or retrained one, an instruct version) is a settings error
+    naming it; the same files copied elsewhere are the same model."""
+    import shutil
+
+    from tests.conftest import make_tiny_llama
+
+    base = make_tiny_llama(tokenizer, tmp_path / "base", seed=0)
+    cfg = load_config(None, [f"model.name_or_path={base}"])
+    ckpt = tmp_path / "step-00000003"
+    ckpt.mkdir()
+    (ckpt / STATE).write_text(json.dumps({"step": 3, "world_size": 1, "zero_stage": 2,
+                                          "settings": training_settings(cfg, 1)}))
+    check_resume_settings(ckpt, cfg, 1, 2)
+    copy = shutil.copytree(base, tmp_path / "copy")
+    assert training_settings(load_config(None, [f"model.name_or_path={copy}"]), 1)["model.fingerprint"] == \
+        training_settings(cfg, 1)["model.fingerprint"]
+    make_tiny_llama(tokenizer, base, seed=1)
+    with pytest.raises(ConfigError, match=f"model.fingerprint=.*the model files at {base} changed"):
+        check_resume_settings(ckpt, cfg, 1, 2)
 
 
 def test_lr_schedule_shapes():
@@ -250,3 +286,19 @@ def test_lr_schedule_shapes():
                                                           0.5, 0.0]
     f = lr_lambda(load_config(None, ["train.max_steps=10", "train.warmup_steps=2", "train.lr_scheduler=constant"]))
     assert [f(s) for s in (0, 5, 10)] == [0.5, 1.0, 1.0]
+
+
+def test_checkpoint_module_load_is_strict_but_for_frozen_weights():
+    """A periodic checkpoint leaves frozen parameters out (the resumed run builds them again), so their
+    absence is fine; a trainable parameter missing, or a key the model does not have, is a mismatch."""
+    from clsgen_dist.resume import CheckpointMismatch, _load_module_state
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 1))
+    model[0].requires_grad_(False)
+    saved = {k: v.clone() + 1 for k, v in model.state_dict().items() if k.startswith("1.")}
+    _load_module_state(saved, model)
+    assert torch.equal(model[1].weight, saved["1.weight"])
+    with pytest.raises(CheckpointMismatch, match="missing \\['1.bias'\\]"):
+        _load_module_state({"1.weight": saved["1.weight"]}, model)
+    with pytest.raises(CheckpointMismatch, match="unexpected \\['2.weight'\\]"):
+        _load_module_state({**saved, "2.weight": torch.zeros(1)}, model)

@@ -4,6 +4,7 @@ config (and refusing values that contradict it), optimizer + scheduler, ZeRO-3 g
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import logging
 import math
@@ -61,6 +62,8 @@ def fill_ds_config(ds: dict, cfg: Config, *, world_size: int, dtype: torch.dtype
                           f"but has no 'optimizer' block: the offloaded step is DeepSpeed's CPU Adam, built from "
                           f"that block (see ds_configs/zero3_offload.json), not train.optimizer="
                           f"{resolve_optimizer(cfg)}")
+    if opt is None and resolve_optimizer(cfg) in EIGHT_BIT and importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"train.optimizer={resolve_optimizer(cfg)} needs bitsandbytes (pip install bitsandbytes)")
     if opt is not None:
         params = opt.setdefault("params", {})
         _fill(params, "lr", t.learning_rate, f"{where}.optimizer.params")
@@ -113,16 +116,24 @@ def zero_stage(ds: dict) -> int:
 EIGHT_BIT = ("adamw_8bit", "paged_adamw_8bit")
 
 
-def resolve_optimizer(cfg: Config, cuda: bool | None = None) -> str:
-    """``cfg.train.optimizer`` with ``auto`` resolved: ``paged_adamw_8bit`` for QLoRA on CUDA (``cuda``:
-    this process trains on a GPU; default ``torch.cuda.is_available()``, as ``init_distributed``
-    decides), else ``adamw_torch``."""
-    name = cfg.train.optimizer
+def resolve_optimizer(cfg: Config, cuda: bool | None = None, name: str | None = None) -> str:
+    """``cfg.train.optimizer`` (or ``name``) with ``auto`` resolved: ``paged_adamw_8bit`` for QLoRA on
+    CUDA (``cuda``: this process trains on a GPU; default ``torch.cuda.is_available()``, as
+    ``init_distributed`` decides), else ``adamw_torch``."""
+    name = name or cfg.train.optimizer
     if name != "auto":
         return name
     if cuda is None:
         cuda = torch.cuda.is_available()
     return "paged_adamw_8bit" if cfg.model.quantization != "none" and cuda else "adamw_torch"
+
+
+def optimizer_setting(cfg: Config, ds: dict | None, name: str | None = None) -> str:
+    """The optimizer a run steps with, as its checkpoints record it: ``ds_config:<type>`` when the
+    DeepSpeed JSON ``ds`` names one (DeepSpeed builds it), else :func:`resolve_optimizer`."""
+    if ds is not None and isinstance(ds.get("optimizer"), dict):
+        return f"ds_config:{ds['optimizer'].get('type')}"
+    return resolve_optimizer(cfg, name=name)
 
 
 def make_optimizer(name: str, groups: list[dict], **kw) -> torch.optim.Optimizer:
