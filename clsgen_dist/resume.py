@@ -18,6 +18,7 @@ Resuming on a different number of ranks converts the checkpoint once to DeepSpee
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -207,16 +208,25 @@ def model_fingerprint(name_or_path: str) -> str | None:
         folder = Path(name_or_path)
     if not folder.is_dir():
         return None
+    files = [f for f in sorted(folder.iterdir()) if f.is_file() and (f.name in _FP_TEXT or f.suffix in _FP_WEIGHTS)]
+    # read once per process and file version (every checkpoint records it, on every rank)
+    return _fingerprint(str(folder), tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+
+
+_FP_TEXT = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+            "chat_template.json")
+_FP_WEIGHTS = (".safetensors", ".bin", ".pt")
+
+
+@functools.lru_cache(maxsize=8)
+def _fingerprint(folder: str, files: tuple) -> str:
     h = hashlib.sha256()
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                 "chat_template.jinja", "chat_template.json"):
-        if (folder / name).is_file():
-            h.update(name.encode() + b"\0" + (folder / name).read_bytes())
-    for f in sorted(folder.iterdir()):
-        if f.suffix not in (".safetensors", ".bin", ".pt") or not f.is_file():
+    for name, size, _ in files:
+        f = Path(folder) / name
+        if name in _FP_TEXT:
+            h.update(name.encode() + b"\0" + f.read_bytes())
             continue
-        size = f.stat().st_size
-        h.update(f"{f.name}:{size}".encode())
+        h.update(f"{name}:{size}".encode())
         with open(f, "rb") as fh:
             for i in range(_FP_BLOCKS):
                 fh.seek(max(0, size - _FP_BLOCK_BYTES) * i // max(1, _FP_BLOCKS - 1))
