@@ -337,8 +337,20 @@ def save_training_state(engine, out: Path, step: int, *, zero_stage: int, keep: 
     barrier()
     # Frozen weights (a LoRA or QLoRA base) are left out, as HF Trainer does for peft models: the
     # resumed run builds them again from the base model, identically, and each checkpoint holds the
-    # adapters, the head and the optimizer state instead of another copy of the backbone.
-    engine.save_checkpoint(str(root), tag=tag, save_latest=False, exclude_frozen_parameters=True)
+    # adapters, the head and the optimizer state instead of another copy of the backbone. DeepSpeed
+    # drops a frozen parameter under its first name only; the hook drops its other names too (a tied
+    # embedding, also saved as the LM head).
+    frozen = [n for n, p in engine.module.named_parameters(remove_duplicate=False) if not p.requires_grad]
+
+    def drop_frozen(module, sd, prefix, meta) -> None:
+        for n in frozen:
+            sd.pop(prefix + n, None)
+
+    hook = engine.module.register_state_dict_post_hook(drop_frozen)
+    try:
+        engine.save_checkpoint(str(root), tag=tag, save_latest=False, exclude_frozen_parameters=True)
+    finally:
+        hook.remove()
     torch.save(_rng_state(), path / f"rng_rank{rank()}.pt")
     fault_point("during_save", step)
     barrier()
