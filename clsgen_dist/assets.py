@@ -114,6 +114,27 @@ def rotten_tomatoes_csv() -> Path:
     return _package_file(RT_PACKAGE, RT_FILE, RT_PIP)
 
 
+# What a model folder computes with besides its weights (config, tokenizer, chat template, generation
+# defaults), and the suffixes of its weight files: the parts of model_folder_digest.
+MODEL_TEXT_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                    "chat_template.jinja", "chat_template.json", "generation_config.json")
+MODEL_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
+
+
+def model_folder_digest(folder: Path, file_digest: Callable[[Path], str]) -> str:
+    """sha256 (hex) of a model folder: its :data:`MODEL_TEXT_FILES` in full and, for every weight
+    file, its name and ``file_digest(file)`` (a full hash for the teacher cache, a sampled one for
+    the resume check)."""
+    h = hashlib.sha256()
+    for name in MODEL_TEXT_FILES:
+        if (folder / name).is_file():
+            h.update(name.encode() + (folder / name).read_bytes())
+    for f in sorted(folder.glob("*")):
+        if f.suffix in MODEL_WEIGHT_SUFFIXES:
+            h.update(f"{f.name}:{file_digest(f)}".encode())
+    return h.hexdigest()
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

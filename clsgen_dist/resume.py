@@ -195,43 +195,33 @@ _FP_BLOCKS, _FP_BLOCK_BYTES = 64, 64 * 1024
 
 
 def model_fingerprint(name_or_path: str) -> str | None:
-    """A sampled identity of a local model folder (None for anything else): its config, tokenizer and
-    chat-template files in full, and of every weight file its name, size and 64 blocks of 64 KiB
+    """A sampled identity of a local model folder (None for anything else): its config, tokenizer,
+    chat-template and generation-defaults files in full, and of every weight file its name, size and 64 blocks of 64 KiB
     spread evenly over it (4 MiB read per file, whatever the model's size). Another model put at the
     same path (a base swapped for its instruct version, a retrained or re-merged one) changes it; an
     edit confined to a few small tensors may not."""
-    if name_or_path == "default":
-        from .assets import default_model_dir
+    from .assets import model_folder_digest
+    from .modeling.build import resolve_model_path
 
-        folder = Path(default_model_dir())
-    else:
-        folder = Path(name_or_path)
-    if not folder.is_dir():
-        return None
-    files = [f for f in sorted(folder.iterdir()) if f.is_file() and (f.name in _FP_TEXT or f.suffix in _FP_WEIGHTS)]
-    # read once per process and file version (every checkpoint records it, on every rank)
-    return _fingerprint(str(folder), tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+    folder = Path(resolve_model_path(name_or_path))
+    return model_folder_digest(folder, _sampled_sha256)[:16] if folder.is_dir() else None
 
 
-_FP_TEXT = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-            "chat_template.json")
-_FP_WEIGHTS = (".safetensors", ".bin", ".pt")
+def _sampled_sha256(f: Path) -> str:
+    st = f.stat()
+    return _sampled_sha256_of(str(f), st.st_size, st.st_mtime_ns)
 
 
-@functools.lru_cache(maxsize=8)
-def _fingerprint(folder: str, files: tuple) -> str:
-    h = hashlib.sha256()
-    for name, size, _ in files:
-        f = Path(folder) / name
-        if name in _FP_TEXT:
-            h.update(name.encode() + b"\0" + f.read_bytes())
-            continue
-        h.update(f"{name}:{size}".encode())
-        with open(f, "rb") as fh:
-            for i in range(_FP_BLOCKS):
-                fh.seek(max(0, size - _FP_BLOCK_BYTES) * i // max(1, _FP_BLOCKS - 1))
-                h.update(fh.read(_FP_BLOCK_BYTES))
-    return h.hexdigest()[:16]
+@functools.lru_cache(maxsize=64)
+def _sampled_sha256_of(path: str, size: int, mtime_ns: int) -> str:  # noqa: ARG001 - mtime_ns keys the cache
+    """sha256 of a file's size and :data:`_FP_BLOCKS` blocks spread over it; read once per process and
+    file version (every checkpoint records the fingerprint, on every rank)."""
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as fh:
+        for i in range(_FP_BLOCKS):
+            fh.seek(max(0, size - _FP_BLOCK_BYTES) * i // max(1, _FP_BLOCKS - 1))
+            h.update(fh.read(_FP_BLOCK_BYTES))
+    return h.hexdigest()
 
 
 def examples_sha256(examples) -> str:

@@ -425,7 +425,8 @@ def load_memory(model) -> dict:
     resident set so far (host memory, which a whole-model load per rank fills first)."""
     import resource
 
-    return {"param_bytes": local_param_bytes(model), "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    return {"param_bytes": local_param_bytes(model),
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
 def record_load_memory(out: Path, loaded: dict) -> None:
@@ -502,8 +503,7 @@ def _run(cfg: Config, stop: StopFlag) -> dict | None:
     dtype = resolve_dtype(cfg.model.dtype, device)
     check_device_options(cfg.model, device, dtype)
     ds = fill_ds_config(ds_raw, cfg, world_size=world_size(), dtype=dtype, where=cfg.ds_config)
-    zero3 = ds if zero_stage(ds) == 3 and cfg.model.zero3_init else None
-    model, tokenizer = build_model(cfg.model, device=device, seed=cfg.train.seed, zero3=zero3)
+    model, tokenizer = build_model(cfg.model, device=device, seed=cfg.train.seed, zero3=partitioned_build(ds, cfg))
     loaded, partitioned = load_memory(model), is_partitioned(model.causal_lm)
     engine = build_engine(model, cfg, ds)
     if partitioned:  # built partitioned: the LM logits are checked here, where the engine gathers the weights,
@@ -557,6 +557,11 @@ def _run(cfg: Config, stop: StopFlag) -> dict | None:
                       ds=ds)
 
 
+def partitioned_build(ds: dict, cfg: Config) -> dict | None:
+    """``ds`` when the model is built partitioned (a ZeRO-3 JSON and ``model.zero3_init``), else None."""
+    return ds if zero_stage(ds) == 3 and cfg.model.zero3_init else None
+
+
 def evaluate_trained(cfg: Config, stop: StopFlag, splits: dict, data_sha: str) -> dict | None:
     """A resumed run whose training finished in an earlier attempt (``TRAINED``): evaluate ``final/``,
     loaded as training built the model (partitioned under ZeRO-3 with ``model.zero3_init``, else
@@ -571,8 +576,7 @@ def evaluate_trained(cfg: Config, stop: StopFlag, splits: dict, data_sha: str) -
     # as training built it: partitioned under ZeRO-3 (model.zero3_init); the run's own filled JSON
     # (output_dir/ds_config.json) holds its stage even if cfg.ds_config has moved since
     ds = load_ds_config(out / "ds_config.json" if (out / "ds_config.json").is_file() else cfg.ds_config)
-    zero3 = ds if zero_stage(ds) == 3 and cfg.model.zero3_init else None
-    model, tokenizer, _ = load_checkpoint(out / "final", device=device, ds_config=zero3)
+    model, tokenizer, _ = load_checkpoint(out / "final", device=device, ds_config=partitioned_build(ds, cfg))
     return finish_run(cfg, out, stop, model, tokenizer, make_encoder(cfg, tokenizer), splits, data_sha, ds=ds)
 
 

@@ -141,17 +141,9 @@ def _fingerprint(folder: Path) -> str:
     """Identity of a model folder: the config, tokenizer and chat-template files, and the sha256 of
     every weight file (remembered per file, see :func:`_file_sha256`). A retrained model saved into
     the same folder gets a new fingerprint, so a fresh cache key; a copy of a model keeps its own."""
-    h = hashlib.sha256()
-    # the config and everything that shapes the prompts: tokenizer files and the chat template
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                 "chat_template.jinja", "chat_template.json", "generation_config.json"):
-        if (folder / name).is_file():
-            h.update(name.encode() + (folder / name).read_bytes())
-    for f in sorted(folder.glob("*")):
-        if f.suffix not in (".safetensors", ".bin", ".pt", ".gguf"):
-            continue
-        h.update(f"{f.name}:{_file_sha256(f)}".encode())
-    return h.hexdigest()[:12]
+    from ..assets import model_folder_digest
+
+    return model_folder_digest(folder, _file_sha256)[:12]
 
 
 def _resolve_folder(model_dir: str | os.PathLike) -> Path:

@@ -52,6 +52,7 @@ def fill_ds_config(ds: dict, cfg: Config, *, world_size: int, dtype: torch.dtype
     if zero.get("stage") == "auto":
         raise ConfigError(f"{where}.zero_optimization.stage must be set explicitly (0-3)")
     opt = ds.get("optimizer")
+    ours = resolve_optimizer(cfg)  # the optimizer we build when the JSON names none
     if opt is not None and t.optimizer != "auto":
         raise ConfigError(f"{where} names its own optimizer ({opt.get('type')!r}) and train.optimizer={t.optimizer}; "
                           f"keep one: remove the JSON's 'optimizer' block, or set train.optimizer=auto")
@@ -60,10 +61,9 @@ def fill_ds_config(ds: dict, cfg: Config, *, world_size: int, dtype: torch.dtype
         # what DeepSpeed would refuse after the model is built, with a traceback
         raise ConfigError(f"{where} offloads the optimizer (zero_optimization.offload_optimizer.device={offload!r}) "
                           f"but has no 'optimizer' block: the offloaded step is DeepSpeed's CPU Adam, built from "
-                          f"that block (see ds_configs/zero3_offload.json), not train.optimizer="
-                          f"{resolve_optimizer(cfg)}")
-    if opt is None and resolve_optimizer(cfg) in EIGHT_BIT and importlib.util.find_spec("bitsandbytes") is None:
-        raise ConfigError(f"train.optimizer={resolve_optimizer(cfg)} needs bitsandbytes (pip install bitsandbytes)")
+                          f"that block (see ds_configs/zero3_offload.json), not train.optimizer={ours}")
+    if opt is None and ours in EIGHT_BIT and importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"train.optimizer={ours} needs bitsandbytes (pip install bitsandbytes)")
     if opt is not None:
         params = opt.setdefault("params", {})
         _fill(params, "lr", t.learning_rate, f"{where}.optimizer.params")
@@ -188,6 +188,17 @@ def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+def register_direct_reads(model: torch.nn.Module) -> None:
+    """ZeRO-3: the fused loss reads ``lm_head.weight`` (and the classification head's parameters)
+    directly instead of calling the modules: tell ZeRO-3 that the top-level forward uses them, so
+    they are gathered there (and again for the backward, through the hook on the dict output) and
+    their gradients reach the partitioned parameters."""
+    import deepspeed
+
+    for p in (model.lm_head.weight, model.cls_head.weight, model.cls_head.bias):
+        deepspeed.zero.register_external_parameter(model, p)
+
+
 def build_engine(model: torch.nn.Module, cfg: Config, ds: dict):
     """``deepspeed.initialize`` with our optimizer (``train.optimizer``, unless the JSON names one) and
     LR schedule. A 4-bit model needs nothing else: ZeRO-1/2 only shard the trainable (LoRA, head)
@@ -196,12 +207,7 @@ def build_engine(model: torch.nn.Module, cfg: Config, ds: dict):
     import deepspeed
 
     if zero_stage(ds) == 3:
-        # The fused loss reads lm_head.weight directly instead of calling lm_head(): tell ZeRO-3 that
-        # the top-level forward uses it, so it is gathered there (and again for the backward, through
-        # the hook on the dict output) and its gradient reaches the partitioned parameter.
-        # The same holds for the classification head's parameters, read directly by the fused op.
-        for p in (model.lm_head.weight, model.cls_head.weight, model.cls_head.bias):
-            deepspeed.zero.register_external_parameter(model, p)
+        register_direct_reads(model)
     groups = param_groups(model, cfg)
     optimizer = None
     if "optimizer" not in ds:
@@ -250,13 +256,12 @@ def inference_ds_config(ds: dict | None, dtype: torch.dtype, *, where: str = "ds
 def build_inference_engine(model: torch.nn.Module, ds: dict):
     """``deepspeed.initialize`` without an optimizer (ZeRO-3 inference) for a model built
     partitioned: installs the hooks that gather each module's weights around its forward. The
-    weights the dual-head model reads directly are registered as in :func:`build_engine`."""
+    weights the dual-head model reads directly are registered (:func:`register_direct_reads`)."""
     import deepspeed
 
     from .env import world_size as n_ranks
 
-    for p in (model.lm_head.weight, model.cls_head.weight, model.cls_head.bias):
-        deepspeed.zero.register_external_parameter(model, p)
+    register_direct_reads(model)
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds)
     if is_main():
         log.info("model partitioned over %d ranks (ZeRO-3 inference): %s of %s parameters on this rank",

@@ -29,7 +29,9 @@ def clean_env() -> dict:
 
 
 def launch(script: str, args: list[str], *, launcher: str = "python", nproc: int = 1, timeout: int = 600,
-           check: bool = True) -> subprocess.CompletedProcess:
+           check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``launch/<script>`` as users do; ``env``: variables added to :func:`clean_env` (e.g. a
+    ``CLSGEN_FAULT``); ``check``: fail with the output unless it exits 0."""
     path = str(REPO / "launch" / script)
     if launcher == "python":
         cmd = [PY, path]
@@ -39,7 +41,8 @@ def launch(script: str, args: list[str], *, launcher: str = "python", nproc: int
         cmd = [str(BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(free_port()), path]
     else:
         raise ValueError(launcher)
-    proc = subprocess.run(cmd + args, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd + args, cwd=REPO, env=clean_env() | (env or {}), capture_output=True, text=True,
+                          timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd + args)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
                              f"\n--- stderr\n{proc.stderr[-6000:]}")

@@ -5,14 +5,13 @@ not convert is refused with the reason. bitsandbytes 0.50 runs the 8-bit optimiz
 memory is a CUDA feature: there it warns and keeps the states unpaged)."""
 
 import json
-import subprocess
 
 import pytest
 import torch
 
 from clsgen_dist.resume import latest_checkpoint
 from tests.conftest import review_splits
-from tests.integration._run import BIN, PY, REPO, clean_env, free_port, launch, read_jsonl
+from tests.integration._run import REPO, launch, read_jsonl
 
 pytest.importorskip("bitsandbytes")
 
@@ -91,10 +90,8 @@ def test_8bit_killed_run_resumes_exactly(runs, tiny_dir, data, tmp_path):
     scales) come back through DeepSpeed's checkpoint, so steps 4-6 equal the uninterrupted run's. The
     checkpoint leaves the frozen 4-bit base out; the resumed run quantizes it again from the base model
     (and does not trip over the quantization state that bitsandbytes writes but does not load)."""
-    env = clean_env() | {"CLSGEN_FAULT": "after_step:5"}
-    proc = subprocess.run([PY, str(REPO / "launch/train.py"),
-                           *_args(tiny_dir, data, tmp_path, "train.optimizer=paged_adamw_8bit")],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = launch("train.py", _args(tiny_dir, data, tmp_path, "train.optimizer=paged_adamw_8bit"), check=False,
+                  env={"CLSGEN_FAULT": "after_step:5"})
     assert proc.returncode != 0 and latest_checkpoint(tmp_path).name == "step-00000003", proc.stderr[-3000:]
     module = torch.load(tmp_path / "checkpoints/step-00000003/mp_rank_00_model_states.pt", weights_only=False,
                         map_location="cpu")["module"]
@@ -114,11 +111,9 @@ def test_8bit_zero3_two_ranks(runs, tiny_dir, data, tmp_path):
     (tmp_path / "z3.json").write_text(json.dumps(ds))
     extra = ["train.optimizer=adamw_8bit", "train.gradient_accumulation_steps=1", f"ds_config={tmp_path / 'z3.json'}"]
 
-    def two_ranks(out, fault=None):
-        env = clean_env() | ({"CLSGEN_FAULT": fault} if fault else {})
-        return subprocess.run([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-                               str(REPO / "launch/train.py"), *_args(tiny_dir, data, out, *extra)],
-                              cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    def two_ranks(out, *more, fault=None):
+        return launch("train.py", _args(tiny_dir, data, out, *extra, *more), launcher="deepspeed", nproc=2,
+                      check=False, env={"CLSGEN_FAULT": fault} if fault else None)
 
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     proc = two_ranks(straight)
@@ -131,16 +126,13 @@ def test_8bit_zero3_two_ranks(runs, tiny_dir, data, tmp_path):
     kinds = [_kind(q) for q in map(_quantized, _optimizer_states(latest_checkpoint(straight)))]
     assert sum(k[0] == torch.uint8 for k in kinds) == 2, kinds  # each rank's slice of the LoRA matrices
 
-    proc = two_ranks(killed, "after_step:5")
+    proc = two_ranks(killed, fault="after_step:5")
     assert proc.returncode != 0 and latest_checkpoint(killed).name == "step-00000003", proc.stderr[-3000:]
     proc = launch("train.py", _args(tiny_dir, data, killed, *extra, "train.gradient_accumulation_steps=2",
                                     "resume=true"), check=False)  # the same rows per step on 1 rank
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "saved by 2 ranks under ZeRO stage 3 with train.optimizer=adamw_8bit, and this run has 1" in proc.stderr
     assert not (killed / "checkpoints/step-00000003-universal").exists()
-    env = clean_env()
-    proc = subprocess.run([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-                           str(REPO / "launch/train.py"), *_args(tiny_dir, data, killed, *extra, "resume=true")],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = two_ranks(killed, "resume=true")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _log(killed) == _log(straight)

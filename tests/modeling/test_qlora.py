@@ -223,20 +223,15 @@ def test_qlora_zero3_two_rank_checkpoint_resumes_on_one_rank(cli_run, tiny_dir, 
     process through DeepSpeed's universal checkpoint: the checkpoint holds the adapters, the head and
     the optimizer state but not the frozen 4-bit base (built again from the base model), and the
     losses are those of the uninterrupted one-process run."""
-    import subprocess
-
     from clsgen_dist.resume import latest_checkpoint
-    from tests.integration._run import BIN, clean_env, free_port
 
     ds = json.loads((REPO / "ds_configs/zero3.json").read_text())
     ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     (tmp_path / "z3.json").write_text(json.dumps(ds))
     out = tmp_path / "run"
     args = _args(tiny_dir, data, out, f"ds_config={tmp_path / 'z3.json'}", "train.save_every=2")
-    proc = subprocess.run([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-                           str(REPO / "launch/train.py"), *args, "train.gradient_accumulation_steps=2"], cwd=REPO,
-                          env=clean_env() | {"CLSGEN_FAULT": "after_step:3"}, capture_output=True, text=True,
-                          timeout=600)
+    proc = launch("train.py", [*args, "train.gradient_accumulation_steps=2"], launcher="deepspeed", nproc=2,
+                  check=False, env={"CLSGEN_FAULT": "after_step:3"})
     assert proc.returncode != 0 and latest_checkpoint(out).name == "step-00000002", proc.stderr[-3000:]
     ckpt_bytes = sum(f.stat().st_size for f in latest_checkpoint(out).iterdir())
     assert ckpt_bytes < (tiny_dir / "model.safetensors").stat().st_size / 4, ckpt_bytes

@@ -66,7 +66,8 @@ def test_bf16_no_worse_than_plain_torch(case: Case, mode: str, seed: int, monkey
     assert_no_worse_than_torch(runs, name=name)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the mixed mode is chosen on CUDA")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA, where impl=torch picks the mixed mode on its own "
+                    "(test_bf16_no_worse_than_plain_torch forces that mode on CPU)")
 @pytest.mark.parametrize("case", [CASES_BY_NAME["basic"], CASES_BY_NAME["everything"]], ids=lambda c: c.name)
 def test_torch_path_on_cuda_is_mixed_and_no_worse_than_plain_torch(case: Case, seed: int):
     """impl='torch' on CUDA (the fallback without Triton) keeps a bf16 weight bf16 (no fp32 copy) and
