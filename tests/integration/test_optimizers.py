@@ -101,6 +101,7 @@ def test_8bit_killed_run_resumes_exactly(runs, tiny_dir, data, tmp_path):
     assert _log(tmp_path) == _log(runs["paged_adamw_8bit"])
 
 
+@pytest.mark.slow  # 5 launches of 2 DeepSpeed processes: ~40 s on 2 cores
 def test_8bit_zero3_two_ranks(runs, tiny_dir, data, tmp_path):
     """ZeRO-3 on 2 gloo ranks, every parameter partitioned, adamw_8bit over each rank's flat fp32
     partition: the losses follow the one-process 8-bit run (the quantization blocks are cut from other

@@ -275,6 +275,8 @@ def test_eval_perplexity_of_a_checkpoint_trained_with_a_cuda_only_kernel(single_
         assert a[k] == pytest.approx(b[k], rel=1e-6), k
 
 
+@pytest.mark.slow  # 4 launches, 3 of 2 DeepSpeed processes: ~55 s on 2 cores; the partitioned build with a cls
+# token is also checked in the default suite by tests/modeling/test_zero3_init.py
 def test_zero3_lora_cls_token_run_then_partitioned_eval(tiny_dir, data, tmp_path):
     """LoRA with an added cls token, trained on 2 ZeRO-3 ranks (built partitioned) and on 2 ranks
     with model.zero3_init=false: the same losses and test predictions. Its checkpoint evaluated
