@@ -27,7 +27,7 @@ from .logs import setup_logging
 from .evaluate import EvalStopped, dev_threshold, evaluate_split, write_results
 from .fileio import write_json_atomic
 from .modeling import build_model
-from .modeling.build import check_lm_logits, resolve_dtype, resolve_model_path
+from .modeling.build import check_backbone, resolve_dtype, resolve_model_path
 from .predict import make_encoder
 from .fileio import check_output_path
 from .resume import (DONE, STOP, TRAINED, StopFlag, check_resume_settings, clear_earlier_run, fault_point,
@@ -506,9 +506,9 @@ def _run(cfg: Config, stop: StopFlag) -> dict | None:
     model, tokenizer = build_model(cfg.model, device=device, seed=cfg.train.seed, zero3=partitioned_build(ds, cfg))
     loaded, partitioned = load_memory(model), is_partitioned(model.causal_lm)
     engine = build_engine(model, cfg, ds)
-    if partitioned:  # built partitioned: the LM logits are checked here, where the engine gathers the weights,
+    if partitioned:  # built partitioned: the backbone is checked here, where the engine gathers the weights,
         # still before anything is written to output_dir (a refused model must not replace an earlier run)
-        check_lm_logits(model.causal_lm, resolve_model_path(cfg.model.name_or_path))
+        check_backbone(model.causal_lm, resolve_model_path(cfg.model.name_or_path), partitioned=True)
     encoder = make_encoder(cfg, tokenizer)
     rows, stats = encode_train(splits["train"], encoder, cfg.data.max_seq_len, cfg.train.seed)
     out = prepare_output(cfg, ds, {**run_info(cfg, device), "data": stats}, resume_step=_ckpt_step(resume_from))

@@ -72,6 +72,7 @@ def tiny_untied_dir(tmp_path_factory, tokenizer) -> Path:
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     import json
 
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 

@@ -187,7 +187,11 @@ def apply_lora(backbone, cfg: ModelConfig):
 
     lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=cfg.lora_target_modules, bias="none")
-    model = get_peft_model(backbone, lcfg)
+    try:
+        model = get_peft_model(backbone, lcfg)
+    except ValueError as e:  # a module name not in the model, or one peft cannot adapt in it (a Mamba out_proj)
+        raise ConfigError(f"model.lora_target_modules={cfg.lora_target_modules!r}: peft cannot apply it to "
+                          f"{backbone.config.model_type}: {e}") from None
     if hasattr(model.get_output_embeddings(), "base_layer"):
         # The fused loss multiplies by lm_head.weight itself: an adapter there would get no gradient
         # and the trained loss would not be the model's.
@@ -239,6 +243,66 @@ def check_lm_logits(backbone, path: str) -> None:
                           f"{size:.3g}): training would not optimise this model's distribution, so it is refused")
 
 
+def check_packing(backbone, path: str) -> None:
+    """ConfigError unless a packed row keeps its examples apart in this model, as training and
+    evaluation assume: the hidden states of an example must not depend on the example packed before
+    it. Attention does that through the restarting ``position_ids`` (SDPA and eager) or
+    ``cu_seqlens`` (the varlen kernels); a layer that carries state along the sequence (a state-space
+    mixer as in Falcon-H1, a short convolution as in LFM2, linear attention as in Qwen3-Next) leaks
+    the first example into the second unless its kernel is told where examples end.
+
+    Checked exactly, in any dtype: the gradient of the second example's hidden states with respect
+    to the first one's input embeddings is zero where the boundary holds (masked attention gives
+    exact zeros), and not zero where anything crosses it. Runs the model as training does
+    (:func:`~clsgen_dist.modeling.dual_head.packed_hidden_states`); under ZeRO-3, on the engine's
+    model. Only the embeddings' gradient is computed: no parameter gradient is made."""
+    from .dual_head import packed_hidden_states
+
+    was = backbone.training
+    backbone.eval()
+    try:
+        embed = backbone.get_input_embeddings()
+        device = embed.weight.device
+        ids = ((torch.arange(16, device=device) * 7919 + 11) % embed.num_embeddings)[None]  # two examples of 8
+        pos = torch.arange(8, device=device).repeat(2)[None]
+        cu = torch.tensor([0, 8, 16], device=device, dtype=torch.int32)
+        with torch.enable_grad():
+            emb = embed(ids).detach().requires_grad_(True)
+            second = packed_hidden_states(backbone, pos, cu, 8, inputs_embeds=emb)[8:].float()  # [8, H]
+            mix = torch.cos(torch.arange(second.numel(), device=device, dtype=torch.float32)).view_as(second)
+            (grad,) = torch.autograd.grad((second * mix).sum(), emb)
+    finally:
+        backbone.train(was)
+    leak = grad[0, :8].float().abs().max().item()
+    if leak != 0:
+        raise ConfigError(f"model.name_or_path: {path} ({backbone.config.model_type}, attn_implementation="
+                          f"{backbone.config._attn_implementation}) lets one example of a packed row change the next "
+                          f"one's hidden states (gradient {leak:.3g} across the boundary, 0 expected): a layer that "
+                          f"carries state along the sequence (a state-space or recurrent mixer, a short convolution, "
+                          f"linear attention), or an attention implementation, does not stop where an example "
+                          f"ends. Training and evaluation here pack several examples per row, so this model is "
+                          f"refused")
+
+
+def check_backbone(backbone, path: str, *, partitioned: bool = False) -> None:
+    """Both checks a backbone must pass before it is trained: :func:`check_lm_logits` and
+    :func:`check_packing`. ``partitioned``: the backbone runs under a ZeRO-3 engine, and a forward
+    that fails there is a ConfigError too (an architecture that reads a weight outside the module
+    owning it, such as Falcon-H1's Mamba convolution, gets an empty shard that ZeRO-3 never gathered)."""
+    try:
+        check_lm_logits(backbone, path)
+        check_packing(backbone, path)
+    except ConfigError:
+        raise
+    except Exception as e:
+        if not partitioned:
+            raise
+        raise ConfigError(f"model.name_or_path: {path} ({backbone.config.model_type}) fails its first forward with its "
+                          f"weights partitioned under ZeRO-3 ({type(e).__name__}: {e}); some architectures read a "
+                          f"weight outside the module that owns it, which ZeRO-3 does not gather: use ZeRO-0/1/2 "
+                          f"for this model") from e
+
+
 def build_model(cfg: ModelConfig, *, device: torch.device | str = "cpu", model_path: str | None = None,
                 seed: int | None = None, zero3: dict | None = None) -> tuple[DualHeadModel, object]:
     """Load backbone + tokenizer, add the cls token if configured, wrap with LoRA or unfreeze all,
@@ -249,8 +313,8 @@ def build_model(cfg: ModelConfig, *, device: torch.device | str = "cpu", model_p
 
     ``zero3`` (the filled DeepSpeed config of a ZeRO-3 run, with ``cfg.zero3_init``): the backbone is
     built already partitioned (:func:`zero3_loading`; every rank must call this). A 4-bit backbone
-    loads whole as always. The LM-logit check (:func:`check_lm_logits`) then needs the gathered
-    weights, which only the DeepSpeed engine provides: the caller runs it on the engine's model
+    loads whole as always. The backbone checks (:func:`check_backbone`) then need the gathered
+    weights, which only the DeepSpeed engine provides: the caller runs them on the engine's model
     (see :func:`is_partitioned`)."""
     device = torch.device(device)
     path = model_path or resolve_model_path(cfg.name_or_path)
@@ -268,7 +332,7 @@ def build_model(cfg: ModelConfig, *, device: torch.device | str = "cpu", model_p
         backbone.config.use_cache = False
         partitioned = is_partitioned(backbone)
         if not partitioned:
-            check_lm_logits(backbone, path)
+            check_backbone(backbone, path)
         if cfg.cls_position == "token":
             add_cls_token(backbone, tokenizer, cfg.cls_token)
     if cfg.quantization != "none":

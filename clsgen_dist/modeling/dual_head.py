@@ -22,13 +22,15 @@ from ..loss import dual_head_objective
 
 def logit_transform(config) -> tuple[float, float | None]:
     """(scale, softcap) that the architecture applies to its LM head's output: Granite divides by
-    ``logits_scaling``, Cohere multiplies by ``logit_scale``, Gemma 2/3 soft-cap at
-    ``final_logit_softcapping``. (1.0, None) for a plain LM head."""
+    ``logits_scaling``, Cohere multiplies by ``logit_scale``, Falcon-H1 by ``lm_head_multiplier``,
+    Gemma 2/3 soft-cap at ``final_logit_softcapping``. (1.0, None) for a plain LM head."""
     scale = 1.0
     if getattr(config, "logits_scaling", None):
         scale /= float(config.logits_scaling)
     if getattr(config, "logit_scale", None):
         scale *= float(config.logit_scale)
+    if getattr(config, "lm_head_multiplier", None):
+        scale *= float(config.lm_head_multiplier)
     cap = getattr(config, "final_logit_softcapping", None)
     return scale, (float(cap) if cap else None)
 
@@ -42,6 +44,23 @@ def apply_logit_transform(config, logits: torch.Tensor) -> torch.Tensor:
     if cap is not None:
         logits = torch.tanh(logits / cap) * cap
     return logits
+
+
+def packed_hidden_states(causal_lm: nn.Module, position_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
+                         max_seqlen: int | None = None, *, input_ids: torch.Tensor | None = None,
+                         inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    """The trunk of the HF causal LM ``causal_lm`` on one packed row (``input_ids [1, T]`` or
+    ``inputs_embeds [1, T, H]``) → final hidden states ``[T, H]``: the one call that training,
+    evaluation and :func:`~clsgen_dist.modeling.build.check_packing` make (see
+    :meth:`DualHeadModel.hidden_states`)."""
+    kwargs = {}
+    if cu_seqlens is not None and causal_lm.config._attn_implementation in ("flash_attention_2", "torch_varlen"):
+        cu = cu_seqlens.to(device=position_ids.device, dtype=torch.int32)
+        kwargs = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_seqlen, max_length_k=max_seqlen)
+    trunk = getattr(causal_lm, causal_lm.base_model_prefix)
+    out = trunk(input_ids=input_ids, inputs_embeds=inputs_embeds, position_ids=position_ids, attention_mask=None,
+                use_cache=False, **kwargs)
+    return out.last_hidden_state[0]  # [T, H]
 
 
 @dataclass
@@ -123,13 +142,7 @@ class DualHeadModel(nn.Module):
         causal) mask from the restarting ``position_ids`` (SDPA/eager), and the varlen kernels
         (flash-attn's, or PyTorch's with ``torch_varlen``) run on ``cu_seqlens``.
         """
-        kwargs = {}
-        if cu_seqlens is not None and self.config._attn_implementation in ("flash_attention_2", "torch_varlen"):
-            cu = cu_seqlens.to(device=input_ids.device, dtype=torch.int32)
-            kwargs = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_seqlen, max_length_k=max_seqlen)
-        out = self.trunk(input_ids=input_ids, position_ids=position_ids, attention_mask=None, use_cache=False,
-                         **kwargs)
-        return out.last_hidden_state[0]  # [T, H]
+        return packed_hidden_states(self.causal_lm, position_ids, cu_seqlens, max_seqlen, input_ids=input_ids)
 
     def forward(
         self,

@@ -288,3 +288,23 @@ def test_training_in_process_leaves_the_callers_signal_handlers(capsys, tmp_path
     f = write_jsonl(tmp_path / "train.jsonl", [{"text": "a", "label": 7}])
     _train(capsys, f"data.train_file={f}", f"output_dir={tmp_path / 'out'}")
     assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_a_model_that_leaks_across_packed_examples_is_refused_before_output(capsys, tmp_path, tokenizer):
+    """An LFM2 (its short convolution carries the end of one example into the next) is refused at
+    the build with one line saying why; nothing is written to output_dir."""
+    from transformers import Lfm2Config, Lfm2ForCausalLM
+
+    from tests.conftest import review_splits
+
+    model = tmp_path / "lfm2"
+    Lfm2ForCausalLM(Lfm2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, layer_types=["conv", "full_attention"],
+                               pad_token_id=tokenizer.pad_token_id)).save_pretrained(model)
+    tokenizer.save_pretrained(model)
+    data = review_splits(tmp_path / "data")
+    err = _train(capsys, "--config", "launch/configs/tiny_cpu.yaml", f"model.name_or_path={model}",
+                 f"data.train_file={data['train']}", f"data.dev_file={data['dev']}", f"data.test_file={data['test']}",
+                 f"output_dir={tmp_path / 'out'}")
+    assert f"{model} (lfm2, attn_implementation=sdpa) lets one example of a packed row change the next" in err, err
+    assert not (tmp_path / "out").exists()

@@ -9,8 +9,8 @@ project's ``build_model``: whole on every rank (partitioned only by ``deepspeed.
 partitioned while loading. The partitioned build holds half of every weight right after the build;
 after the engine is built both hold the same values (gathered, compared exactly: the same weights,
 the same cls-token rows, the same adapter init), and one training step gives the same loss and the
-same parameters. The build-time LM-logit check is run on the engine instead, and still refuses a
-model whose forward changes its logits.
+same parameters. The build-time backbone checks run on the engine instead, before that step, and
+still refuse a model whose forward changes its logits or lets packed examples see each other.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from clsgen_dist.distributed import init_distributed, rank, world_size  # noqa: 
 from clsgen_dist.distributed.engine import build_engine, fill_ds_config, full_state_dict  # noqa: E402
 from clsgen_dist.modeling import build_model  # noqa: E402
 from clsgen_dist.distributed.engine import full_numel, is_partitioned  # noqa: E402
-from clsgen_dist.modeling.build import check_lm_logits, zero3_loading  # noqa: E402
+from clsgen_dist.modeling.build import check_backbone, check_lm_logits, check_packing, zero3_loading  # noqa: E402
 from clsgen_dist.modeling.dual_head import DualHeadModel  # noqa: E402
 
 # name: (model, overrides); "padded" is untied with spare vocabulary rows: the cls token takes one
@@ -88,13 +88,14 @@ def main(models: dict[str, str]) -> int:
                 assert held <= full / 2 + n_params, f"{name}: {held} of {full} elements held after a partitioned build"
             else:
                 assert held == full, (name, held, full)
+            if partitioned:  # as training does: the backbone checks on the engine, before the first step (which
+                # must then equal the whole build's: the checks leave no gradient or state behind)
+                check_backbone(engine.module.causal_lm, models[which], partitioned=True)  # a plain Llama passes
             before = full_state_dict(engine.module)
             vocab = len(tok)
             loss = step(engine, vocab)
             after = full_state_dict(engine.module)
             results[partitioned] = (before, loss, after, len(tok))
-            if partitioned:
-                check_lm_logits(engine.module.causal_lm, models[which])  # a plain Llama passes
             del engine
         (b0, l0, a0, v0), (b1, l1, a1, v1) = results[False], results[True]
         assert v0 == v1 and b0.keys() == b1.keys(), name
@@ -133,6 +134,27 @@ def main(models: dict[str, str]) -> int:
             print("PASS refuses changed logits", flush=True)
     else:
         raise AssertionError("check_lm_logits accepted tripled logits on a partitioned model")
+    del engine
+
+    # The packing check on a partitioned model (on the engine, through the embeddings' gradient only)
+    # still refuses an attention that lets one example of a packed row see the one before it.
+    from transformers import AttentionInterface
+
+    from tests.modeling.test_packing_check import _row_causal_attention
+
+    AttentionInterface.register("row_causal_test", _row_causal_attention)
+    with zero3_loading(ds):
+        lm = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="row_causal_test")
+    assert is_partitioned(lm)
+    engine = build_engine(DualHeadModel(lm), cfg, ds)
+    try:
+        check_packing(engine.module.causal_lm, "row-causal")
+    except ConfigError as e:
+        assert "lets one example of a packed row change the next" in str(e), e
+        if rank() == 0:
+            print("PASS refuses attention across packed examples", flush=True)
+    else:
+        raise AssertionError("check_packing accepted an attention across examples on a partitioned model")
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
     return 0

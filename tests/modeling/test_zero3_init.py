@@ -14,8 +14,8 @@ def test_partitioned_build_equals_whole_build_two_ranks(tiny_dir, tokenizer, tmp
     """On 2 CPU ranks, for full fine-tuning, LoRA with an added cls token (fp32 and bf16) and a cls
     token on a spare row of an untied padded vocabulary: a partitioned build holds half of every
     weight, and after the engine is built and after one step its weights equal the whole build's
-    exactly. The LM-logit check, run on the engine for a partitioned model, still refuses a model
-    whose forward changes its logits."""
+    exactly. The backbone checks, run on the engine for a partitioned model before that step, still
+    refuse a model whose forward changes its logits, and one whose attention crosses packed examples."""
     from tests.integration._run import clean_env, free_port
 
     padded = make_tiny_llama(tokenizer, tmp_path / "padded", seed=1, tie=False, vocab_pad=64)
@@ -27,7 +27,8 @@ def test_partitioned_build_equals_whole_build_two_ranks(tiny_dir, tokenizer, tmp
     assert p.returncode == 0, out[-8000:]
     passed = [x.split("PASS ", 1)[1] for x in out.splitlines() if "PASS " in x]
     assert [x.split()[0] for x in passed] == ["full_fp32", "lora_token_fp32", "lora_token_bf16",
-                                               "full_token_padded_fp32", "refuses"], out[-4000:]
+                                               "full_token_padded_fp32", "refuses", "refuses"], out[-4000:]
+    assert "PASS refuses attention across packed examples" in out
     print("\n".join(passed))
 
 
