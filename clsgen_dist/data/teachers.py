@@ -211,6 +211,8 @@ class LocalTeacher:
             self.model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype).to(self.device).eval()
         except (OSError, ValueError) as e:
             raise TeacherError(f"teacher {folder}: the model does not load: {str(e).splitlines()[0][:300]}") from None
+        text_config = self.model.config.get_text_config()
+        self.context_length: int | None = getattr(text_config, "max_position_embeddings", None)
         self.id = local_teacher_id(folder, str(torch_dtype).removeprefix("torch."))
         self.name = folder.name
         self._has_template = bool(getattr(self.tok, "chat_template", None))
@@ -270,20 +272,36 @@ class LocalTeacher:
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1, **kw)
         return cache, mask, pos[:, -1:], out.logits[:, -1].float()
 
+    def _refusal(self, prompt_tokens: int, new_tokens: int) -> str | None:
+        """Why a prompt is refused, as an endpoint refuses one (HTTP 400): it and the tokens to
+        generate do not fit in the model's context (``max_position_embeddings``). ``None``: it fits."""
+        if self.context_length is None or prompt_tokens + new_tokens <= self.context_length:
+            return None
+        asked = f"the prompt of {prompt_tokens} tokens" + (f" and max_new_tokens={new_tokens} exceed" if new_tokens
+                                                          else " exceeds")
+        return f"{asked} the teacher's context of {self.context_length} tokens (max_position_embeddings)"
+
     def generate(self, batch: list[Messages], prefixes: Sequence[str] | None = None) -> list[Generation]:
         """One batch decoded together from one prefill and its KV cache; greedy or sampled
         (temperature, top-p; seeded per call). ``prefixes[i]`` is forced as the start of answer
         ``i`` and is part of its text (e.g. "The answer is positive because": a small teacher then
         writes a reason instead of restating the label). Finished rows leave the batch (and the
         cache), so the rest decode cheaper. ``model.generate`` does neither the shared prefix nor
-        the shrinking: both matter on CPU (benchmarks/teacher.md)."""
+        the shrinking: both matter on CPU (benchmarks/teacher.md). A prompt that does not fit in the
+        context with ``max_new_tokens`` is not run: its Generation carries the refusal as ``error``."""
+        prefixes = [p.strip() for p in prefixes] if prefixes else [""] * len(batch)
+        prompts = self._ids([self.render(m, answer_prefix=p) for m, p in zip(batch, prefixes)])
+        refusals = [self._refusal(len(p), self.settings.max_new_tokens) for p in prompts]
+        run = [i for i, r in enumerate(refusals) if r is None]
+        done = iter(self._decode([prompts[i] for i in run], [prefixes[i] for i in run]) if run else [])
+        return [Generation("", truncated=False, error=r) if r else next(done) for r in refusals]
+
+    def _decode(self, prompts: list[list[int]], prefixes: list[str]) -> list[Generation]:
         import torch
 
         from ..predict import _cache_kwarg
 
         s = self.settings
-        prefixes = [p.strip() for p in prefixes] if prefixes else [""] * len(batch)
-        prompts = self._ids([self.render(m, answer_prefix=p) for m, p in zip(batch, prefixes)])
         eos = self.eos_id
         B = len(prompts)
         out: list[list[int]] = [[] for _ in range(B)]
@@ -346,23 +364,33 @@ class LocalTeacher:
         return out
 
     def judge(self, batch: list[Messages], names: Sequence[str], answer_prefix: str = "",
-              null: Messages | None = None) -> list[float | None]:
+              null: Messages | None = None) -> list[float | None | ItemRejected]:
         """P(names[1]) vs P(names[0]) as the next token after the judge question, from the teacher's
         own distribution (one prefill of the batch, no decoding): ``sigmoid(log p1 - log p0)``, every
         spelling of a name summed. With ``null`` (the same question about an evidence-free
         explanation, one more row of the batch) the log-odds are taken relative to the judge's
-        prior on it: ``sigmoid(lo - lo_null)`` (contextual calibration)."""
+        prior on it: ``sigmoid(lo - lo_null)`` (contextual calibration). A question that does not
+        fit in the context is not run: an :class:`ItemRejected` takes its place, as an endpoint's
+        refusal does."""
         import torch
 
         ids0, ids1 = self._choice_ids(names)
         rows = list(batch) + ([null] if null is not None else [])
+        prompts = self._ids([self.render(m, answer_prefix=answer_prefix) for m in rows])
+        refusals = [self._refusal(len(p), 0) for p in prompts]
+        if null is not None and refusals[-1]:
+            raise TeacherError(f"the judge's evidence-free question does not fit: {refusals[-1]}")
+        run = [i for i, r in enumerate(refusals[:len(batch)]) if r is None]
+        if not run:
+            return [ItemRejected(r) for r in refusals[:len(batch)]]
         with torch.inference_mode():
-            _, _, _, logits = self._prefill(self._ids([self.render(m, answer_prefix=answer_prefix) for m in rows]))
-        lp = logits.log_softmax(-1)  # [B(+1), V] fp32
-        lo = lp[:, ids1].logsumexp(-1) - lp[:, ids0].logsumexp(-1)  # [B(+1)] log-odds of names[1]
+            _, _, _, logits = self._prefill([prompts[i] for i in run] + prompts[len(batch):])
+        lp = logits.log_softmax(-1)  # [b(+1), V] fp32
+        lo = lp[:, ids1].logsumexp(-1) - lp[:, ids0].logsumexp(-1)  # [b(+1)] log-odds of names[1]
         if null is not None:
             lo = lo[:-1] - lo[-1]
-        return torch.sigmoid(lo).tolist()
+        probs = iter(torch.sigmoid(lo).tolist())
+        return [ItemRejected(r) if r else next(probs) for r in refusals[:len(batch)]]
 
 
 # ----------------------------------------------------------------------------- OpenAI-compatible endpoint

@@ -198,6 +198,40 @@ def test_local_teacher_batched_equals_one_at_a_time_and_hf_generate(tiny_teacher
     assert cal == pytest.approx([1 / (1 + math.exp(logit(p0) - logit(p))) for p in jb], abs=1e-5)
 
 
+def test_local_teacher_refuses_a_prompt_longer_than_its_context(tiny_teacher, tiny_dir, tmp_path):
+    """A prompt that does not fit in the teacher's context (max_position_embeddings) with
+    max_new_tokens is not run, as an endpoint refuses it: an error in its place, for generation and
+    for the judge; the prompts that fit give what they give without the limit."""
+    import shutil
+
+    from clsgen_dist.data.teachers import ItemRejected
+
+    spec = PromptSpec.from_data(DATA)
+    short, long = spec.messages("Fine.", 1), spec.messages("A long review. " * 40, 0)
+    prefixes = [spec.rationale_prefix(1), spec.rationale_prefix(0)]
+    lens = [len(p) for p in tiny_teacher._ids([tiny_teacher.render(m, answer_prefix=x)
+                                                for m, x in zip((short, long), prefixes)])]
+    reads = [spec.judge_messages("Warm and funny."), spec.judge_messages("Dull. " * 60)]
+    read_lens = [len(p) for p in tiny_teacher._ids([tiny_teacher.render(m, answer_prefix="Answer:") for m in reads])]
+    context = max(lens[0] + 6, read_lens[0] + 1)  # the short prompt and question fit exactly or nearly
+    assert lens[1] + 6 > context and read_lens[1] > context
+    folder = tmp_path / "short_context"
+    shutil.copytree(tiny_dir, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "max_position_embeddings": context}))
+    teacher = LocalTeacher(folder, settings=GenerationSettings(max_new_tokens=6), batch_size=4, dtype="float32")
+    assert teacher.context_length == context
+
+    got = teacher.generate([short, long], prefixes)
+    assert got[0] == tiny_teacher.generate([short], prefixes[:1])[0] and got[0].error is None
+    assert got[1].text == "" and got[1].error == (f"the prompt of {lens[1]} tokens and max_new_tokens=6 exceed the "
+                                                  f"teacher's context of {context} tokens (max_position_embeddings)")
+    assert [g.error is not None for g in teacher.generate([long, long])] == [True, True]
+    probs = teacher.judge(reads, NAMES, "Answer:")
+    assert probs[0] == pytest.approx(tiny_teacher.judge(reads[:1], NAMES, "Answer:")[0], abs=1e-6)
+    assert isinstance(probs[1], ItemRejected) and f"the prompt of {read_lens[1]} tokens exceeds" in str(probs[1])
+
+
 def test_local_teacher_sampling_is_seeded(tiny_teacher):
     spec = PromptSpec.from_data(DATA)
     msgs = [spec.messages("Fine.", 1), spec.messages("Loud and dull.", 0)]
