@@ -2,7 +2,6 @@
 and exits cleanly; a 2-rank checkpoint resumes on 1 rank."""
 
 import json
-import os
 import signal
 import subprocess
 import time
@@ -11,7 +10,7 @@ import pytest
 
 from clsgen_dist.resume import latest_checkpoint
 from tests.conftest import REVIEWS, write_jsonl
-from tests.integration._run import BIN, PY, REPO, clean_env, free_port, launch, read_jsonl
+from tests.integration._run import PY, REPO, clean_env, launch, read_jsonl
 
 STEPS = 12
 
@@ -41,10 +40,9 @@ def straight(tiny_dir, data, tmp_path_factory):
     return out
 
 
-def _fault(script_args, fault):
-    env = clean_env() | {"CLSGEN_FAULT": fault}
-    return subprocess.run([PY, str(REPO / "launch/train.py"), *script_args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+def _fault(script_args, fault, **kw):
+    """launch/train.py with a fault injected (``CLSGEN_FAULT``); its exit status is the caller's to check."""
+    return launch("train.py", script_args, env={"CLSGEN_FAULT": fault}, check=False, **kw)
 
 
 def test_sigkill_then_resume_equals_uninterrupted(straight, tiny_dir, data, tmp_path):
@@ -96,14 +94,8 @@ def test_resume_true_without_checkpoint_is_a_clear_error(tiny_dir, data, tmp_pat
 def test_two_rank_checkpoint_resumes_on_one_rank(straight, tiny_dir, data, tmp_path):
     """ZeRO-2 state partitioned over 2 ranks → DeepSpeed universal checkpoint → 1 rank. Same rows per
     step (2 ranks × GA 1 = 1 rank × GA 2), so the resumed losses equal the uninterrupted 1-rank run."""
-    env_fault = os.environ.get("CLSGEN_FAULT")
-    assert env_fault is None
-    os.environ["CLSGEN_FAULT"] = "after_step:6"
-    try:
-        proc = launch("train.py", _args(tiny_dir, data, tmp_path, "train.gradient_accumulation_steps=1"),
-                      launcher="deepspeed", nproc=2, check=False)
-    finally:
-        del os.environ["CLSGEN_FAULT"]
+    proc = _fault(_args(tiny_dir, data, tmp_path, "train.gradient_accumulation_steps=1"), "after_step:6",
+                  launcher="deepspeed", nproc=2)
     assert proc.returncode != 0
     assert latest_checkpoint(tmp_path).name == "step-00000005"
     launch("train.py", _args(tiny_dir, data, tmp_path, "resume=true"))
@@ -121,11 +113,8 @@ def test_zero3_two_rank_checkpoint_resumes_on_one_rank(tiny_dir, data, tmp_path)
     straight = tmp_path / "straight"
     launch("train.py", _args(tiny_dir, data, straight, *extra))
     out = tmp_path / "resumed"
-    proc = subprocess.run([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-                           str(REPO / "launch/train.py"),
-                           *_args(tiny_dir, data, out, *extra, "train.gradient_accumulation_steps=1")],
-                          cwd=REPO, env=clean_env() | {"CLSGEN_FAULT": "after_step:6"}, capture_output=True,
-                          text=True, timeout=600)
+    proc = _fault(_args(tiny_dir, data, out, *extra, "train.gradient_accumulation_steps=1"), "after_step:6",
+                  launcher="deepspeed", nproc=2)
     assert proc.returncode != 0 and latest_checkpoint(out).name == "step-00000005", proc.stderr[-3000:]
     launch("train.py", _args(tiny_dir, data, out, *extra, "resume=true"))
     a, b = _losses(out), _losses(straight)
@@ -283,10 +272,7 @@ def test_zero3_killed_during_final_evaluation_evaluates_partitioned(evaluated, t
     ref, extra = evaluated
     extra = [*extra, "ds_config=ds_configs/zero3.json"]
     two = ["train.gradient_accumulation_steps=1"]  # 2 ranks x 1 = the reference's 1 x 2 rows per step
-    proc = subprocess.run([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-                           str(REPO / "launch/train.py"), *_args(tiny_dir, data, tmp_path, *extra, *two)],
-                          cwd=REPO, env=clean_env() | {"CLSGEN_FAULT": "final_eval"}, capture_output=True,
-                          text=True, timeout=600)
+    proc = _fault(_args(tiny_dir, data, tmp_path, *extra, *two), "final_eval", launcher="deepspeed", nproc=2)
     assert proc.returncode != 0 and (tmp_path / "TRAINED").is_file(), proc.stderr[-3000:]
     assert not (tmp_path / "DONE").exists()
     proc = launch("train.py", _args(tiny_dir, data, tmp_path, *extra, *two, "resume=auto"), launcher="deepspeed",
