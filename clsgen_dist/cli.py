@@ -40,6 +40,9 @@ def user_errors():
     except _user_error_types() as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
 
 
 def int_at_least(minimum: int):

@@ -470,7 +470,17 @@ def _run_jobs(teacher, spec: PromptSpec, jobs: list[_Job], *, judge: bool, sink:
     if error is not None:
         if hasattr(teacher, "cancel"):
             teacher.cancel()  # in-flight requests give up at their next attempt
-        pool.shutdown(wait=True, cancel_futures=True)
+        running = sum(f.running() for f in pending)
+        if isinstance(error, KeyboardInterrupt) and running:
+            log.warning("interrupted: waiting for the %d chunk(s) with a request in flight (each request up to "
+                        "--timeout %gs); a chunk that completes reaches the cache. Ctrl-C again quits now",
+                        running, getattr(teacher, "timeout", 0))
+        try:
+            pool.shutdown(wait=True, cancel_futures=True)
+        except KeyboardInterrupt:  # the worker threads would still be joined at exit: leave without them
+            log.warning("quitting without the requests in flight (the cache keeps every completed item)")
+            logging.shutdown()
+            os._exit(130)
         for f in pending:  # chunks that completed while the others were giving up
             if f.done() and not f.cancelled() and f.exception() is None:
                 sink(f.result())

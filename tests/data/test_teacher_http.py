@@ -331,6 +331,52 @@ def test_killed_run_resumes_without_regenerating(tmp_path, rows, server_factory)
     assert (stats["generated"], stats["from_cache"]) == (12 - len(done), len(done))
 
 
+def test_ctrl_c_says_what_it_waits_for_and_a_second_one_quits(tmp_path, rows, server_factory):
+    """Ctrl-C while requests hang: one line says what the run waits for (the chunks in flight, up
+    to --timeout) and that Ctrl-C again quits; the second quits at once with status 130 and no
+    traceback; the cache keeps the items completed before, and a rerun asks only for the others."""
+    import signal
+
+    server = server_factory()
+    server.allow = 4  # the first 4 requests (2 items: generation + judge) are answered, the rest hang
+    f = write_jsonl(tmp_path / "in.jsonl", rows)
+    args = ["--input", str(f), "--output", str(tmp_path / "out.jsonl"), "--teacher-url", server.url,
+            "--teacher-model", "fake-teacher", "--concurrency", "2", "--max-new-tokens", "32", "--timeout", "60",
+            "data.label_names=[negative,positive]"]
+    env = {**clean_env(), "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
+    proc = subprocess.Popen([PY, str(REPO / "launch" / "build_data.py"), *args], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    cache = tmp_path / "out.cache.jsonl"
+    deadline = time.time() + 120
+    # both workers wait on a held request (6 arrived); every item whose judge request was answered is cached
+    while server.total < 6 or len(cached := (cache.read_text().splitlines() if cache.is_file() else [])) < sum(
+            k == "judge" for k, _ in server.order[:4]):
+        assert proc.poll() is None and time.time() < deadline, f"stuck at {server.total} requests"
+        time.sleep(0.05)
+    before = len(cached)
+    assert before in (1, 2)
+    proc.send_signal(signal.SIGINT)
+    err = ""
+    while "Ctrl-C again quits now" not in err:  # the warning arrives; the run goes on waiting
+        line = proc.stderr.readline()
+        assert line, err
+        err += line
+    assert "waiting for the 2 chunk(s) with a request in flight (each request up to --timeout 60s)" in err
+    time.sleep(0.3)
+    assert proc.poll() is None
+    t0 = time.time()
+    proc.send_signal(signal.SIGINT)
+    err += proc.stderr.read()
+    assert proc.wait(timeout=10) == 130 and time.time() - t0 < 5, err
+    assert "Traceback" not in err and "quitting without the requests in flight" in err
+    assert not (tmp_path / "out.jsonl").exists()
+    assert len([json.loads(x) for x in cache.read_text().splitlines()]) == before
+    server.gate.set()
+    server.counts.clear()
+    launch("build_data.py", args, timeout=120, env={"NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"})
+    assert sum(server.gens().values()) == len(rows) - before  # only the items not cached before
+
+
 def test_unreachable_endpoint_and_bad_input_exit_2_without_traceback(tmp_path, rows, capsys):
     f = write_jsonl(tmp_path / "in.jsonl", rows)
     port = free_port()
