@@ -7,7 +7,8 @@
 #    reference, fp32 and bf16, small odd shapes and N=2048 H=1024 V=32000 (single Triton config:
 #    CLSGEN_TRITON_AUTOTUNE=0, to keep compilation short). The interpreter test runs too (CPU).
 # 1b. The torch_varlen attention path on CUDA (the real kernel against the CPU tests' reference, and
-#    packed == alone), then benchmarks/packed_attention_bench.py (sdpa vs torch_varlen, 60 s cap).
+#    packed == alone), then benchmarks/packed_attention_bench.py (sdpa vs torch_varlen, 60 s cap);
+#    a whole bf16 build with attn=auto checked on the device (tests/modeling/test_packing_check.py).
 # 2. benchmarks/fused_loss_bench.py --device cuda: N in {8192, 16384}, H=4096, V=128256 bf16;
 #    naive / torch / triton (eager: fp32 and bf16 accumulation, default and 512-row chunks;
 #    recompute: fp32 and bf16 accumulation) / liger / cce + the matmul floor, autotuned, each
@@ -56,7 +57,7 @@ echo "== pytest tests/ops (CUDA native + interpreter) + torch_varlen attention o
 [ -d outputs/gpu_assets/smol ] && export CLSGEN_TEST_TOKENIZER="$PWD/outputs/gpu_assets/smol"
 CLSGEN_TRITON_AUTOTUNE=0 timeout 200 python3 -m pytest -q tests/ops \
   tests/modeling/test_attention.py::test_reference_matches_the_real_kernel \
-  tests/modeling/test_packing_equivalence.py -p no:cacheprovider -rs --durations=8 > "$OUT/pytest.log" 2>&1
+  tests/modeling/test_packing_equivalence.py tests/modeling/test_packing_check.py -p no:cacheprovider -rs --durations=8 > "$OUT/pytest.log" 2>&1
 RC_TEST=$?
 tail -n 25 "$OUT/pytest.log"
 echo "pytest rc=$RC_TEST ($((SECONDS - T0))s so far)"

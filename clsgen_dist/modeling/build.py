@@ -216,6 +216,19 @@ def check_trainable_architecture(path: str) -> None:
                           f"which would not be this model's distribution, so it cannot be trained here")
 
 
+@contextmanager
+def _eval_mode(module: torch.nn.Module):
+    """``module`` in eval mode inside the block, then every submodule back in its own mode (peft
+    leaves its dropout modules in train mode under a base in eval mode)."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 @torch.no_grad()
 def check_lm_logits(backbone, path: str) -> None:
     """ConfigError unless the LM logits the dual-head model computes (the LM head on the trunk's
@@ -225,17 +238,13 @@ def check_lm_logits(backbone, path: str) -> None:
     otherwise train and score a distribution that is not the model's."""
     from .dual_head import apply_logit_transform
 
-    was = backbone.training
-    backbone.eval()
-    try:
+    with _eval_mode(backbone):
         device = next(backbone.parameters()).device
         vocab = backbone.get_input_embeddings().num_embeddings
         ids = ((torch.arange(8, device=device) * 7919 + 11) % vocab)[None]  # any tokens will do
         ref = backbone(input_ids=ids, use_cache=False).logits[0, -1].float()
         h = getattr(backbone, backbone.base_model_prefix)(input_ids=ids, use_cache=False).last_hidden_state[0, -1]
         ours = apply_logit_transform(backbone.config, backbone.get_output_embeddings()(h)).float()
-    finally:
-        backbone.train(was)
     err, size = (ours - ref).abs().max().item(), ref.abs().max().item()
     if not err <= 1e-2 * size + 1e-3:
         raise ConfigError(f"model.name_or_path: {path} ({backbone.config.model_type}) computes its LM logits in a way "
@@ -254,13 +263,13 @@ def check_packing(backbone, path: str) -> None:
     Checked exactly, in any dtype: the gradient of the second example's hidden states with respect
     to the first one's input embeddings is zero where the boundary holds (masked attention gives
     exact zeros), and not zero where anything crosses it. Runs the model as training does
-    (:func:`~clsgen_dist.modeling.dual_head.packed_hidden_states`); under ZeRO-3, on the engine's
-    model. Only the embeddings' gradient is computed: no parameter gradient is made."""
+    (:func:`~clsgen_dist.modeling.dual_head.packed_hidden_states`, on the training device; under
+    ZeRO-3, on the engine's model). Only the embeddings' gradient is computed: no parameter gradient
+    is made. Not seen: a dependence through a discrete choice over the row (an expert capacity
+    limit), which no causal LM in transformers has."""
     from .dual_head import packed_hidden_states
 
-    was = backbone.training
-    backbone.eval()
-    try:
+    with _eval_mode(backbone):
         embed = backbone.get_input_embeddings()
         device = embed.weight.device
         ids = ((torch.arange(16, device=device) * 7919 + 11) % embed.num_embeddings)[None]  # two examples of 8
@@ -271,8 +280,6 @@ def check_packing(backbone, path: str) -> None:
             second = packed_hidden_states(backbone, pos, cu, 8, inputs_embeds=emb)[8:].float()  # [8, H]
             mix = torch.cos(torch.arange(second.numel(), device=device, dtype=torch.float32)).view_as(second)
             (grad,) = torch.autograd.grad((second * mix).sum(), emb)
-    finally:
-        backbone.train(was)
     leak = grad[0, :8].float().abs().max().item()
     if leak != 0:
         raise ConfigError(f"model.name_or_path: {path} ({backbone.config.model_type}, attn_implementation="
@@ -292,15 +299,17 @@ def check_backbone(backbone, path: str, *, partitioned: bool = False) -> None:
     try:
         check_lm_logits(backbone, path)
         check_packing(backbone, path)
-    except ConfigError:
+    except (ConfigError, torch.OutOfMemoryError):
         raise
-    except Exception as e:
+    except (RuntimeError, IndexError, ValueError, TypeError, AttributeError) as e:
         if not partitioned:
             raise
+        first = (str(e).splitlines() or [""])[0][:300]
         raise ConfigError(f"model.name_or_path: {path} ({backbone.config.model_type}) fails its first forward with its "
-                          f"weights partitioned under ZeRO-3 ({type(e).__name__}: {e}); some architectures read a "
-                          f"weight outside the module that owns it, which ZeRO-3 does not gather: use ZeRO-0/1/2 "
-                          f"for this model") from e
+                          f"weights partitioned under ZeRO-3 ({type(e).__name__}: {first}): a layer that reads a "
+                          f"weight outside the module owning it (as the Mamba and short-convolution layers of "
+                          f"transformers' hybrid models do) gets an empty shard that ZeRO-3 never gathered, so this "
+                          f"model cannot be trained partitioned here") from e
 
 
 def build_model(cfg: ModelConfig, *, device: torch.device | str = "cpu", model_path: str | None = None,
@@ -332,6 +341,8 @@ def build_model(cfg: ModelConfig, *, device: torch.device | str = "cpu", model_p
         backbone.config.use_cache = False
         partitioned = is_partitioned(backbone)
         if not partitioned:
+            if cfg.quantization == "none":  # (a 4-bit one loaded onto it) the checks run the training kernels,
+                backbone.to(device)  # which may exist on the device only (flash-attn, torch_varlen)
             check_backbone(backbone, path)
         if cfg.cls_position == "token":
             add_cls_token(backbone, tokenizer, cfg.cls_token)

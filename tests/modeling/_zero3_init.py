@@ -1,7 +1,7 @@
 """Building the model partitioned (``model.zero3_init``) vs whole, under ZeRO-3 on two CPU ranks.
 
-Run by ``test_zero3_init.py`` as ``deepspeed --num_gpus 2 tests/modeling/_zero3_init.py TIED PADDED``
-(two tiny Llama folders; PADDED untied, with spare vocabulary rows).
+Run by ``test_zero3_init.py`` as ``deepspeed --num_gpus 2 tests/modeling/_zero3_init.py TIED PADDED LFM2``
+(two tiny Llama folders, PADDED untied with spare vocabulary rows, and a tiny LFM2 folder).
 Every parameter is partitioned (``stage3_param_persistence_threshold: 0``). For each variant (full
 fine-tuning fp32; LoRA with an added cls token, fp32 and bf16; an added cls token on a spare row of
 an untied, padded vocabulary), the model is built twice with the
@@ -10,7 +10,8 @@ partitioned while loading. The partitioned build holds half of every weight righ
 after the engine is built both hold the same values (gathered, compared exactly: the same weights,
 the same cls-token rows, the same adapter init), and one training step gives the same loss and the
 same parameters. The build-time backbone checks run on the engine instead, before that step, and
-still refuse a model whose forward changes its logits or lets packed examples see each other.
+still refuse a model whose forward changes its logits or lets packed examples see each other, and
+a model that does not run partitioned is one ConfigError.
 """
 
 from __future__ import annotations
@@ -155,14 +156,32 @@ def main(models: dict[str, str]) -> int:
             print("PASS refuses attention across packed examples", flush=True)
     else:
         raise AssertionError("check_packing accepted an attention across examples on a partitioned model")
+    del engine
+
+    # A hybrid model whose short convolution reads its weight outside the module owning it (LFM2)
+    # gets an empty shard under ZeRO-3: one ConfigError saying so, not a traceback on every rank.
+    from transformers import AutoModelForCausalLM
+
+    with zero3_loading(ds):
+        lm = AutoModelForCausalLM.from_pretrained(models["lfm2"], dtype=torch.float32)
+    assert is_partitioned(lm) and lm.config.model_type == "lfm2"
+    engine = build_engine(DualHeadModel(lm), cfg, ds)
+    try:
+        check_backbone(engine.module.causal_lm, "lfm2", partitioned=True)
+    except ConfigError as e:
+        assert "(lfm2) fails its first forward with its weights partitioned under ZeRO-3" in str(e), e
+        if rank() == 0:
+            print("PASS refuses a model that does not run partitioned", flush=True)
+    else:
+        raise AssertionError("check_backbone accepted LFM2 partitioned under ZeRO-3")
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
     return 0
 
 
 if __name__ == "__main__":
-    tied, padded = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
-    code = main({"tied": tied, "padded": padded})
+    tied, padded, lfm2 = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
+    code = main({"tied": tied, "padded": padded, "lfm2": lfm2})
     # Every check has run and the results are printed. Skip the interpreter's teardown: on CPU ranks
     # a native destructor aborts now and then after all of the above (see tests/ops/_recompute_zero3.py).
     sys.stdout.flush()

@@ -100,6 +100,47 @@ def test_layers_that_carry_state_along_the_row_are_refused(make, kind, dtype):
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_the_criterion_is_exact():
+    """A leak a million times weaker (LFM2's convolution weights scaled by 1e-6, so example 2's hidden
+    states move by ~1e-9) is refused all the same: the criterion is a gradient of exactly 0."""
+    model = _build(_lfm2, torch.float32)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Conv1d):
+                m.weight.mul_(1e-6)
+    with pytest.raises(ConfigError, match="lets one example of a packed row change the next"):
+        check_packing(model, "m")
+
+
+def test_every_module_keeps_its_mode():
+    """peft leaves its dropout modules in train mode under a base loaded in eval mode: the checks
+    put every module back as it was (a dropout left in eval mode would change training)."""
+    from peft import LoraConfig, get_peft_model
+
+    from clsgen_dist.modeling.build import check_backbone
+
+    torch.manual_seed(0)
+    model = get_peft_model(_llama().eval(), LoraConfig(r=4, lora_dropout=0.1, target_modules="all-linear"))
+    lm = model.get_base_model()
+    before = {n: m.training for n, m in lm.named_modules()}
+    assert len(set(before.values())) == 2  # both modes present
+    check_backbone(lm, "m")
+    assert {n: m.training for n, m in lm.named_modules()} == before
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the device-only attention kernels)")
+def test_a_whole_build_is_checked_on_its_device(tiny_dir):
+    """On a GPU, attn_implementation=auto picks a kernel that exists there only (torch_varlen or
+    flash-attn): the build moves the backbone to the device before its checks run it."""
+    from clsgen_dist.config import load_config
+    from clsgen_dist.modeling import build_model
+
+    cfg = load_config(None, [f"model.name_or_path={tiny_dir}", "model.dtype=bfloat16"]).model
+    model, _ = build_model(cfg, device="cuda")
+    assert model.config._attn_implementation in ("torch_varlen", "flash_attention_2")
+    assert next(model.parameters()).is_cuda
+
+
 def test_an_attention_that_ignores_the_boundaries_is_refused():
     from transformers import AttentionInterface
 

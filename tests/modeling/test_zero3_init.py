@@ -15,20 +15,28 @@ def test_partitioned_build_equals_whole_build_two_ranks(tiny_dir, tokenizer, tmp
     token on a spare row of an untied padded vocabulary: a partitioned build holds half of every
     weight, and after the engine is built and after one step its weights equal the whole build's
     exactly. The backbone checks, run on the engine for a partitioned model before that step, still
-    refuse a model whose forward changes its logits, and one whose attention crosses packed examples."""
+    refuse a model whose forward changes its logits, and one whose attention crosses packed examples;
+    a model that does not run partitioned (LFM2) is one ConfigError."""
     from tests.integration._run import clean_env, free_port
 
+    from transformers import Lfm2Config, Lfm2ForCausalLM
+
     padded = make_tiny_llama(tokenizer, tmp_path / "padded", seed=1, tie=False, vocab_pad=64)
+    lfm2 = tmp_path / "lfm2"
+    Lfm2ForCausalLM(Lfm2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2,
+                               layer_types=["conv", "full_attention"])).save_pretrained(lfm2)
     env = {**clean_env(), "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""}  # CPU ranks, on a GPU machine too
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
-           str(Path(__file__).with_name("_zero3_init.py")), str(tiny_dir), str(padded)]
+           str(Path(__file__).with_name("_zero3_init.py")), str(tiny_dir), str(padded), str(lfm2)]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     out = p.stdout + p.stderr
     assert p.returncode == 0, out[-8000:]
     passed = [x.split("PASS ", 1)[1] for x in out.splitlines() if "PASS " in x]
     assert [x.split()[0] for x in passed] == ["full_fp32", "lora_token_fp32", "lora_token_bf16",
-                                               "full_token_padded_fp32", "refuses", "refuses"], out[-4000:]
+                                               "full_token_padded_fp32", "refuses", "refuses", "refuses"], out[-4000:]
     assert "PASS refuses attention across packed examples" in out
+    assert "PASS refuses a model that does not run partitioned" in out
     print("\n".join(passed))
 
 
