@@ -341,8 +341,8 @@ def build_model(cfg: ModelConfig, *, device: torch.device | str = "cpu", model_p
         backbone.config.use_cache = False
         partitioned = is_partitioned(backbone)
         if not partitioned:
-            if cfg.quantization == "none":  # (a 4-bit one loaded onto it) the checks run the training kernels,
-                backbone.to(device)  # which may exist on the device only (flash-attn, torch_varlen)
+            if cfg.quantization == "none":  # (a 4-bit backbone loaded onto the device already) the checks run
+                backbone.to(device)  # the training kernels, some of which exist there only (flash-attn, torch_varlen)
             check_backbone(backbone, path)
         if cfg.cls_position == "token":
             add_cls_token(backbone, tokenizer, cfg.cls_token)
