@@ -28,8 +28,28 @@ def launched_rank() -> int:
     return int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0)
 
 
+SOLO_MARK = "CLSGEN_SOLO"  # "<pid>:<port>" beside the variables a plain `python` run makes up
+
+
+def _inherited_solo_world() -> bool:
+    """Whether RANK, WORLD_SIZE and MASTER_PORT are those another process made up for its own world
+    of one (see :func:`init_distributed`), rather than this process's or a launcher's."""
+    pid, _, port = os.environ.get(SOLO_MARK, "").partition(":")
+    return (bool(pid) and pid != str(os.getpid()) and os.environ.get("MASTER_PORT") == port
+            and os.environ.get("WORLD_SIZE") == "1")
+
+
 def init_distributed() -> torch.device:
-    """Initialise the default process group once (idempotent) and return this rank's device."""
+    """Initialise the default process group once (idempotent) and return this rank's device.
+
+    A plain ``python`` run makes up the variables of a world of one (a free port included) and marks
+    them with its pid and port. A process it starts (``compare`` running ``launch/eval.py``, a
+    notebook or test runner that trained in-process, then starts a run) inherits them, but is no
+    rank of that world and the port is still held: it drops them and makes up its own. A launcher's
+    variables (its own port) are left alone."""
+    if _inherited_solo_world():
+        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+            os.environ.pop(k, None)
     if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and "WORLD_SIZE" not in os.environ:
         # srun without torchrun: translate SLURM's variables.
         os.environ["RANK"] = os.environ["SLURM_PROCID"]
@@ -39,6 +59,7 @@ def init_distributed() -> torch.device:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ[SOLO_MARK] = f"{os.getpid()}:{os.environ['MASTER_PORT']}"
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)

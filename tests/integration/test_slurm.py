@@ -161,3 +161,30 @@ def test_preemption_round_trip(fakebin, tmp_path, tiny_dir, launcher):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert [r["step"] for r in read_jsonl(log)] == list(range(1, 151))
     assert (out / "final/COMPLETE").is_file() and not (out / "PREEMPTED").exists()
+
+
+def test_a_process_started_by_a_plain_run_makes_up_its_own_world():
+    """A plain ``python`` run makes up a world of one (RANK, WORLD_SIZE, a free MASTER_PORT that
+    its process group then holds). A process it starts (``compare`` running ``launch/eval.py``, a
+    notebook that trained in-process) inherits those variables: it makes up its own instead of
+    failing to bind the held port. A launcher's variables (another port) are used as they are."""
+    import socket
+    import sys
+
+    code = ("import os; from clsgen_dist.distributed.env import init_distributed, world_size; "
+            "init_distributed(); print(os.environ['MASTER_PORT'], world_size())")
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = str(held.getsockname()[1])
+        env = clean_env() | {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                             "MASTER_PORT": port, "CLSGEN_SOLO": f"1:{port}"}  # made up by process 1
+        p = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+        own_port, size = p.stdout.split()[-2:]
+        assert own_port != port and size == "1"
+        env["CLSGEN_SOLO"] = "1:1"  # the port is a launcher's, not the one process 1 made up: used, so taken
+        p = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=300)
+        assert p.returncode != 0 and "address already in use" in p.stderr, p.stderr[-3000:]
