@@ -196,10 +196,10 @@ _FP_BLOCKS, _FP_BLOCK_BYTES = 64, 64 * 1024
 
 def model_fingerprint(name_or_path: str) -> str | None:
     """A sampled identity of a local model folder (None for anything else): its config, tokenizer,
-    chat-template and generation-defaults files in full, and of every weight file its name, size and 64 blocks of 64 KiB
-    spread evenly over it (4 MiB read per file, whatever the model's size). Another model put at the
-    same path (a base swapped for its instruct version, a retrained or re-merged one) changes it; an
-    edit confined to a few small tensors may not."""
+    chat-template and generation-defaults files in full, and of every weight file its name, size and
+    64 blocks of 64 KiB spread evenly over it (4 MiB read per file, whatever the model's size).
+    Another model put at the same path (a base swapped for its instruct version, a retrained or
+    re-merged one) changes it; an edit confined to a few small tensors may not."""
     from .assets import model_folder_digest
     from .modeling.build import resolve_model_path
 
@@ -330,7 +330,7 @@ def save_training_state(engine, out: Path, step: int, *, zero_stage: int, keep: 
     # adapters, the head and the optimizer state instead of another copy of the backbone. DeepSpeed
     # drops a frozen parameter under its first name only; the hook drops its other names too (a tied
     # embedding, also saved as the LM head).
-    frozen = [n for n, p in engine.module.named_parameters(remove_duplicate=False) if not p.requires_grad]
+    frozen = _frozen_names(engine.module)
 
     def drop_frozen(module, sd, prefix, meta) -> None:
         for n in frozen:
@@ -426,6 +426,12 @@ def load_training_state(engine, ckpt: Path) -> int:
     return int(state["step"])
 
 
+def _frozen_names(model: torch.nn.Module) -> set[str]:
+    """Every name of every frozen parameter (a tied weight under each of its names): what periodic
+    checkpoints leave out and their loading does not expect."""
+    return {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+
+
 def _quant_state_keys(model: torch.nn.Module) -> set[str]:
     """The state-dict entries that bitsandbytes' 4-bit layers write next to each packed weight (block
     scales, code book, packed metadata: ``...weight.absmax`` etc.) and that their loading does not
@@ -448,8 +454,7 @@ def _load_module_state(src: dict, dst: torch.nn.Module) -> None:
     state of 4-bit weights, which bitsandbytes writes into a state dict but does not load back (the
     frozen 4-bit weights are quantized again, identically, when the model is built from its base)."""
     result = dst.load_state_dict(src, strict=False)
-    frozen = {n for n, p in dst.named_parameters(remove_duplicate=False) if not p.requires_grad}
-    missing = sorted(set(result.missing_keys) - frozen)
+    missing = sorted(set(result.missing_keys) - _frozen_names(dst))
     unexpected = sorted(set(result.unexpected_keys) - _quant_state_keys(dst))
     if missing or unexpected:
         raise CheckpointMismatch(f"its module state does not match the model: missing {missing[:5]}, "

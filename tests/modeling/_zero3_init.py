@@ -69,6 +69,21 @@ def step(engine, vocab: int) -> float:
     return float(out.loss)
 
 
+def refused_on_engine(lm, cfg, ds, check, needle: str, what: str) -> None:
+    """``check`` (a backbone check) run on the ZeRO-3 engine of the partitioned ``lm`` must raise a
+    ConfigError containing ``needle``; rank 0 prints ``PASS refuses <what>``."""
+    assert is_partitioned(lm)
+    engine = build_engine(DualHeadModel(lm), cfg, ds)
+    try:
+        check(engine.module.causal_lm)
+    except ConfigError as e:
+        assert needle in str(e), e
+        if rank() == 0:
+            print(f"PASS refuses {what}", flush=True)
+    else:
+        raise AssertionError(f"the check accepted {what} on a partitioned model")
+
+
 def main(models: dict[str, str]) -> int:
     device = init_distributed()
     assert world_size() == 2
@@ -125,17 +140,8 @@ def main(models: dict[str, str]) -> int:
     ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     with zero3_loading(ds):
         lm = Tripled.from_pretrained(model_dir, dtype=torch.float32)
-    assert is_partitioned(lm)
-    engine = build_engine(DualHeadModel(lm), cfg, ds)
-    try:
-        check_lm_logits(engine.module.causal_lm, "tripled")
-    except ConfigError as e:
-        assert "computes its LM logits in a way the fused" in str(e), e
-        if rank() == 0:
-            print("PASS refuses changed logits", flush=True)
-    else:
-        raise AssertionError("check_lm_logits accepted tripled logits on a partitioned model")
-    del engine
+    refused_on_engine(lm, cfg, ds, lambda m: check_lm_logits(m, "tripled"),
+                      "computes its LM logits in a way the fused", "changed logits")
 
     # The packing check on a partitioned model (on the engine, through the embeddings' gradient only)
     # still refuses an attention that lets one example of a packed row see the one before it.
@@ -146,17 +152,8 @@ def main(models: dict[str, str]) -> int:
     AttentionInterface.register("row_causal_test", _row_causal_attention)
     with zero3_loading(ds):
         lm = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="row_causal_test")
-    assert is_partitioned(lm)
-    engine = build_engine(DualHeadModel(lm), cfg, ds)
-    try:
-        check_packing(engine.module.causal_lm, "row-causal")
-    except ConfigError as e:
-        assert "lets one example of a packed row change the next" in str(e), e
-        if rank() == 0:
-            print("PASS refuses attention across packed examples", flush=True)
-    else:
-        raise AssertionError("check_packing accepted an attention across examples on a partitioned model")
-    del engine
+    refused_on_engine(lm, cfg, ds, lambda m: check_packing(m, "row-causal"),
+                      "lets one example of a packed row change the next", "attention across packed examples")
 
     # A hybrid model whose short convolution reads its weight outside the module owning it (LFM2)
     # gets an empty shard under ZeRO-3: one ConfigError saying so, not a traceback on every rank.
@@ -164,16 +161,10 @@ def main(models: dict[str, str]) -> int:
 
     with zero3_loading(ds):
         lm = AutoModelForCausalLM.from_pretrained(models["lfm2"], dtype=torch.float32)
-    assert is_partitioned(lm) and lm.config.model_type == "lfm2"
-    engine = build_engine(DualHeadModel(lm), cfg, ds)
-    try:
-        check_backbone(engine.module.causal_lm, "lfm2", partitioned=True)
-    except ConfigError as e:
-        assert "(lfm2) fails its first forward with its weights partitioned under ZeRO-3" in str(e), e
-        if rank() == 0:
-            print("PASS refuses a model that does not run partitioned", flush=True)
-    else:
-        raise AssertionError("check_backbone accepted LFM2 partitioned under ZeRO-3")
+    assert lm.config.model_type == "lfm2"
+    refused_on_engine(lm, cfg, ds, lambda m: check_backbone(m, "lfm2", partitioned=True),
+                      "(lfm2) fails its first forward with its weights partitioned under ZeRO-3",
+                      "a model that does not run partitioned")
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
     return 0
