@@ -179,16 +179,22 @@ def zero_shot_config(cfg):
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, cls_position="last_prompt"))
 
 
-def load_base_model(cfg, device, *, ds_config: dict | None = None):
+def load_base_model(cfg, device, *, ds_config: dict | None = None, check: bool = True):
     """The untrained base model of ``cfg`` as a DualHeadModel (its classification head is unused)
     and its tokenizer, for zero-shot prompting (use it with :func:`zero_shot_config`).
     ``ds_config`` (a ZeRO-3 JSON; collective): partitioned over the ranks under a DeepSpeed
-    inference engine, as :func:`~clsgen_dist.checkpoint.load_checkpoint` does."""
+    inference engine, as :func:`~clsgen_dist.checkpoint.load_checkpoint` does.
+
+    ``check``: the backbone must pass :func:`~clsgen_dist.modeling.build.check_backbone` (a
+    ConfigError otherwise), since zero-shot scoring packs several prompts per forward and reads the
+    LM logits as training does; a model that leaks one packed example into the next would score
+    every prompt after the first of a row wrongly. ``check=False`` for a caller that runs the
+    causal LM itself, one sequence per forward (the language-retention base)."""
     from transformers import AutoModelForCausalLM
 
     from .modeling import DualHeadModel, load_tokenizer, resolve_model_path
-    from .distributed.engine import inference_ds_config
-    from .modeling.build import place_for_inference, resolve_attn, resolve_dtype, zero3_loading
+    from .distributed.engine import inference_ds_config, is_partitioned
+    from .modeling.build import check_backbone, place_for_inference, resolve_attn, resolve_dtype, zero3_loading
 
     device = torch.device(device)
     path = resolve_model_path(cfg.model.name_or_path)
@@ -200,4 +206,6 @@ def load_base_model(cfg, device, *, ds_config: dict | None = None):
             cfg.model.attn_implementation, device, dtype))
     model = DualHeadModel(lm, **cfg.model.loss_options())
     place_for_inference(model, zero3, device)
+    if check:  # on the device (a whole model was just moved there), or gathered by the inference engine
+        check_backbone(model.causal_lm, path, partitioned=is_partitioned(model))
     return model.eval(), tokenizer

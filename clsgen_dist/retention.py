@@ -105,7 +105,8 @@ def _base_of(model, cfg, ds_config: dict | None = None):
     attn = getattr(model.config, "_attn_implementation", None) or cfg.model.attn_implementation
     base_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype=dtype, attn_implementation=attn))
     partitioned = is_partitioned(model)
-    base, _ = load_base_model(base_cfg, p.device, ds_config=ds_config if partitioned else None)
+    base, _ = load_base_model(base_cfg, p.device, ds_config=ds_config if partitioned else None,
+                              check=False)  # perplexity runs one window per forward
     try:
         yield base.causal_lm
     finally:

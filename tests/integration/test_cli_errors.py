@@ -292,9 +292,11 @@ def test_training_in_process_leaves_the_callers_signal_handlers(capsys, tmp_path
 
 def test_a_model_that_leaks_across_packed_examples_is_refused_before_output(capsys, tmp_path, tokenizer):
     """An LFM2 (its short convolution carries the end of one example into the next) is refused at
-    the build with one line saying why; nothing is written to output_dir."""
+    the build with one line saying why; nothing is written to output_dir. Its zero-shot baseline,
+    which packs several prompts per forward too, is refused the same way, with no metrics.json."""
     from transformers import Lfm2Config, Lfm2ForCausalLM
 
+    from clsgen_dist.cli import eval_main
     from tests.conftest import review_splits
 
     model = tmp_path / "lfm2"
@@ -306,5 +308,11 @@ def test_a_model_that_leaks_across_packed_examples_is_refused_before_output(caps
     err = _train(capsys, "--config", "launch/configs/tiny_cpu.yaml", f"model.name_or_path={model}",
                  f"data.train_file={data['train']}", f"data.dev_file={data['dev']}", f"data.test_file={data['test']}",
                  f"output_dir={tmp_path / 'out'}")
-    assert f"{model} (lfm2, attn_implementation=sdpa) lets one example of a packed row change the next" in err, err
+    needle = f"{model} (lfm2, attn_implementation=sdpa) lets one example of a packed row change the next"
+    assert needle in err, err
     assert not (tmp_path / "out").exists()
+    err = _main_error(capsys, eval_main, "--mode", "zero_shot", "--config", "launch/configs/tiny_cpu.yaml",
+                      f"model.name_or_path={model}", "--data", str(data["test"]), "--dev", str(data["dev"]),
+                      "--output", str(tmp_path / "zs"), "--ppl-tokens", "0", "--bootstrap", "0")
+    assert needle in err, err
+    assert not (tmp_path / "zs" / "metrics.json").exists()

@@ -11,7 +11,8 @@ after the engine is built both hold the same values (gathered, compared exactly:
 the same cls-token rows, the same adapter init), and one training step gives the same loss and the
 same parameters. The build-time backbone checks run on the engine instead, before that step, and
 still refuse a model whose forward changes its logits or lets packed examples see each other, and
-a model that does not run partitioned is one ConfigError.
+a model that does not run partitioned is one ConfigError. The zero-shot baseline's base model,
+partitioned under an inference engine, is checked and refused the same way.
 """
 
 from __future__ import annotations
@@ -165,6 +166,30 @@ def main(models: dict[str, str]) -> int:
     refused_on_engine(lm, cfg, ds, lambda m: check_backbone(m, "lfm2", partitioned=True),
                       "(lfm2) fails its first forward with its weights partitioned under ZeRO-3",
                       "a model that does not run partitioned")
+
+    # The zero-shot baseline's base model, partitioned under a DeepSpeed inference engine (no
+    # optimizer): the same checks run there, through the engine's gathers, before any scoring.
+    from clsgen_dist.baselines import load_base_model, zero_shot_config
+
+    def zero_shot(path: str, attn: str = "sdpa"):
+        zcfg = zero_shot_config(load_config(None, [f"model.name_or_path={path}", "model.dtype=float32"]))
+        zcfg.model.attn_implementation = attn  # (set after the config's validation: the test registered it)
+        return load_base_model(zcfg, device, ds_config=ds)[0]
+
+    assert is_partitioned(zero_shot(model_dir))  # a plain Llama passes
+    for what, path, attn, needle in (
+            ("attention across packed examples", model_dir, "row_causal_test",
+             "lets one example of a packed row change the next"),
+            ("a model that does not run partitioned", models["lfm2"], "sdpa",
+             "(lfm2) fails its first forward with its weights partitioned under ZeRO-3")):
+        try:
+            zero_shot(path, attn)
+        except ConfigError as e:
+            assert needle in str(e), e
+            if rank() == 0:
+                print(f"PASS zero-shot refuses {what}", flush=True)
+        else:
+            raise AssertionError(f"the zero-shot base model's checks accepted {what} on a partitioned model")
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
     return 0

@@ -16,7 +16,8 @@ def test_partitioned_build_equals_whole_build_two_ranks(tiny_dir, tokenizer, tmp
     weight, and after the engine is built and after one step its weights equal the whole build's
     exactly. The backbone checks, run on the engine for a partitioned model before that step, still
     refuse a model whose forward changes its logits, and one whose attention crosses packed examples;
-    a model that does not run partitioned (LFM2) is one ConfigError."""
+    a model that does not run partitioned (LFM2) is one ConfigError. The zero-shot baseline's base
+    model, partitioned under an inference engine, is checked and refused the same way."""
     from tests.integration._run import clean_env, free_port
 
     from transformers import Lfm2Config, Lfm2ForCausalLM
@@ -26,6 +27,7 @@ def test_partitioned_build_equals_whole_build_two_ranks(tiny_dir, tokenizer, tmp
     Lfm2ForCausalLM(Lfm2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                num_attention_heads=4, num_key_value_heads=2,
                                layer_types=["conv", "full_attention"])).save_pretrained(lfm2)
+    tokenizer.save_pretrained(lfm2)  # (for its zero-shot base model)
     env = {**clean_env(), "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""}  # CPU ranks, on a GPU machine too
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
            str(Path(__file__).with_name("_zero3_init.py")), str(tiny_dir), str(padded), str(lfm2)]
@@ -34,9 +36,12 @@ def test_partitioned_build_equals_whole_build_two_ranks(tiny_dir, tokenizer, tmp
     assert p.returncode == 0, out[-8000:]
     passed = [x.split("PASS ", 1)[1] for x in out.splitlines() if "PASS " in x]
     assert [x.split()[0] for x in passed] == ["full_fp32", "lora_token_fp32", "lora_token_bf16",
-                                               "full_token_padded_fp32", "refuses", "refuses", "refuses"], out[-4000:]
+                                               "full_token_padded_fp32", "refuses", "refuses", "refuses",
+                                               "zero-shot", "zero-shot"], out[-4000:]
     assert "PASS refuses attention across packed examples" in out
     assert "PASS refuses a model that does not run partitioned" in out
+    assert "PASS zero-shot refuses attention across packed examples" in out
+    assert "PASS zero-shot refuses a model that does not run partitioned" in out
     print("\n".join(passed))
 
 
