@@ -269,6 +269,10 @@ def check_packing(backbone, path: str) -> None:
     limit), which no causal LM in transformers has."""
     from .dual_head import packed_hidden_states
 
+    if torch.is_inference_mode_enabled():  # its tensors can never take part in a gradient
+        raise RuntimeError("the packing check of a model being built or loaded needs a gradient, which "
+                           "torch.inference_mode() forbids: build or load the model outside that block "
+                           "(torch.no_grad() is fine), then run inference in it")
     with _eval_mode(backbone):
         embed = backbone.get_input_embeddings()
         device = embed.weight.device

@@ -112,6 +112,21 @@ def test_the_criterion_is_exact():
         check_packing(model, "m")
 
 
+def test_loading_under_inference_mode_says_what_to_do_instead(tiny_dir):
+    """A model loaded inside torch.inference_mode() has tensors no gradient can go through: the
+    check says to load it outside that block, where torch.no_grad() around the load is fine."""
+    from clsgen_dist.baselines import load_base_model, zero_shot_config
+    from clsgen_dist.config import load_config
+
+    cfg = zero_shot_config(load_config(None, [f"model.name_or_path={tiny_dir}", "model.dtype=float32"]))
+    with torch.inference_mode(), pytest.raises(RuntimeError, match=r"outside that block \(torch.no_grad\(\) is fine"):
+        load_base_model(cfg, "cpu")
+    with torch.no_grad():
+        model, _ = load_base_model(cfg, "cpu")
+    with torch.inference_mode():
+        assert model.causal_lm(input_ids=torch.tensor([[1, 2, 3]])).logits.shape[:2] == (1, 3)
+
+
 def test_every_module_keeps_its_mode():
     """peft leaves its dropout modules in train mode under a base loaded in eval mode: the checks
     put every module back as it was (a dropout left in eval mode would change training)."""
