@@ -111,16 +111,23 @@ def _read_csv(p: Path) -> list[dict]:
     return rows
 
 
+def _datasets():
+    """The ``datasets`` package, imported only for the formats it reads (a saved folder, JSON,
+    Parquet): JSONL and CSV are parsed here, and need neither it nor its import time."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    return datasets
+
+
 def load_records(path: str | Path) -> tuple[list[dict], str]:
     """Load every row of ``path`` as a dict. Returns (rows, row_word) where row_word says how rows
     are numbered in messages ("line" for JSONL and CSV: the file's line; "row" otherwise)."""
     p = Path(path)
     if not p.exists():
         raise DataError(f"{p}: no such file or folder")
-    import datasets
-
-    datasets.disable_progress_bars()
     if p.is_dir():
+        datasets = _datasets()
         try:
             ds = datasets.load_from_disk(str(p))
         except Exception as e:  # noqa: BLE001 - any failure here is a user error about this folder
@@ -161,6 +168,7 @@ def load_records(path: str | Path) -> tuple[list[dict], str]:
         return _read_csv(p), "line"
     if builder == "json":  # read by datasets, whose decode error names no line
         _check_utf8(p)
+    datasets = _datasets()
     try:
         ds = datasets.load_dataset(builder, data_files=str(p), split="train", keep_in_memory=True)
     except Exception as e:  # noqa: BLE001

@@ -156,3 +156,34 @@ def test_repeated_ids_are_a_warning(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="clsgen_dist.data"):
         read(p, limit=2)
     assert caplog.text == ""
+
+
+def test_jsonl_and_csv_need_no_datasets_package(tmp_path):
+    """JSONL and CSV are parsed here: reading them, and importing the training and evaluation
+    entry points, works where ``datasets`` is not installed (the CUDA image the GPU checks run on
+    lacks it); only the formats it reads import it."""
+    import subprocess
+    import sys
+
+    jl = write_jsonl(tmp_path / "d.jsonl", [{"text": "good", "label": 1}, {"text": "bad", "label": 0}])
+    (tmp_path / "d.csv").write_text("text,label\ngood,1\nbad,0\n")
+    script = f"""
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name == "datasets" or name.startswith("datasets."):
+            raise ModuleNotFoundError("No module named 'datasets'", name="datasets")
+sys.meta_path.insert(0, Block())
+import clsgen_dist.train, clsgen_dist.evaluate_cli, clsgen_dist.predict, clsgen_dist.export
+from clsgen_dist.data.reading import read_examples
+for f in ({str(jl)!r}, {str(tmp_path / 'd.csv')!r}):
+    assert [e.label for e in read_examples(f, label_names=["negative", "positive"])] == [1, 0]
+try:
+    read_examples({str(tmp_path / 'd.parquet')!r}, label_names=["negative", "positive"])
+except ModuleNotFoundError:
+    print("parquet needs datasets")
+"""
+    (tmp_path / "d.parquet").write_bytes(b"PAR1")
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "parquet needs datasets" in p.stdout  # the blocker works: the test would see an eager import
