@@ -40,12 +40,14 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 DEFAULT_JSONL = HERE / "fused_loss_results.jsonl"
 DEFAULT_MD = HERE / "fused_loss.md"
-SHAPES = {"cpu": [(4096, 576, 49152)], "cuda": [(8192, 4096, 128256), (16384, 4096, 128256)]}
+# CUDA: the headline shape and variants first, each result recorded as its worker returns, so that a
+# run cut off by a device call's time limit keeps what finished
+SHAPES = {"cpu": [(4096, 576, 49152)], "cuda": [(16384, 4096, 128256), (8192, 4096, 128256)]}
 DTYPES = {"cpu": "float32", "cuda": "bfloat16"}
 VARIANTS = {
     "cpu": ["naive", "torch", "liger", "cce"],
-    "cuda": ["naive", "torch", "triton", "triton_acc_bf16", "triton_acc_bf16_c512", "triton_recompute",
-             "triton_recompute_bf16", "liger", "cce"],
+    "cuda": ["naive", "triton", "triton_recompute_bf16", "liger", "cce", "torch", "triton_acc_bf16",
+             "triton_acc_bf16_c512", "triton_recompute"],
 }
 # our variants -> dual_head_loss keywords (accum_dtype by name: torch is imported in the workers only)
 OURS = {
@@ -251,21 +253,31 @@ def main(argv=None) -> None:
     }
     args.jsonl.parent.mkdir(parents=True, exist_ok=True)
     all_results = []
+
+    def keep(shape, variant: str, res: dict) -> None:
+        if res.get("traceback"):
+            print(f"--- {variant} at {shape}:\n{res.pop('traceback')}", flush=True)
+        rec = {**common, "N": shape[0], "H": shape[1], "V": shape[2], "variant": variant, **res}
+        all_results.append(rec)
+        record(args.jsonl, rec)
+
     for shape in shapes:
-        results = {v: _run_worker(args, shape, v) for v in variants}  # CUDA: everything; CPU: memory
-        if "floor" in results.get("naive", {}):
-            results["matmul"] = results["naive"].pop("floor")
+        if args.device == "cuda":  # everything in one worker per variant, recorded as it returns
+            for v in variants:
+                res = _run_worker(args, shape, v)
+                floor = res.pop("floor", None)
+                keep(shape, v, res)
+                if floor is not None:
+                    keep(shape, "matmul", floor)
+            continue
+        results = {v: _run_worker(args, shape, v) for v in variants}  # CPU: memory, then time interleaved
         ok = [v for v in variants if results[v].get("status") == "ok"]
-        if args.device == "cpu" and ok:
+        if ok:
             timed = _run_worker(args, shape, ",".join(ok), mode="time")
             for v in ok:
                 results[v].update(timed.get(v) or {"status": timed.get("status", "timing failed")})
         for variant, res in results.items():
-            if res.get("traceback"):
-                print(f"--- {variant} at {shape}:\n{res.pop('traceback')}", flush=True)
-            rec = {**common, "N": shape[0], "H": shape[1], "V": shape[2], "variant": variant, **res}
-            all_results.append(rec)
-            record(args.jsonl, rec)
+            keep(shape, variant, res)
     render(args.jsonl, args.md)
     print_this_run(args.md, common["date"])
     ours = [r for r in all_results if r["variant"] in OURS]

@@ -17,8 +17,9 @@
 # --no-deps so torch/triton stay as they are); missing wheels just skip those rows.
 # Writes env.txt, pytest.log, bench.log, attention_bench.log, fused_loss_results.jsonl, fused_loss.md,
 # packed_attention_results.jsonl, packed_attention.md to $OUT; copy the results and tables back to
-# benchmarks/. Hard limits 4 min (tests) + 5.5 min (bench): "all" fits one 10-min
-# device call only just; `tests` and `bench` as two calls leave room for a rerun of either.
+# benchmarks/. Hard limits 4 min (tests) + 5.5 min (bench), or TEST_LIMIT + ATTN_LIMIT and
+# BENCH_LIMIT seconds: benchmarks/gpu_session.sh runs both stages and the QLoRA check in one
+# device call, within one time budget.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-outputs/gpu_check}
@@ -31,8 +32,11 @@ export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/clsgen_triton_cache}
 unset TRITON_INTERPRET
 T0=$SECONDS
 
-if compgen -G ".whl/*.whl" > /dev/null; then
+if [ -f /tmp/site/.clsgen_wheels ]; then  # installed by an earlier stage of this call (gpu_session.sh)
+  export PYTHONPATH="/tmp/site:$PYTHONPATH"
+elif compgen -G ".whl/*.whl" > /dev/null; then
   if python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl > "$OUT/pip.log" 2>&1; then
+    touch /tmp/site/.clsgen_wheels
     export PYTHONPATH="/tmp/site:$PYTHONPATH"
   else
     echo "wheel install failed (see $OUT/pip.log): liger/cce rows will be skipped"
@@ -55,7 +59,7 @@ if [ "$STAGE" != bench ]; then
 echo "== pytest tests/ops (CUDA native + interpreter) + torch_varlen attention on CUDA"
 # The attention tests need only SmolLM2's tokenizer files, carried in outputs/gpu_assets/smol.
 [ -d outputs/gpu_assets/smol ] && export CLSGEN_TEST_TOKENIZER="$PWD/outputs/gpu_assets/smol"
-CLSGEN_TRITON_AUTOTUNE=0 timeout 200 python3 -m pytest -q tests/ops \
+CLSGEN_TRITON_AUTOTUNE=0 timeout "${TEST_LIMIT:-200}" python3 -m pytest -q tests/ops \
   tests/modeling/test_attention.py::test_reference_matches_the_real_kernel \
   tests/modeling/test_packing_equivalence.py tests/modeling/test_packing_check.py -p no:cacheprovider -rs --durations=8 > "$OUT/pytest.log" 2>&1
 RC_TEST=$?
@@ -63,7 +67,7 @@ tail -n 25 "$OUT/pytest.log"
 echo "pytest rc=$RC_TEST ($((SECONDS - T0))s so far)"
 echo "== packed attention benchmark (sdpa vs torch_varlen [vs flash-attn])"
 [ -f benchmarks/packed_attention_results.jsonl ] && cp benchmarks/packed_attention_results.jsonl "$OUT/"
-timeout 60 python3 benchmarks/packed_attention_bench.py --device cuda --jsonl "$OUT/packed_attention_results.jsonl" \
+timeout "${ATTN_LIMIT:-60}" python3 benchmarks/packed_attention_bench.py --device cuda --jsonl "$OUT/packed_attention_results.jsonl" \
   --md "$OUT/packed_attention.md" > "$OUT/attention_bench.log" 2>&1 || echo "attention bench failed (see attention_bench.log)"
 grep '^| ' "$OUT/attention_bench.log" | tail -n 8
 fi
@@ -71,7 +75,7 @@ fi
 if [ "$STAGE" != tests ]; then
 echo "== benchmark"
 [ -f benchmarks/fused_loss_results.jsonl ] && cp benchmarks/fused_loss_results.jsonl "$OUT/"
-timeout 330 python3 benchmarks/fused_loss_bench.py --device cuda --timeout 120 --rep-ms 500 \
+timeout "${BENCH_LIMIT:-330}" python3 benchmarks/fused_loss_bench.py --device cuda --timeout 120 --rep-ms 500 \
   --jsonl "$OUT/fused_loss_results.jsonl" --md "$OUT/fused_loss.md" > "$OUT/bench.log" 2>&1
 RC_BENCH=$?
 if [ "$RC_BENCH" -ne 0 ]; then  # e.g. timed out: render what was appended so far

@@ -147,15 +147,16 @@ class TorchChunkBackend:
 
 @functools.lru_cache(maxsize=None)
 def _cuda_out_dtype_ok(op: str) -> bool:
-    """Whether CUDA ``torch.mm`` / ``torch.addmm`` take ``out_dtype=float32`` with bf16 operands (torch >= 2.8)."""
+    """Whether CUDA ``torch.mm`` / ``torch.addmm`` take ``out_dtype=float32`` with bf16 operands (torch >= 2.8),
+    and ``addmm`` adds its input (which starts at 1 here, so that dropping it would show)."""
     try:
         a = torch.ones(16, 16, device="cuda", dtype=torch.bfloat16)
-        c = torch.zeros(16, 16, device="cuda", dtype=torch.float32)
+        c = torch.ones(16, 16, device="cuda", dtype=torch.float32)
         if op == "mm":
             torch.mm(a, a, out_dtype=torch.float32, out=c)
         else:
             torch.addmm(c, a, a, out_dtype=torch.float32, out=c)
-        return bool(c[0, 0] == 16)  # one-time sync, first call only
+        return bool(c[0, 0] == (16 if op == "mm" else 17))  # one-time sync, first call only
     except (RuntimeError, TypeError):
         return False
 

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Every GPU check of the open work in ONE device call, most important first, within one time
+# budget, bringing back at most 8 files (what a device call returns). From the repo root, with
+# `.whl/` and `outputs/gpu_assets/` carried (see gpu_qlora_check.sh for how they are made):
+#
+#   bash benchmarks/gpu_session.sh              # device tool: timeout_s=600
+#
+# Stages (each one's limit is what the budget has left, less a reserve for the stages after it):
+#   1. QLoRA end to end through the real launchers (gpu_qlora_check.sh)          up to 300 s
+#   2. the fused-loss benchmark at the GPU shapes (gpu_check.sh bench)            up to 330 s
+#   3. the ops / attention / packing-check tests on CUDA (gpu_check.sh tests)     what is left
+# BUDGET (default 560 s) is for the three stages together; the wheel install and the copying
+# come on top, so the whole call stays inside the tool's 600 s. A stage that runs out of time
+# is cut off and the next one still runs; results are copied to $OUT after every stage, so a
+# call killed at its limit still brings back what had finished.
+#
+# Brought back in $OUT: session.md (each stage's exit status and seconds), env.txt,
+# qlora_summary.json, fused_loss_results.jsonl, fused_loss.md, packed_attention_results.jsonl,
+# packed_attention.md and logs.tgz (the logs, summaries, run_info and train logs; no models or
+# checkpoints).
+# Copy the results and tables into benchmarks/, then update README's figures.
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 1
+RESULT=${OUT:-outputs/gpu_session}
+WORK=${WORK:-/tmp/clsgen_gpu_session}
+BUDGET=${BUDGET:-560}
+mkdir -p "$RESULT" "$WORK"
+export PYTHONUNBUFFERED=1
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1  # no network there: fail fast, never wait
+export NCCL_DEBUG=${NCCL_DEBUG:-WARN}  # says why, should NCCL not start in the VM
+T0=$SECONDS
+
+left() { echo $((BUDGET - (SECONDS - T0))); }
+# cap WANT RESERVE: WANT seconds, or fewer if the budget left, less RESERVE for later stages, is smaller
+cap() { local l=$(( $(left) - $2 )); [ "$l" -lt "$1" ] && echo $(( l > 10 ? l : 10 )) || echo "$1"; }
+
+printf '| stage | limit s | rc | seconds |\n|---|---:|---:|---:|\n' > "$WORK/session.md"
+collect() {
+  cp "$WORK/session.md" "$RESULT/session.md"
+  for f in check/env.txt qlora/summary.json:qlora_summary.json check/fused_loss_results.jsonl check/fused_loss.md \
+           check/packed_attention_results.jsonl check/packed_attention.md; do
+    src=${f%%:*}; dst=${f#*:}; [ "$dst" = "$f" ] && dst=$(basename "$src")
+    [ -f "$WORK/$src" ] && cp "$WORK/$src" "$RESULT/$dst"
+  done
+  [ -f "$WORK/check/env.txt" ] || { [ -f "$WORK/qlora/env.txt" ] && cp "$WORK/qlora/env.txt" "$RESULT/env.txt"; }
+  (cd "$WORK" && find . -maxdepth 4 \( -name '*.log' -o -name '*.md' -o -name '*.txt' -o -name 'summary.json' \
+     -o -name run_info.json -o -name train_log.jsonl -o -name metrics.json \) -size -4M -print0 |
+     tar -czf "$RESULT/logs.tgz" --null -T -) 2>/dev/null
+}
+stage() {  # stage NAME LIMIT COMMAND...
+  local name=$1 limit=$2 t=$SECONDS; shift 2
+  echo "== $name (limit ${limit}s, $(left)s of the budget left)"
+  "$@" > "$WORK/$name.log" 2>&1
+  local rc=$?
+  tail -n 30 "$WORK/$name.log"
+  echo "| $name | $limit | $rc | $((SECONDS - t)) |" >> "$WORK/session.md"
+  collect
+}
+
+if [ ! -f /tmp/site/.clsgen_wheels ] && compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl > "$WORK/pip.log" 2>&1 \
+    && touch /tmp/site/.clsgen_wheels || { echo "wheel install failed:"; tail -n 20 "$WORK/pip.log"; }
+fi
+T0=$SECONDS  # the budget counts from here
+
+L=$(cap 300 220)
+stage qlora "$L" env OUT="$WORK/qlora" QLORA_LIMIT="$L" bash benchmarks/gpu_qlora_check.sh
+L=$(cap 330 60)
+stage bench "$L" env OUT="$WORK/check" BENCH_LIMIT="$L" bash benchmarks/gpu_check.sh bench
+L=$(cap 200 0)
+stage tests "$L" env OUT="$WORK/check" TEST_LIMIT="$((L > 70 ? L - 50 : L / 2))" ATTN_LIMIT="$((L > 70 ? 45 : L / 3))" \
+  bash benchmarks/gpu_check.sh tests
+cat "$WORK/session.md"
+echo "total $((SECONDS - T0)) s of a ${BUDGET} s budget; brought back: $(ls "$RESULT" | tr '\n' ' ')"
+! grep -q '| [1-9][0-9]* | [0-9]* |$' "$WORK/session.md"
