@@ -79,6 +79,12 @@ def run_eval(args) -> dict:
     if data is None:  # the run's own test split, tuned on the run's own dev split unless --dev says otherwise
         files = default_eval_files(run_cfg)
         data, dev = files["test"], dev or files["dev"]
+        if data is None:
+            from .config import ConfigError
+
+            source = f"the checkpoint {args.checkpoint}" if args.checkpoint else f"the config {args.config}"
+            raise ConfigError(f"--data is required: {source} names no test split (data.test_file) to evaluate on; "
+                              f"pass --data FILE (a labelled JSONL/CSV/Parquet file or saved dataset)")
     examples = read(data, args.limit)
     dev_ex = read(dev, getattr(args, "dev_limit", None)) if dev else None
     ds_config = None

@@ -53,6 +53,8 @@ def load_splits(cfg: Config) -> dict[str, list]:
                                        dev_size=d.default_dev_size, test_size=d.default_test_size)
         files = {k: files[k] or str(paths[k]) for k in files}
     if d.teacher is not None:
+        if d.train_file is not None:
+            _refuse_replacing_explanations(cfg)
         files["train"] = str(teacher_explanations(cfg, Path(files["train"]), default=d.train_file is None))
     limits = {"train": d.train_limit, "dev": d.dev_limit, "test": d.test_limit}
     out = {}
@@ -85,6 +87,24 @@ def data_warnings(examples: list, stats: dict, cfg: Config) -> list[str]:
                    f"data.max_seq_len={d.max_seq_len} ({stats['with_explanation']} remain as LM targets); raise "
                    f"data.max_seq_len")
     return out
+
+
+def _refuse_replacing_explanations(cfg: Config) -> None:
+    """A DataError if ``data.train_file`` already has explanations that ``data.teacher`` would
+    replace (as ``launch/build_data.py`` refuses without ``--replace-existing``): a file built by a
+    stronger teacher, trained with a config that also names a teacher (``launch/configs/default.yaml``,
+    which applies without ``--config``, names the embedded one), would otherwise lose its rationales."""
+    from .data.construct import read_input
+    from .data.reading import DataError
+
+    d = cfg.data
+    given = [ex for ex in read_input(d.train_file, d, limit=d.train_limit) if ex.explanation is not None]
+    if given:
+        raise DataError(f"{d.train_file}: {len(given)} rows already have an explanation ({d.explanation_field!r}, "
+                        f"e.g. id {given[0].id}), and data.teacher={d.teacher} would replace them with its own: "
+                        f"set data.teacher=null to train on them (launch/configs/default.yaml, used when no "
+                        f"--config is given, sets data.teacher: default), or use launch/build_data.py "
+                        f"--replace-existing to replace them on purpose")
 
 
 def teacher_explanations(cfg: Config, train: Path, *, default: bool) -> Path:

@@ -316,3 +316,32 @@ def test_a_model_that_leaks_across_packed_examples_is_refused_before_output(caps
                       "--output", str(tmp_path / "zs"), "--ppl-tokens", "0", "--bootstrap", "0")
     assert needle in err, err
     assert not (tmp_path / "zs" / "metrics.json").exists()
+
+
+def test_a_teacher_never_silently_replaces_the_files_explanations(capsys, tmp_path):
+    """A train file that already has explanations (say, from launch/build_data.py with a strong
+    teacher), trained without --config: default.yaml names the embedded teacher, which would
+    rewrite them. One line says so and how to train on them, before any model or output."""
+    from tests.conftest import review_splits
+
+    import json
+
+    data = review_splits(tmp_path / "data")  # every other row explained
+    n = sum("explanation" in json.loads(x) for x in data["train"].read_text().splitlines())
+    err = _train(capsys, f"data.train_file={data['train']}", f"output_dir={tmp_path / 'out'}")
+    assert f"{data['train']}: {n} rows already have an explanation ('explanation', e.g. id r1)" in err, err
+    assert "data.teacher=default would replace them" in err and "set data.teacher=null to train on them" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_eval_without_data_needs_a_test_split(capsys, tmp_path):
+    """launch/eval.py with no --data evaluates the run's own test split; a run config that names
+    none (its own train file, no data.test_file) gets one line asking for --data."""
+    from clsgen_dist.cli import eval_main
+
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": "ok", "label": 1}, {"text": "bad", "label": 0}])
+    (tmp_path / "my.yaml").write_text(f"data:\n  train_file: {train}\n")
+    err = _main_error(capsys, eval_main, "--mode", "zero_shot", "--config", str(tmp_path / "my.yaml"),
+                      "--output", str(tmp_path / "o"))
+    assert f"--data is required: the config {tmp_path / 'my.yaml'} names no test split (data.test_file)" in err, err
+    assert not (tmp_path / "o" / "metrics.json").exists()
