@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -69,11 +72,47 @@ def init_distributed() -> torch.device:
     if not dist.is_initialized():
         import deepspeed
 
+        if local_rank == 0:
+            clear_stale_build_locks()
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
                                    verbose=False)
         if device.type == "cpu":
             _unlink_shm_allreduce_buffer()
     return device
+
+
+STALE_BUILD_LOCK_S = 600  # a JIT build of a DeepSpeed op takes 1-3 minutes
+
+
+def clear_stale_build_locks(max_age_s: float = STALE_BUILD_LOCK_S) -> list[Path]:
+    """Remove the build locks of torch's JIT extensions (DeepSpeed's ops: the CPU shared-memory
+    all-reduce that every CPU run loads, CPU Adam, FusedAdam) left by a build that was interrupted,
+    and return them. A process killed while it builds (Ctrl-C, a time limit, an OOM kill on the
+    first launch) leaves ``<extensions dir>/<op>/lock`` behind, and every later launch waits on it
+    forever, silently. A lock older than ``max_age_s`` is such a leftover; a younger one may be a
+    build in progress, and is only named in a warning, so that a run that seems to hang says why.
+    Called by the first process of each host (``LOCAL_RANK`` 0) before DeepSpeed loads its ops."""
+    log = logging.getLogger("clsgen_dist.distributed")
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if not root:
+        from torch.utils.cpp_extension import get_default_build_root
+
+        root = get_default_build_root()
+    removed = []
+    for lock in [*Path(root).glob("*/lock"), *Path(root).glob("*/*/lock")]:  # (the default root has a py3X_ level)
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:  # released meanwhile
+            continue
+        if age > max_age_s:
+            lock.unlink(missing_ok=True)
+            removed.append(lock)
+            log.warning("removed %s, left %.0f min ago by a build of %s that was interrupted (it would make "
+                        "this run wait forever)", lock, age / 60, lock.parent.name)
+        else:
+            log.warning("%s: another process started building %s %.0f s ago, and this run waits for it (if "
+                        "no process is building it, delete that file)", lock, lock.parent.name, age)
+    return removed
 
 
 def _unlink_shm_allreduce_buffer() -> None:

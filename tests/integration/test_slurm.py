@@ -188,3 +188,40 @@ def test_a_process_started_by_a_plain_run_makes_up_its_own_world():
         p = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
                            timeout=300)
         assert p.returncode != 0 and "address already in use" in p.stderr, p.stderr[-3000:]
+
+
+def test_a_build_lock_left_by_an_interrupted_build_does_not_hang_the_next_run(tmp_path, caplog):
+    """A launch killed while torch JIT-builds a DeepSpeed op leaves ``<op>/lock`` behind, on which
+    every later launch would wait forever. An old lock is removed (with a warning) before DeepSpeed
+    loads its ops; a young one may be a build in progress: it is kept and named in a warning."""
+    import sys
+
+    from clsgen_dist.distributed.env import STALE_BUILD_LOCK_S, clear_stale_build_locks
+
+    old, young = tmp_path / "deepspeed_shm_comm" / "lock", tmp_path / "py311_cpu" / "cpu_adam" / "lock"
+    for lock in (old, young):
+        lock.parent.mkdir(parents=True)
+        lock.touch()
+    os.utime(old, (time.time() - 2 * STALE_BUILD_LOCK_S,) * 2)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+        assert clear_stale_build_locks() == [old]
+    assert not old.exists() and young.exists()
+    assert f"removed {old}, left 20 min ago by a build of deepspeed_shm_comm" in caplog.text
+    assert f"{young}: another process started building cpu_adam 0 s ago, and this run waits for it" in caplog.text
+
+    # The real thing: every CPU process group loads DeepSpeed's shared-memory op from the extensions
+    # folder the launch scripts use; with such a lock left there, a run still starts.
+    env = clean_env()
+    lock = Path(env["TORCH_EXTENSIONS_DIR"]) / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock.touch()
+    os.utime(lock, (time.time() - 2 * STALE_BUILD_LOCK_S,) * 2)
+    code = "from clsgen_dist.distributed.env import init_distributed, world_size; init_distributed(); print(world_size())"
+    try:
+        p = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=240)
+    finally:
+        lock.unlink(missing_ok=True)
+    assert p.returncode == 0 and p.stdout.split()[-1] == "1", p.stderr[-3000:]
+    assert f"removed {lock}" in p.stderr
