@@ -6,7 +6,9 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -72,27 +74,41 @@ def init_distributed() -> torch.device:
     if not dist.is_initialized():
         import deepspeed
 
-        if local_rank == 0:
-            clear_stale_build_locks()
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
-                                   verbose=False)
+        # every process (a rank waiting on a stale lock would otherwise go on to import an op that
+        # another rank is still building); the first of each host reports
+        with _watching_build_locks(report=local_rank == 0):
+            deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
+                                       verbose=False)
         if device.type == "cpu":
             _unlink_shm_allreduce_buffer()
     return device
 
 
-STALE_BUILD_LOCK_S = 600  # a JIT build of a DeepSpeed op takes 1-3 minutes
+STALE_BUILD_LOCK_S = 600  # a JIT build of a DeepSpeed op takes 1-3 minutes; CLSGEN_STALE_BUILD_LOCK_S overrides
+_QUIET_BUILD_LOCK_S = 60  # a younger lock is a build in progress, often a sibling rank's: not worth a warning
 
 
-def clear_stale_build_locks(max_age_s: float = STALE_BUILD_LOCK_S) -> list[Path]:
+def _stale_after() -> float:
+    return float(os.environ.get("CLSGEN_STALE_BUILD_LOCK_S") or STALE_BUILD_LOCK_S)
+
+
+def clear_stale_build_locks(max_age_s: float | None = None, *, report: bool = True,
+                            report_waiting: bool = True) -> list[Path]:
     """Remove the build locks of torch's JIT extensions (DeepSpeed's ops: the CPU shared-memory
-    all-reduce that every CPU run loads, CPU Adam, FusedAdam) left by a build that was interrupted,
-    and return them. A process killed while it builds (Ctrl-C, a time limit, an OOM kill on the
-    first launch) leaves ``<extensions dir>/<op>/lock`` behind, and every later launch waits on it
-    forever, silently. A lock older than ``max_age_s`` is such a leftover; a younger one may be a
-    build in progress, and is only named in a warning, so that a run that seems to hang says why.
-    Called by the first process of each host (``LOCAL_RANK`` 0) before DeepSpeed loads its ops."""
+    all-reduce that every CPU run loads, CPU Adam, FusedAdam) that an interrupted build left, and
+    return them. A process killed while it builds (Ctrl-C, a time limit, an OOM kill on the first
+    launch) leaves ``<extensions dir>/<op>/lock`` behind, and torch makes every later launch wait on
+    it forever, silently.
+
+    A lock counts as left over when neither it nor any file of its build folder (a live build
+    writes its object files there) has changed for ``max_age_s`` (default 600 s, or
+    ``$CLSGEN_STALE_BUILD_LOCK_S``). It is moved aside atomically and its age checked again, so a
+    lock another process takes meanwhile is put back, never deleted. A younger lock is a build in
+    progress: named in a warning (``report_waiting``) once it is a minute old, so that a run that
+    seems to hang says why. ``report``: log at all (the first process of each host does). Any
+    other error (a read-only shared folder) is a warning, not a failed launch."""
     log = logging.getLogger("clsgen_dist.distributed")
+    max_age_s = _stale_after() if max_age_s is None else max_age_s
     root = os.environ.get("TORCH_EXTENSIONS_DIR")
     if not root:
         from torch.utils.cpp_extension import get_default_build_root
@@ -101,18 +117,55 @@ def clear_stale_build_locks(max_age_s: float = STALE_BUILD_LOCK_S) -> list[Path]
     removed = []
     for lock in [*Path(root).glob("*/lock"), *Path(root).glob("*/*/lock")]:  # (the default root has a py3X_ level)
         try:
-            age = time.time() - lock.stat().st_mtime
-        except FileNotFoundError:  # released meanwhile
-            continue
-        if age > max_age_s:
-            lock.unlink(missing_ok=True)
+            now = time.time()
+            age = now - max([lock.stat().st_mtime] + [f.stat().st_mtime for f in lock.parent.iterdir()])
+            if age <= max_age_s:
+                if report and report_waiting and age > _QUIET_BUILD_LOCK_S:
+                    log.warning("%s: a build of %s has been running for %.0f s, and this run waits for it (if no "
+                                "process is building it, delete that file)", lock, lock.parent.name, age)
+                continue
+            aside = lock.with_name(f"lock.stale.{os.getpid()}.{time.monotonic_ns()}")
+            os.rename(lock, aside)  # whichever lock file is there now: ours to judge
+            if time.time() - aside.stat().st_mtime <= max_age_s:  # taken afresh since the check: give it back
+                try:
+                    os.link(aside, lock)
+                except FileExistsError:  # (and yet another one was taken since: that one stays)
+                    pass
+                aside.unlink()
+                continue
+            aside.unlink()
             removed.append(lock)
-            log.warning("removed %s, left %.0f min ago by a build of %s that was interrupted (it would make "
-                        "this run wait forever)", lock, age / 60, lock.parent.name)
-        else:
-            log.warning("%s: another process started building %s %.0f s ago, and this run waits for it (if "
-                        "no process is building it, delete that file)", lock, lock.parent.name, age)
+            if report:
+                log.warning("removed %s, left %.0f min ago by a build of %s that was interrupted (it would make "
+                            "this run wait forever)", lock, age / 60, lock.parent.name)
+        except FileNotFoundError:  # released, or moved aside by another process, meanwhile
+            continue
+        except OSError as e:
+            if report:
+                log.warning("could not check the build lock %s (%s); if this run waits forever, delete that file",
+                            lock, e)
     return removed
+
+
+@contextmanager
+def _watching_build_locks(report: bool, every_s: float = 30.0):
+    """:func:`clear_stale_build_locks` now and then every ``every_s`` seconds while the block runs
+    (DeepSpeed loads its ops there): a lock that turns stale while this run waits on it is removed
+    then, not only one found stale at the start. The run then goes on, or, where the interrupted
+    build left no library to load, fails at its import (with the warning saying why) instead of
+    waiting forever; the next launch builds it."""
+    clear_stale_build_locks(report=report)
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(every_s):
+            clear_stale_build_locks(report=report, report_waiting=False)
+
+    threading.Thread(target=watch, name="clsgen-build-lock-watch", daemon=True).start()
+    try:
+        yield
+    finally:
+        stop.set()
 
 
 def _unlink_shm_allreduce_buffer() -> None:

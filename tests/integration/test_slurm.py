@@ -192,36 +192,49 @@ def test_a_process_started_by_a_plain_run_makes_up_its_own_world():
 
 def test_a_build_lock_left_by_an_interrupted_build_does_not_hang_the_next_run(tmp_path, caplog):
     """A launch killed while torch JIT-builds a DeepSpeed op leaves ``<op>/lock`` behind, on which
-    every later launch would wait forever. An old lock is removed (with a warning) before DeepSpeed
-    loads its ops; a young one may be a build in progress: it is kept and named in a warning."""
+    every later launch would wait forever. A lock that has not changed, in a build folder that has
+    not changed, for 10 minutes is removed (with a warning) before DeepSpeed loads its ops; a younger
+    one, or one whose folder a build is still writing to, is kept, and named once it is a minute old."""
+    import shutil
     import sys
 
     from clsgen_dist.distributed.env import STALE_BUILD_LOCK_S, clear_stale_build_locks
 
-    old, young = tmp_path / "deepspeed_shm_comm" / "lock", tmp_path / "py311_cpu" / "cpu_adam" / "lock"
-    for lock in (old, young):
-        lock.parent.mkdir(parents=True)
-        lock.touch()
-    os.utime(old, (time.time() - 2 * STALE_BUILD_LOCK_S,) * 2)
+    def lock_in(folder: Path, age_s: float, *others: tuple[str, float]) -> Path:
+        folder.mkdir(parents=True)
+        for name, a in (("lock", age_s), *others):
+            (folder / name).touch()
+            os.utime(folder / name, (time.time() - a,) * 2)
+        return folder / "lock"
+
+    ext = tmp_path / "ext"
+    old = lock_in(ext / "deepspeed_shm_comm", 2 * STALE_BUILD_LOCK_S, ("shm.o", 3 * STALE_BUILD_LOCK_S))
+    writing = lock_in(ext / "fused_adam", 2 * STALE_BUILD_LOCK_S, ("fused_adam.o", 5))  # a live build's output
+    waiting = lock_in(ext / "py311_cpu" / "cpu_adam", 120)  # (the default root's python/device level)
+    fresh = lock_in(ext / "py311_cpu" / "cpu_lion", 0)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+        mp.setenv("TORCH_EXTENSIONS_DIR", str(ext))
         assert clear_stale_build_locks() == [old]
-    assert not old.exists() and young.exists()
+    assert not old.exists() and writing.exists() and waiting.exists() and fresh.exists()
+    assert sorted(p.name for p in old.parent.iterdir()) == ["shm.o"]  # nothing else removed, nothing set aside
     assert f"removed {old}, left 20 min ago by a build of deepspeed_shm_comm" in caplog.text
-    assert f"{young}: another process started building cpu_adam 0 s ago, and this run waits for it" in caplog.text
+    assert f"{waiting}: a build of cpu_adam has been running for 120 s, and this run waits for it" in caplog.text
+    assert "fused_adam has been running for 5 s" not in caplog.text and "cpu_lion" not in caplog.text
 
     # The real thing: every CPU process group loads DeepSpeed's shared-memory op from the extensions
-    # folder the launch scripts use; with such a lock left there, a run still starts.
-    env = clean_env()
-    lock = Path(env["TORCH_EXTENSIONS_DIR"]) / "deepspeed_shm_comm" / "lock"
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    lock.touch()
-    os.utime(lock, (time.time() - 2 * STALE_BUILD_LOCK_S,) * 2)
+    # folder. A copy of the one the launch scripts build into, with an interrupted build's lock in it
+    # (CLSGEN_STALE_BUILD_LOCK_S=1: a lock and folder unchanged for a second count as left over).
+    env = clean_env() | {"TORCH_EXTENSIONS_DIR": str(tmp_path / "real")}
+    built = Path(clean_env()["TORCH_EXTENSIONS_DIR"]) / "deepspeed_shm_comm"
     code = "from clsgen_dist.distributed.env import init_distributed, world_size; init_distributed(); print(world_size())"
-    try:
-        p = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
-                           timeout=240)
-    finally:
-        lock.unlink(missing_ok=True)
+    if (built / "deepspeed_shm_comm.so").is_file():  # (copied with its times: torch loads it without a rebuild)
+        shutil.copytree(built, tmp_path / "real" / "deepspeed_shm_comm", ignore=shutil.ignore_patterns("lock*"))
+    else:  # (a suite run on its own): build it there first
+        subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, check=True, capture_output=True, timeout=600)
+    lock = tmp_path / "real" / "deepspeed_shm_comm" / "lock"
+    lock.touch()
+    time.sleep(1.5)
+    p = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env | {"CLSGEN_STALE_BUILD_LOCK_S": "1"},
+                       capture_output=True, text=True, timeout=240)
     assert p.returncode == 0 and p.stdout.split()[-1] == "1", p.stderr[-3000:]
-    assert f"removed {lock}" in p.stderr
+    assert f"removed {lock}" in p.stderr and not lock.exists()
