@@ -92,6 +92,11 @@ def plan(args) -> list[dict]:
     regime = _regime(args)
     cfg = load_config(config, regime)  # validates the overrides once, before any run
     files = default_eval_files(cfg)
+    if files["test"] is None:
+        from .config import ConfigError
+
+        raise ConfigError(f"{config}: data.test_file is required to compare the modes (the config names its own "
+                          f"data.train_file, so the embedded test split does not apply)")
     launcher = [sys.executable] if args.launcher == "python" else shlex.split(args.launcher)
     out = Path(args.output)
     common = ["--data", files["test"], "--explain-limit", str(args.explain_limit), "--ppl-tokens",

@@ -149,6 +149,12 @@ def test_compare_dry_run_plans_every_mode(tiny_dir, data, capsys):
     assert "train.lm_weight=0" in train[1] and "train.cls_weight=0" in train[2]
     assert "--mode zero_shot" in lines[-1] and "--checkpoint" not in lines[-1]
     assert all(f"--data {data['test']}" in x and f"--dev {data['dev']}" in x for x in lines if "eval.py" in x)
+    # its own train file and no test file: nothing to evaluate on, one line before any run
+    with pytest.raises(SystemExit) as e:
+        main(["--dry-run", "--output", "/tmp/never-written", "--config", "launch/configs/tiny_cpu.yaml",
+              f"model.name_or_path={tiny_dir}", f"data.train_file={data['train']}"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "launch/configs/tiny_cpu.yaml: data.test_file is required to compare the modes" in err
 
 
 def test_temperature_is_fitted_on_dev_and_applied_to_test():

@@ -252,6 +252,13 @@ def check_lm_logits(backbone, path: str) -> None:
                           f"{size:.3g}): training would not optimise this model's distribution, so it is refused")
 
 
+def _refuse_inference_mode() -> None:
+    if torch.is_inference_mode_enabled():  # its tensors can never take part in a gradient
+        raise RuntimeError("the packing check of a model being built or loaded needs a gradient, which "
+                           "torch.inference_mode() forbids: build or load the model outside that block "
+                           "(torch.no_grad() is fine), then run inference in it")
+
+
 def check_packing(backbone, path: str) -> None:
     """ConfigError unless a packed row keeps its examples apart in this model, as training and
     evaluation assume: the hidden states of an example must not depend on the example packed before
@@ -269,10 +276,7 @@ def check_packing(backbone, path: str) -> None:
     limit), which no causal LM in transformers has."""
     from .dual_head import packed_hidden_states
 
-    if torch.is_inference_mode_enabled():  # its tensors can never take part in a gradient
-        raise RuntimeError("the packing check of a model being built or loaded needs a gradient, which "
-                           "torch.inference_mode() forbids: build or load the model outside that block "
-                           "(torch.no_grad() is fine), then run inference in it")
+    _refuse_inference_mode()
     with _eval_mode(backbone):
         embed = backbone.get_input_embeddings()
         device = embed.weight.device
@@ -300,6 +304,7 @@ def check_backbone(backbone, path: str, *, partitioned: bool = False) -> None:
     :func:`check_packing`. ``partitioned``: the backbone runs under a ZeRO-3 engine, and a forward
     that fails there is a ConfigError too (an architecture that reads a weight outside the module
     owning it, such as Falcon-H1's Mamba convolution, gets an empty shard that ZeRO-3 never gathered)."""
+    _refuse_inference_mode()  # (before the try: it is not a failure of the partitioned forward)
     try:
         check_lm_logits(backbone, path)
         check_packing(backbone, path)

@@ -117,6 +117,7 @@ def test_loading_under_inference_mode_says_what_to_do_instead(tiny_dir):
     check says to load it outside that block, where torch.no_grad() around the load is fine."""
     from clsgen_dist.baselines import load_base_model, zero_shot_config
     from clsgen_dist.config import load_config
+    from clsgen_dist.modeling.build import check_backbone
 
     cfg = zero_shot_config(load_config(None, [f"model.name_or_path={tiny_dir}", "model.dtype=float32"]))
     with torch.inference_mode(), pytest.raises(RuntimeError, match=r"outside that block \(torch.no_grad\(\) is fine"):
@@ -125,6 +126,9 @@ def test_loading_under_inference_mode_says_what_to_do_instead(tiny_dir):
         model, _ = load_base_model(cfg, "cpu")
     with torch.inference_mode():
         assert model.causal_lm(input_ids=torch.tensor([[1, 2, 3]])).logits.shape[:2] == (1, 3)
+        # the same message under ZeRO-3, not taken for a forward that fails partitioned
+        with pytest.raises(RuntimeError, match=r"outside that block \(torch.no_grad\(\) is fine"):
+            check_backbone(model.causal_lm, "m", partitioned=True)
 
 
 def test_every_module_keeps_its_mode():
