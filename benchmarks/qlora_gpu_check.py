@@ -164,14 +164,18 @@ def run(args) -> int:
         "zero3": [py, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", str(args.port),
                   "launch/train.py", *common, "ds_config=ds_configs/zero3.json", f"output_dir={out / 'zero3'}"],
     }  # fmt: skip
+    info = {"cuda": cuda, "gpu": torch.cuda.get_device_name(0) if cuda else None, "torch": torch.__version__,
+            "steps": args.steps, "seed": args.seed}
     for name, cmd in runs.items():
         rec = _run(name, cmd, out, env)
         rec.update(_train_facts(out / name))
         results.append(rec)
+        _summarize(out, info, results, final=False)  # so far: a run cut off by a time limit keeps it
     # 2b: killed after the step that follows the mid-run checkpoint, then resumed
     half = max(1, args.steps // 2)
     resumed = [py, "launch/train.py", *common, f"output_dir={out / 'resumed'}"]
     results.append(_run("zero2_killed", resumed, out, env | {"CLSGEN_FAULT": f"after_step:{half + 1}"}, killed=True))
+    _summarize(out, info, results, final=False)
     rec = _run("zero2_resumed", [*resumed, "resume=true"], out, env)
     rec.update(_train_facts(out / "resumed"))
     a, b = (out / "zero2" / "train_log.jsonl"), (out / "resumed" / "train_log.jsonl")
@@ -181,17 +185,27 @@ def run(args) -> int:
         rec["resumed_steps_match"] = len(la) == len(lb)
         rec["resumed_max_rel_loss_diff"] = max((abs(x - y) / max(abs(x), 1e-12) for x, y in zip(la, lb)), default=None)
     results.append(rec)
+    _summarize(out, info, results, final=False)
     ckpt = out / "zero2" / "final"
     results.append(_run("export", [py, "launch/export.py", "--checkpoint", str(ckpt), "--output", str(out / "merged")],
                         out, env))
+    _summarize(out, info, results, final=False)
     test = str(data / "test.jsonl")
     lim = ["--limit", str(args.eval_limit), "--explain-limit", "0", "--bootstrap", "0"]
     results.append(_run("eval_adapter", [py, "launch/eval.py", "--checkpoint", str(ckpt), "--data", test,
                                          "--output", str(out / "eval_adapter"), *lim], out, env))
+    _summarize(out, info, results, final=False)
     results.append(_run("eval_merged", [py, "launch/eval.py", "--checkpoint", str(out / "merged"), "--data", test,
                                         "--output", str(out / "eval_merged"), *lim], out, env))
-    summary = {"cuda": cuda, "gpu": torch.cuda.get_device_name(0) if cuda else None, "torch": torch.__version__,
-               "steps": args.steps, "seed": args.seed, "results": results}
+    failures = _summarize(out, info, results, final=True)
+    print((out / "summary.md").read_text())
+    return 1 if failures else 0
+
+
+def _summarize(out: Path, info: dict, results: list[dict], *, final: bool) -> list[str]:
+    """Write summary.json and summary.md from the steps so far (``final``: all of them ran; else
+    the summary says it is incomplete) and return the failures."""
+    summary = {**info, "complete": final, "results": results}
     pa, pm = out / "eval_adapter" / "predictions.jsonl", out / "eval_merged" / "predictions.jsonl"
     if pa.exists() and pm.exists():
         a, m = _probs(pa), _probs(pm)
@@ -204,9 +218,11 @@ def run(args) -> int:
     failures += [f"{r['step']}: resumed run's steps differ" for r in results if r.get("resumed_steps_match") is False]
     failures += [f"{r['step']}: resumed losses differ by {r['resumed_max_rel_loss_diff']:.2e} (> 1e-2)"
                  for r in results if (r.get("resumed_max_rel_loss_diff") or 0) > 1e-2]
+    if not final:
+        failures.append("incomplete: stopped after " + (results[-1]["step"] if results else "no step"))
     summary["failures"] = failures
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    lines = [f"# QLoRA check — {summary['gpu'] or 'CPU'}, torch {summary['torch']}, {args.steps} steps", "",
+    lines = [f"# QLoRA check — {summary['gpu'] or 'CPU'}, torch {summary['torch']}, {summary['steps']} steps", "",
              "| step | rc | wall s | loss first5 → last5 | median step s | optimizer | test AUROC |",
              "|---|---:|---:|---|---:|---|---:|"]
     for r in results:
@@ -220,8 +236,7 @@ def run(args) -> int:
     lines += ["", f"merged export vs adapter, max |Δp| over {summary.get('n_compared')} test examples: "
               f"{summary.get('merged_vs_adapter_max_abs_prob_diff')}", f"failures: {failures or 'none'}"]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return 1 if failures else 0
+    return failures
 
 
 def main(argv=None) -> int:
