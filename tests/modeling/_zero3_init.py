@@ -70,19 +70,26 @@ def step(engine, vocab: int) -> float:
     return float(out.loss)
 
 
+def refused(action, needle: str, passed: str, accepted: str) -> None:
+    """``action()`` must raise a ConfigError containing ``needle``; rank 0 then prints ``PASS
+    <passed>``, else the AssertionError says the check ``accepted``."""
+    try:
+        action()
+    except ConfigError as e:
+        assert needle in str(e), e
+        if rank() == 0:
+            print(f"PASS {passed}", flush=True)
+    else:
+        raise AssertionError(accepted)
+
+
 def refused_on_engine(lm, cfg, ds, check, needle: str, what: str) -> None:
     """``check`` (a backbone check) run on the ZeRO-3 engine of the partitioned ``lm`` must raise a
     ConfigError containing ``needle``; rank 0 prints ``PASS refuses <what>``."""
     assert is_partitioned(lm)
     engine = build_engine(DualHeadModel(lm), cfg, ds)
-    try:
-        check(engine.module.causal_lm)
-    except ConfigError as e:
-        assert needle in str(e), e
-        if rank() == 0:
-            print(f"PASS refuses {what}", flush=True)
-    else:
-        raise AssertionError(f"the check accepted {what} on a partitioned model")
+    refused(lambda: check(engine.module.causal_lm), needle, f"refuses {what}",
+            f"the check accepted {what} on a partitioned model")
 
 
 def main(models: dict[str, str]) -> int:
@@ -182,14 +189,8 @@ def main(models: dict[str, str]) -> int:
              "lets one example of a packed row change the next"),
             ("a model that does not run partitioned", models["lfm2"], "sdpa",
              "(lfm2) fails its first forward with its weights partitioned under ZeRO-3")):
-        try:
-            zero_shot(path, attn)
-        except ConfigError as e:
-            assert needle in str(e), e
-            if rank() == 0:
-                print(f"PASS zero-shot refuses {what}", flush=True)
-        else:
-            raise AssertionError(f"the zero-shot base model's checks accepted {what} on a partitioned model")
+        refused(lambda: zero_shot(path, attn), needle, f"zero-shot refuses {what}",
+                f"the zero-shot base model's checks accepted {what} on a partitioned model")
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
     return 0
