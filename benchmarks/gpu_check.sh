@@ -34,18 +34,8 @@ export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/clsgen_triton_cache}
 unset TRITON_INTERPRET
 T0=$SECONDS
 
-if [ -f /tmp/site/.clsgen_wheels ]; then  # installed by an earlier stage of this call (gpu_session.sh)
-  export PYTHONPATH="/tmp/site:$PYTHONPATH"
-elif compgen -G ".whl/*.whl" > /dev/null; then
-  if python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl > "$OUT/pip.log" 2>&1; then
-    touch /tmp/site/.clsgen_wheels
-    export PYTHONPATH="/tmp/site:$PYTHONPATH"
-  else
-    echo "wheel install failed (see $OUT/pip.log): liger/cce rows will be skipped"
-  fi
-else
-  echo "no .whl/*.whl: liger/cce rows will be skipped"
-fi
+source benchmarks/_wheels.sh
+install_wheels "$OUT/pip.log" || echo "no wheels installed (see $OUT/pip.log): liger/cce rows will be skipped"
 
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv

@@ -26,14 +26,9 @@ export PYTHONDONTWRITEBYTECODE=1
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1  # no network there: fail fast, never wait
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 T0=$SECONDS
-if [ ! -f /tmp/site/.clsgen_wheels ]; then  # (else installed by an earlier stage of this call)
-  if ! python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl > "$OUT/pip.log" 2>&1; then
-    echo "wheel install failed:"; tail -n 20 "$OUT/pip.log"; exit 1
-  fi
-  touch /tmp/site/.clsgen_wheels
-fi
-export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export PATH="/tmp/site/bin:$PATH"
+source benchmarks/_wheels.sh
+install_wheels "$OUT/pip.log" || { echo "wheel install failed:"; tail -n 20 "$OUT/pip.log"; exit 1; }
+export PYTHONPATH="$PYTHONPATH:$PWD"
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 - <<'EOF'

@@ -64,12 +64,9 @@ stage() {  # stage NAME LIMIT COMMAND...: the command's own limits are LIMIT; th
   collect
 }
 
-WHEELS=$(ls -l .whl 2>/dev/null | sha256sum | cut -c1-16)  # (a warm machine may hold an older set)
-if [ "$(cat /tmp/site/.clsgen_wheels 2>/dev/null)" != "$WHEELS" ] && compgen -G ".whl/*.whl" > /dev/null; then
-  rm -rf /tmp/site
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl > "$WORK/pip.log" 2>&1 \
-    && echo "$WHEELS" > /tmp/site/.clsgen_wheels || { echo "wheel install failed:"; tail -n 20 "$WORK/pip.log"; }
-fi
+source benchmarks/_wheels.sh
+install_wheels "$WORK/pip.log" || { echo "wheel install failed:"; tail -n 20 "$WORK/pip.log"; }  # (the stages say
+# what they miss; once installed here, the stages find the same set and only set their paths)
 T0=$SECONDS  # the budget counts from here
 
 L=$(cap 330 200)

@@ -166,16 +166,19 @@ def run(args) -> int:
     }  # fmt: skip
     info = {"cuda": cuda, "gpu": torch.cuda.get_device_name(0) if cuda else None, "torch": torch.__version__,
             "steps": args.steps, "seed": args.seed}
+
+    def add(rec: dict) -> None:  # and the summary so far: a run cut off by a time limit keeps it
+        results.append(rec)
+        _summarize(out, info, results, final=False)
+
     for name, cmd in runs.items():
         rec = _run(name, cmd, out, env)
         rec.update(_train_facts(out / name))
-        results.append(rec)
-        _summarize(out, info, results, final=False)  # so far: a run cut off by a time limit keeps it
+        add(rec)
     # 2b: killed after the step that follows the mid-run checkpoint, then resumed
     half = max(1, args.steps // 2)
     resumed = [py, "launch/train.py", *common, f"output_dir={out / 'resumed'}"]
-    results.append(_run("zero2_killed", resumed, out, env | {"CLSGEN_FAULT": f"after_step:{half + 1}"}, killed=True))
-    _summarize(out, info, results, final=False)
+    add(_run("zero2_killed", resumed, out, env | {"CLSGEN_FAULT": f"after_step:{half + 1}"}, killed=True))
     rec = _run("zero2_resumed", [*resumed, "resume=true"], out, env)
     rec.update(_train_facts(out / "resumed"))
     a, b = (out / "zero2" / "train_log.jsonl"), (out / "resumed" / "train_log.jsonl")
@@ -184,17 +187,13 @@ def run(args) -> int:
         lb = [json.loads(x)["loss"] for x in b.read_text().splitlines() if x.strip()]
         rec["resumed_steps_match"] = len(la) == len(lb)
         rec["resumed_max_rel_loss_diff"] = max((abs(x - y) / max(abs(x), 1e-12) for x, y in zip(la, lb)), default=None)
-    results.append(rec)
-    _summarize(out, info, results, final=False)
+    add(rec)
     ckpt = out / "zero2" / "final"
-    results.append(_run("export", [py, "launch/export.py", "--checkpoint", str(ckpt), "--output", str(out / "merged")],
-                        out, env))
-    _summarize(out, info, results, final=False)
+    add(_run("export", [py, "launch/export.py", "--checkpoint", str(ckpt), "--output", str(out / "merged")], out, env))
     test = str(data / "test.jsonl")
     lim = ["--limit", str(args.eval_limit), "--explain-limit", "0", "--bootstrap", "0"]
-    results.append(_run("eval_adapter", [py, "launch/eval.py", "--checkpoint", str(ckpt), "--data", test,
-                                         "--output", str(out / "eval_adapter"), *lim], out, env))
-    _summarize(out, info, results, final=False)
+    add(_run("eval_adapter", [py, "launch/eval.py", "--checkpoint", str(ckpt), "--data", test,
+                              "--output", str(out / "eval_adapter"), *lim], out, env))
     results.append(_run("eval_merged", [py, "launch/eval.py", "--checkpoint", str(out / "merged"), "--data", test,
                                         "--output", str(out / "eval_merged"), *lim], out, env))
     failures = _summarize(out, info, results, final=True)
