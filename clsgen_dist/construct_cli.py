@@ -92,7 +92,8 @@ def _teacher(args, settings):
 
 def run_build(args) -> dict:
     from .config import load_config
-    from .data.construct import Fields, PromptSpec, Templates, build_explanations, default_cache_path, read_input
+    from .data.construct import (Fields, PromptSpec, Templates, build_explanations, default_cache_path,
+                                  read_input, refuse_replacing)
     from .data.teachers import GenerationSettings
 
     cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides)
@@ -101,14 +102,10 @@ def run_build(args) -> dict:
     spec = PromptSpec.from_data(cfg.data, mode=args.mode,
                                 templates=Templates.from_file(args.templates) if args.templates else None)
     examples = read_input(args.input, cfg.data, limit=args.limit)  # user errors before any model or process group
-    given = [ex for ex in examples if ex.explanation is not None]
-    if given and not args.replace_existing:
-        from .data.reading import DataError
-
-        raise DataError(f"{args.input}: {len(given)} of {len(examples)} rows already have an explanation "
-                        f"({cfg.data.explanation_field!r}, e.g. id {given[0].id}); the teacher's would replace them. "
-                        f"Train on the file as it is, with data.teacher=null (rows without one train the "
-                        f"classification head only), or pass --replace-existing")
+    if not args.replace_existing:
+        refuse_replacing(args.input, examples, cfg.data.explanation_field,
+                         "Train on the file as it is, with data.teacher=null (rows without one train the "
+                         "classification head only), or pass --replace-existing")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 or int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         from .distributed import init_distributed
 

@@ -55,9 +55,8 @@ def load_splits(cfg: Config, *, resuming: bool = False) -> dict[str, list]:
                                        dev_size=d.default_dev_size, test_size=d.default_test_size)
         files = {k: files[k] or str(paths[k]) for k in files}
     if d.teacher is not None:
-        if d.train_file is not None and not resuming:
-            _refuse_replacing_explanations(cfg)
-        files["train"] = str(teacher_explanations(cfg, Path(files["train"]), default=d.train_file is None))
+        files["train"] = str(teacher_explanations(cfg, Path(files["train"]), default=d.train_file is None,
+                                                  resuming=resuming))
     limits = {"train": d.train_limit, "dev": d.dev_limit, "test": d.test_limit}
     out = {}
     for split, path in files.items():
@@ -91,27 +90,14 @@ def data_warnings(examples: list, stats: dict, cfg: Config) -> list[str]:
     return out
 
 
-def _refuse_replacing_explanations(cfg: Config) -> None:
-    """A DataError if ``data.train_file`` already has explanations that ``data.teacher`` would
-    replace (as ``launch/build_data.py`` refuses without ``--replace-existing``): a file built by a
-    stronger teacher, trained with a config that also names a teacher (``launch/configs/default.yaml``,
-    which applies without ``--config``, names the embedded one), would otherwise lose its rationales."""
-    from .data.construct import read_input
-    from .data.reading import DataError
-
-    d = cfg.data
-    given = [ex for ex in read_input(d.train_file, d, limit=d.train_limit) if ex.explanation is not None]
-    if given:
-        raise DataError(f"{d.train_file}: {len(given)} rows already have an explanation ({d.explanation_field!r}, "
-                        f"e.g. id {given[0].id}), and data.teacher={d.teacher} would replace them with its own: "
-                        f"set data.teacher=null to train on them (launch/configs/default.yaml, used when no "
-                        f"--config is given, sets data.teacher: default), or use launch/build_data.py "
-                        f"--replace-existing to replace them on purpose")
-
-
-def teacher_explanations(cfg: Config, train: Path, *, default: bool) -> Path:
+def teacher_explanations(cfg: Config, train: Path, *, default: bool, resuming: bool = False) -> Path:
     """The training file with teacher explanations, built once (see ``data/construct.py``). The
-    embedded default keeps it next to its cached split; user data under ``output_dir/teacher``."""
+    embedded default keeps it next to its cached split; user data under ``output_dir/teacher``.
+    A user's file that already has explanations is refused (a DataError), as ``launch/build_data.py``
+    refuses without ``--replace-existing``: a file built by a stronger teacher, trained with a config
+    that also names a teacher (``launch/configs/default.yaml``, which applies without ``--config``,
+    names the embedded one), would otherwise lose its rationales. A resumed run goes on with the
+    teacher's version it already trained on (it may have started before such files were refused)."""
     from .data.construct import ensure_explanations
 
     d = cfg.data
@@ -123,7 +109,7 @@ def teacher_explanations(cfg: Config, train: Path, *, default: bool) -> Path:
     # one item cache per folder: changing the limit or the output name regenerates nothing already made
     return ensure_explanations(train, out, teacher_dir=d.teacher, data=d, max_new_tokens=d.teacher_max_new_tokens,
                                batch_size=d.teacher_batch_size, explain_limit=limit,
-                               cache_path=out.parent / "teacher_cache.jsonl")
+                               cache_path=out.parent / "teacher_cache.jsonl", replace_existing=default or resuming)
 
 
 def encode_train(examples, encoder: PromptEncoder, max_seq_len: int, seed: int) -> tuple[PackedRows, dict]:

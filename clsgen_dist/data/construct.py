@@ -681,6 +681,17 @@ def _warn_if_weak(stats: dict) -> None:
                     "give more LM targets", stats["teacher"], 100 * rate)
 
 
+def refuse_replacing(path: str | os.PathLike, examples: list[Example], field: str, remedy: str) -> None:
+    """A DataError when rows of ``path`` already have an explanation that a teacher's would replace
+    (``remedy``: how to keep them, or to replace them on purpose)."""
+    given = [ex for ex in examples if ex.explanation is not None]
+    if given:
+        from .reading import DataError
+
+        raise DataError(f"{path}: {len(given)} of {len(examples)} rows already have an explanation ({field!r}, "
+                        f"e.g. id {given[0].id}); the teacher's would replace them. {remedy}")
+
+
 def read_input(path: str | os.PathLike, data, *, limit: int | None = None) -> list[Example]:
     """Labelled examples of ``path`` read with the run config's ``data`` field and label names (with
     any explanations the file already has, which the build replaces: see ``launch/build_data.py``)."""
@@ -706,6 +717,7 @@ def ensure_explanations(
     templates: Templates | None = None,
     stance_threshold: float = 0.5,
     cache_path: str | os.PathLike | None = None,
+    replace_existing: bool = True,
 ) -> Path:
     """``out_path``: ``train_path`` with teacher explanations from a local model, built once and
     then reused (resumable through the item cache, reused outright when its stats match).
@@ -713,6 +725,8 @@ def ensure_explanations(
     ``data`` is the run config's ``data`` section (field names, label names, instruction, verdict
     template; defaults of :class:`~clsgen_dist.config.DataConfig` when None). ``explain_limit``:
     only the first N training examples are sent to the teacher (the rest stay cls-only).
+    ``replace_existing=False``: a DataError (before any model loads) when the file already has
+    explanations, which the teacher's would replace.
 
     Ranks: inside an initialised process group every rank must call this (work is sharded);
     otherwise (e.g. before ``init_distributed``) the first process builds under a file lock and the
@@ -726,6 +740,11 @@ def ensure_explanations(
         data = DataConfig()
     out = Path(out_path)
     examples = read_input(train_path, data)
+    if not replace_existing:
+        refuse_replacing(train_path, examples, data.explanation_field,
+                         f"To train on them, set data.teacher=null (it is {data.teacher}; "
+                         f"launch/configs/default.yaml, used when no --config is given, sets data.teacher: "
+                         f"default); to replace them on purpose, use launch/build_data.py --replace-existing")
     spec = PromptSpec.from_data(data, mode=mode, templates=templates)
     settings = GenerationSettings(max_new_tokens=max_new_tokens)
     fields = Fields.from_data(data)

@@ -331,22 +331,37 @@ def test_a_teacher_never_silently_replaces_the_files_explanations(capsys, tmp_pa
     data = review_splits(tmp_path / "data")  # every other row explained
     n = sum("explanation" in json.loads(x) for x in data["train"].read_text().splitlines())
     err = _train(capsys, f"data.train_file={data['train']}", f"output_dir={tmp_path / 'out'}")
-    assert f"{data['train']}: {n} rows already have an explanation ('explanation', e.g. id r1)" in err, err
-    assert "data.teacher=default would replace them" in err and "set data.teacher=null to train on them" in err
+    total = len(data["train"].read_text().splitlines())
+    assert f"{data['train']}: {n} of {total} rows already have an explanation ('explanation', e.g. id r1)" in err, err
+    assert "the teacher's would replace them" in err and "set data.teacher=null (it is default;" in err, err
     assert not (tmp_path / "out").exists()
-    # a file without explanations is the teacher's to explain, and a resumed run goes on with its data
+    # a resumed run goes on with the teacher's version it trained on (the teacher is not run here: the
+    # refusal would come before it, and reading the file is all that differs)
     from clsgen_dist.config import load_config
-    from clsgen_dist.train import _refuse_replacing_explanations, load_splits
+    from clsgen_dist.data import construct
+    from clsgen_dist.train import load_splits
 
-    plain = write_jsonl(tmp_path / "plain.jsonl", [{"text": "ok", "label": 1}, {"text": "bad", "label": 0}])
-    _refuse_replacing_explanations(load_config(None, [f"data.train_file={plain}", "data.teacher=default"]))
     cfg = load_config(None, [f"data.train_file={data['train']}", "data.teacher=default",
                              "data.label_names=[negative, positive]", f"output_dir={tmp_path / 'out'}"])
     with pytest.raises(DataError, match="would replace them"):
         load_splits(cfg)
-    with pytest.MonkeyPatch.context() as mp:  # (resuming skips the refusal; the teacher itself is not run here)
-        mp.setattr("clsgen_dist.train.teacher_explanations", lambda cfg, train, default: train)
-        assert len(load_splits(cfg, resuming=True)["train"]) == 48
+    built = []
+
+    def fake_build(*a, **k):  # stands in for the teacher model: records that the build was reached
+        built.append(k)
+        raise RuntimeError("teacher reached")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(construct, "build_explanations", fake_build)
+        mp.setattr(construct, "LocalTeacher", lambda *a, **k: None)
+        with pytest.raises(RuntimeError, match="teacher reached"):
+            load_splits(cfg, resuming=True)
+        # a file without explanations is the teacher's to explain
+        plain = write_jsonl(tmp_path / "plain.jsonl", [{"text": "ok", "label": 1}, {"text": "bad", "label": 0}])
+        with pytest.raises(RuntimeError, match="teacher reached"):
+            load_splits(load_config(None, [f"data.train_file={plain}", "data.teacher=default",
+                                           f"output_dir={tmp_path / 'out2'}"]))
+    assert len(built) == 2
 
 
 def test_eval_without_data_needs_a_test_split(capsys, tmp_path):
