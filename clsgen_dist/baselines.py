@@ -90,13 +90,14 @@ def verdict_context(tokenizer, prompt: list[int], prefix: list[int], explanation
 
 
 @torch.no_grad()
-def verdict_logits(model, contexts: list[list[int]], suffixes: list[list[int]], *, max_tokens: int = 4096) -> list[float]:
+def verdict_logits(model, contexts: list[list[int]], suffixes: list[list[int]], *, max_tokens: int = 4096,
+                   lockstep: bool = True) -> list[float]:
     """``log P(suffixes[1] | ctx) - log P(suffixes[0] | ctx)`` for every context, teacher-forced,
     with packed forwards of ``model`` (a :class:`DualHeadModel`; no padding, no cross-example
     attention). Only the rows that predict suffix tokens go through the LM head, in one call per
     packed forward. Every rank runs as many forwards (and LM-head calls) as the busiest one, padding
     with a throw-away sequence, since under ZeRO-3 each is a collective parameter gather; a rank may
-    pass no contexts at all."""
+    pass no contexts at all. ``lockstep=False``: this process alone (no collective call)."""
     single = all(len(s) == 1 for s in suffixes)
     # one sequence per context if both suffixes are one token, else one per (context, label)
     seqs, reads = [], []  # reads[j] = (context index, label or None)
@@ -118,7 +119,7 @@ def verdict_logits(model, contexts: list[list[int]], suffixes: list[list[int]], 
             groups.append([j])
             filled = len(sq)
     device = next(model.parameters()).device
-    n_forwards = max_over_ranks(len(groups), device)
+    n_forwards = max_over_ranks(len(groups), device) if lockstep else len(groups)
     dummy = [suffixes[0][0]]
     lp = np.zeros((len(contexts), 2))
     for step in range(n_forwards):
@@ -149,23 +150,24 @@ def verdict_logits(model, contexts: list[list[int]], suffixes: list[list[int]], 
 
 
 def verdict_probs(model, tokenizer, encoder, texts: dict[int, str], explanations: dict[int, str] | None, *,
-                  max_tokens: int = 4096) -> dict[int, float]:
+                  max_tokens: int = 4096, shard: bool = True) -> dict[int, float]:
     """P(y=1) from the verdict tokens for every ``texts`` entry (index → document), after the prompt
     (``explanations=None``: zero-shot) or after the model's explanation of it (gen-only). Sharded
     over ranks (``i % world == rank``) and gathered; the model may be whole on every rank or
     ZeRO-3-partitioned (the trainer's own evaluation, ``launch/eval.py --ds-config``): the forwards
-    are lock-stepped."""
+    are lock-stepped. ``shard=False``: all of ``texts`` on this process alone (no collective call)."""
     prefix, suffixes = verdict_tokens(tokenizer, encoder.label_names, encoder.verdict_template)
-    mine = sorted(i for i in texts if i % world_size() == rank())
+    mine = sorted(i for i in texts if not shard or i % world_size() == rank())
     contexts = [verdict_context(tokenizer, encoder.encode_prompt(texts[i])[0], prefix,
                                 None if explanations is None else explanations.get(i), encoder.verdict_template)
                 for i in mine]
     was_training = model.training
     model.eval()
-    logits = verdict_logits(model, contexts, suffixes, max_tokens=max_tokens)  # every rank joins
+    logits = verdict_logits(model, contexts, suffixes, max_tokens=max_tokens, lockstep=shard)  # every rank joins
     model.train(was_training)
+    local = dict(zip(mine, map(sigmoid, logits)))
     merged: dict[int, float] = {}
-    for part in all_gather_objects(dict(zip(mine, map(sigmoid, logits)))):
+    for part in all_gather_objects(local) if shard else [local]:
         merged.update(part)
     return merged
 

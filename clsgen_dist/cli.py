@@ -151,7 +151,8 @@ def eval_main(argv: list[str] | None = None) -> int:
 
 
 def predict_main(argv: list[str] | None = None) -> int:
-    p = _parser("Probability and explanation for texts, from one prefill each.")
+    p = _parser("Probability and explanation for texts, from one prefill each (sharded over ranks under any "
+                "launcher; rank 0 writes).")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--base-model", default=None, help=BASE_MODEL_HELP)
     g = p.add_mutually_exclusive_group(required=True)
@@ -162,6 +163,9 @@ def predict_main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-explain", action="store_true", help="probability only (no generation)")
     p.add_argument("--max-new-tokens", type=int_at_least(1), default=None)
     p.add_argument("--output", default=None, help="write JSONL here instead of printing")
+    p.add_argument("--ds-config", default=None, help="a ZeRO-3 DeepSpeed JSON (e.g. ds_configs/zero3.json): build "
+                   "the model partitioned over the ranks, for a model that does not fit one GPU (default: a whole "
+                   "model per rank)")
     args = p.parse_args(argv)
     with user_errors():
         import json
@@ -185,14 +189,30 @@ def predict_main(argv: list[str] | None = None) -> int:
             ids, texts = [e.id for e in exs], [e.text for e in exs]
         else:
             ids, texts = [str(i) for i in range(len(args.text))], args.text
-        m = CLSGen.from_pretrained(args.checkpoint, base_model=args.base_model)
-        res = m.predict(texts, explain=not args.no_explain, max_new_tokens=args.max_new_tokens)
+        ds_config = None
+        if args.ds_config:
+            from .distributed.engine import load_ds_config, require_zero3_for_inference
+
+            ds_config = load_ds_config(args.ds_config)
+            require_zero3_for_inference(ds_config, f"--ds-config {args.ds_config}")  # before any process group
+        from .distributed import init_distributed, is_main, shutdown_distributed
+        from .distributed.env import launched_world_size
+
+        launched = launched_world_size() > 1 or ds_config is not None
+        device = init_distributed() if launched else None  # under a launcher: this rank's device
+        if launched:
+            from .logs import setup_logging
+
+            setup_logging()
+        m = CLSGen.from_pretrained(args.checkpoint, base_model=args.base_model, device=device, ds_config=ds_config)
+        res = m.predict(texts, explain=not args.no_explain, max_new_tokens=args.max_new_tokens, shard=launched)
         rows = [{"id": i, **r} for i, r in zip(ids, res)]
-        if args.output:
+        if is_main() and args.output:
             from .fileio import write_jsonl_atomic
 
             write_jsonl_atomic(Path(args.output), rows)
-        else:
+        elif is_main():
             for r in rows:
                 print(json.dumps(r, ensure_ascii=False))
+        shutdown_distributed()
     return 0

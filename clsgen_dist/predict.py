@@ -138,15 +138,18 @@ class CLSGen:
 
     @classmethod
     def from_pretrained(cls, path, *, device: str | torch.device | None = None, dtype: str | None = None,
-                        attn_implementation: str | None = None, base_model: str | None = None) -> "CLSGen":
+                        attn_implementation: str | None = None, base_model: str | None = None,
+                        ds_config: dict | None = None) -> "CLSGen":
         """Load a checkpoint (see :func:`~clsgen_dist.checkpoint.load_checkpoint`): ``dtype`` and
         ``attn_implementation`` default to the run's where they run on ``device``; ``base_model`` is
-        a LoRA adapter's base folder if not where the run's config says."""
+        a LoRA adapter's base folder if not where the run's config says. ``ds_config`` (a ZeRO-3
+        JSON, every rank of an initialised process group calling this): the model is partitioned over
+        the ranks, and every rank must then call :meth:`predict` together."""
         from .checkpoint import load_checkpoint
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model, tok, cfg = load_checkpoint(path, device=device, dtype=dtype, attn_implementation=attn_implementation,
-                                          base_model=base_model)
+                                          base_model=base_model, ds_config=ds_config)
         return cls(model, tok, cfg)
 
     def _decode(self, tokens: list[int]) -> str:
@@ -154,17 +157,29 @@ class CLSGen:
 
     @torch.no_grad()
     def predict(self, texts: Sequence[str], *, explain: bool = True, max_new_tokens: int | None = None,
-                batch_size: int | None = None, threshold: float = 0.5) -> list[dict]:
+                batch_size: int | None = None, threshold: float = 0.5, shard: bool = False) -> list[dict]:
         """Per text: ``{"prob", "label", "explanation", "verdict", "truncated"}`` (explanation/verdict
         None when ``explain=False``; ``truncated``: the document was cut to ``data.max_seq_len``,
         keeping its start). ``prob`` is the classification head's, except for a checkpoint trained
         without it (``train.cls_weight=0``, gen-only): there it is read off the verdict tokens after
-        the model's own explanation, as evaluation does, so the explanation is always generated."""
+        the model's own explanation, as evaluation does, so the explanation is always generated.
+
+        ``shard=True`` (every rank of an initialised process group calls this with the same
+        ``texts``): each rank predicts every world-size-th text and every rank returns all results.
+        A ZeRO-3-partitioned model (``from_pretrained(ds_config=...)``) needs it: its forwards are
+        collective, and the ranks are lock-stepped."""
+        from .distributed import all_gather_objects, max_over_ranks, rank, world_size
+        from .distributed.engine import is_partitioned
+
         if isinstance(texts, str):
             texts = [texts]
         for i, t in enumerate(texts):
             if not isinstance(t, str) or not t.strip():
                 raise ValueError(f"texts[{i}] is {t!r:.40}; expected a non-empty string (as in training)")
+        world = world_size() if shard else 1
+        if not shard and world_size() > 1 and is_partitioned(self.model):
+            raise ValueError("the model is partitioned over the ranks (ZeRO-3): every rank must call "
+                             "predict(texts, shard=True) with the same texts")
         from .baselines import PROB_SOURCE, resolve_mode, verdict_probs
 
         from_verdict = PROB_SOURCE[resolve_mode("auto", self.cfg)] == "explanation"  # the head never trained
@@ -173,24 +188,40 @@ class CLSGen:
         max_new_tokens = e.max_new_tokens if max_new_tokens is None else max_new_tokens
         batch_size = batch_size or e.batch_size
         self.model.eval()
+        device = next(self.model.parameters()).device
+        mine = [i for i in range(len(texts)) if world == 1 or i % world == rank()]
+        chunks = [mine[s:s + batch_size] for s in range(0, len(mine), batch_size)]
+        lockstep = world > 1 and is_partitioned(self.model)
+        n = max_over_ranks(len(chunks), device) if lockstep else len(chunks)
+
+        def all_done(local: bool) -> bool:  # every rank decodes until all are done (collective forwards)
+            from .distributed import all_reduce_sum
+
+            return all_reduce_sum(torch.tensor([0.0 if local else 1.0], device=device)).item() == 0
+
+        local: dict[int, tuple] = {}
+        for k in range(n):
+            idxs = chunks[k] if k < len(chunks) else []
+            encoded = [self.encoder.encode_prompt(texts[i]) for i in idxs or [0]]  # a rank out of work still joins
+            logits, gen = prefill_and_decode(self.model, [ids for ids, _ in encoded], max_new_tokens=max_new_tokens,
+                                             eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id,
+                                             explain=explain, all_done=all_done if lockstep else None)
+            for i, lg, g, (_, cut) in zip(idxs, logits.tolist(), gen, encoded):
+                local[i] = (sigmoid(lg), self._decode(g) if explain else None, cut)
+        merged: dict[int, tuple] = {}
+        for part in all_gather_objects(local) if world > 1 else [local]:
+            merged.update(part)
+        probs = {i: merged[i][0] for i in merged}
+        if from_verdict:  # sharded over the ranks as given: all of them, or only this process's texts
+            which = range(len(texts))
+            probs = verdict_probs(self.model, self.tokenizer, self.encoder, {i: texts[i] for i in which},
+                                  {i: merged[i][1] for i in which}, max_tokens=self.cfg.data.max_seq_len * 2,
+                                  shard=world > 1)
         results = []
-        for s in range(0, len(texts), batch_size):
-            chunk = texts[s:s + batch_size]
-            encoded = [self.encoder.encode_prompt(t) for t in chunk]
-            prompts = [ids for ids, _ in encoded]
-            logits, gen = prefill_and_decode(self.model, prompts, max_new_tokens=max_new_tokens,
-                                             eos_id=self.tokenizer.eos_token_id,
-                                             pad_id=self.tokenizer.pad_token_id, explain=explain)
-            expls = [self._decode(g) if explain else None for g in gen]
-            if from_verdict:
-                vp = verdict_probs(self.model, self.tokenizer, self.encoder, dict(enumerate(chunk)),
-                                   dict(enumerate(expls)), max_tokens=self.cfg.data.max_seq_len * 2)
-                probs = [vp[i] for i in range(len(chunk))]
-            else:
-                probs = [sigmoid(lg) for lg in logits.tolist()]
-            for prob, expl, (_, cut) in zip(probs, expls, encoded):
-                verdict = (parse_verdict(expl, self.cfg.data.label_names, self.cfg.data.verdict_template)
-                           if explain else None)
-                results.append({"prob": prob, "label": int(prob >= threshold), "explanation": expl,
-                                "verdict": verdict, "truncated": cut})
+        for i in range(len(texts)):
+            _, expl, cut = merged[i]
+            verdict = (parse_verdict(expl, self.cfg.data.label_names, self.cfg.data.verdict_template)
+                       if explain else None)
+            results.append({"prob": probs[i], "label": int(probs[i] >= threshold), "explanation": expl,
+                            "verdict": verdict, "truncated": cut})
         return results

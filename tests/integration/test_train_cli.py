@@ -345,6 +345,49 @@ def test_predict_cli_and_python_api(single_run):
         m.predict(["Fine.", " "], explain=False)  # as the CLI refuses an empty --text
 
 
+def test_predict_sharded_under_launchers_equals_one_process(single_run, data, tmp_path):
+    """launch/predict.py under torchrun (a whole model per rank) and under deepspeed --ds-config
+    (ZeRO-3, every parameter partitioned) on 2 ranks: each rank predicts half of the texts, rank 0
+    alone prints or writes them, and they are the single process's. 9 texts in batches of 4 split
+    2 batches / 1 over the ranks: the partitioned forwards must lock-step (else it hangs). The
+    partitioned run is on a gen-only copy, whose P(y=1) comes from the verdict tokens after the
+    explanation (a second sharded, lock-stepped pass)."""
+    import shutil
+
+    import yaml
+
+    from clsgen_dist import CLSGen
+
+    texts = [r["text"] for r in read_jsonl(data["test"])][:9]
+    f = tmp_path / "texts.jsonl"
+    f.write_text("".join(json.dumps({"id": f"t{i}", "text": t}) + "\n" for i, t in enumerate(texts)))
+    ck = single_run / "final"
+    assert yaml.safe_load((ck / "clsgen_config.yaml").read_text())["eval"]["batch_size"] == 4
+    proc = launch("predict.py", ["--checkpoint", str(ck), "--data", str(f), "--max-new-tokens", "5"],
+                  launcher="torchrun", nproc=2)
+    rows = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
+    ref = CLSGen.from_pretrained(ck, device="cpu").predict(texts, max_new_tokens=5)
+    assert [r["id"] for r in rows] == [f"t{i}" for i in range(9)]  # printed once, by rank 0, in input order
+    assert [r["prob"] for r in rows] == pytest.approx([r["prob"] for r in ref], abs=1e-6)
+    assert [r["explanation"] for r in rows] == [r["explanation"] for r in ref]
+
+    gen_only = tmp_path / "gen_only"
+    shutil.copytree(ck, gen_only)
+    cfg = yaml.safe_load((gen_only / "clsgen_config.yaml").read_text())
+    cfg["train"]["cls_weight"] = 0.0
+    (gen_only / "clsgen_config.yaml").write_text(yaml.safe_dump(cfg))
+    proc = launch("predict.py", ["--checkpoint", str(gen_only), "--data", str(f), "--max-new-tokens", "5",
+                                 "--output", str(tmp_path / "p.jsonl"), "--ds-config", _z3_all_partitioned(tmp_path)],
+                  launcher="deepspeed", nproc=2)
+    assert (proc.stdout + proc.stderr).count("partitioned over 2 ranks (ZeRO-3 inference)") == 1  # rank 0 logs
+    rows = read_jsonl(tmp_path / "p.jsonl")
+    ref = CLSGen.from_pretrained(gen_only, device="cpu").predict(texts, max_new_tokens=5)
+    assert [r["id"] for r in rows] == [f"t{i}" for i in range(9)]
+    assert [r["prob"] for r in rows] == pytest.approx([r["prob"] for r in ref], abs=1e-5)
+    assert [r["explanation"] for r in rows] == [r["explanation"] for r in ref]
+    assert len({round(r["prob"], 6) for r in rows}) > 1  # the verdict tokens', not the untrained head's 0.5
+
+
 def test_predict_and_eval_on_files_with_other_columns(single_run, data, tmp_path):
     """A file with its own column names (--text-field/--label-field/--id-field), labels predict does
     not need (any junk there is ignored), and a document longer than data.max_seq_len: flagged as
