@@ -3,7 +3,7 @@
 #
 #   OUT=/some/dir bash benchmarks/gpu_qlora_check.sh      # OUT defaults to outputs/gpu_qlora
 #
-# Needs, carried from a CPU machine (the device image has torch, transformers, peft, accelerate,
+# Needs, carried from a CPU machine (`bash benchmarks/gpu_carry.sh` makes both; the device image has torch, transformers, peft, accelerate,
 # scikit-learn, tensorboard but not these):
 #   .whl/                 deepspeed (DS_BUILD_OPS=0 pip wheel --no-deps --no-build-isolation
 #                         deepspeed==0.19.8), hjson, pydantic + pydantic-core (cp312) +

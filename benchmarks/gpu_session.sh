@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check of the open work in ONE device call, most important first, within one time
 # budget, bringing back at most 8 files (what a device call returns). From the repo root, with
-# `.whl/` and `outputs/gpu_assets/` carried (see gpu_qlora_check.sh for how they are made):
+# `.whl/` and `outputs/gpu_assets/` carried (made by `bash benchmarks/gpu_carry.sh` on a machine with PyPI):
 #
 #   bash benchmarks/gpu_session.sh              # device tool: timeout_s=600
 #
@@ -77,5 +77,5 @@ L=$(cap 200 0)
 stage tests "$L" env OUT="$WORK/check" TEST_LIMIT="$((L > 70 ? L - 50 : L / 2))" ATTN_LIMIT="$((L > 70 ? 45 : L / 3))" \
   bash benchmarks/gpu_check.sh tests
 cat "$WORK/session.md"
-echo "total $((SECONDS - T0)) s of a ${BUDGET} s budget; brought back: $(ls "$RESULT" | tr '\n' ' ')"
+echo "total $((SECONDS - T0)) s of a ${BUDGET} s budget; brought back: $(cd "$RESULT" && printf '%s ' *)"
 ! grep -q '| [1-9][0-9]* | [0-9]* |$' "$WORK/session.md"

@@ -16,7 +16,8 @@ from tests.integration._run import BIN, REPO, clean_env, read_jsonl
 
 SCRIPTS = ["launch/slurm/train.sbatch", "launch/slurm/eval.sbatch", "launch/slurm/qlora_1gpu.sbatch",
            "launch/slurm/common.sh", "launch/setup.sh", "launch/quickstart.sh", "launch/test.sh", ".ci/run",
-           "benchmarks/gpu_check.sh", "benchmarks/gpu_qlora_check.sh"]
+           "benchmarks/gpu_check.sh", "benchmarks/gpu_qlora_check.sh", "benchmarks/gpu_session.sh",
+           "benchmarks/gpu_carry.sh"]
 
 FAKE_SCONTROL = """#!/usr/bin/env bash
 echo "$*" >> "$(dirname "$0")/scontrol.log"
