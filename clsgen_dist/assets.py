@@ -80,9 +80,14 @@ class AssetError(RuntimeError):
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     """``cache_dir``, else ``$CLSGEN_CACHE``, else ``~/.cache/clsgen_dist``."""
+    where = "the cache folder"
     if cache_dir is None:
+        where = "$CLSGEN_CACHE" if os.environ.get("CLSGEN_CACHE") else where
         cache_dir = os.environ.get("CLSGEN_CACHE") or Path.home() / ".cache" / "clsgen_dist"
-    return Path(cache_dir).expanduser()
+    root = Path(cache_dir).expanduser()
+    if root.exists() and not root.is_dir():
+        raise AssetError(f"{root} ({where}) is a file; expected a folder to cache the model and data in")
+    return root
 
 
 def _package_file(package: str, relative: str, pip_name: str) -> Path:
@@ -556,6 +561,10 @@ def rotten_tomatoes_splits(
         counts = {}
         for name, rows in splits.items():
             if sizes[name] is not None:
+                if sizes[name] > len(rows):
+                    raise AssetError(f"{name} size {sizes[name]}: the embedded Rotten Tomatoes {name} split has "
+                                     f"{len(rows)} rows; ask for at most that many (data.default_{name}_size, or "
+                                     f"launch/prepare_assets.py --{name}-size)")
                 rows = stratified_subset(rows, sizes[name], seed=seed)
             _write_jsonl(tmp / f"{name}.jsonl", rows)
             counts[name] = {"rows": len(rows), "fresh": sum(r["label"] for r in rows)}

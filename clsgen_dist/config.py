@@ -170,6 +170,9 @@ class DataConfig:
             raise ConfigError(f"data.verdict_template must contain '{{label}}', got {self.verdict_template!r}")
         if self.max_seq_len < 32:
             raise ConfigError(f"data.max_seq_len must be >= 32, got {self.max_seq_len}")
+        for name in ("train_file", "dev_file", "test_file", "teacher"):
+            if getattr(self, name) is not None and not str(getattr(self, name)).strip():
+                raise ConfigError(f"data.{name} is empty; expected a path, or null for none")
         for name in ("teacher_limit", "train_limit", "dev_limit", "test_limit"):
             if getattr(self, name) is not None:
                 _positive(f"data.{name}", getattr(self, name))
@@ -288,6 +291,9 @@ class Config:
     model, evaluation and logs). Without it, a fresh start in such a folder is an error."""
 
     def __post_init__(self) -> None:
+        for name in ("output_dir", "ds_config"):
+            if not str(getattr(self, name)).strip():
+                raise ConfigError(f"{name} is empty; expected a path")
         # a real bool or "auto" afterwards: 0 and 1 compare equal to False and True, so they are refused
         # rather than silently taken for the other one
         if isinstance(self.resume, str) and self.resume.lower() in ("true", "false", "auto"):
@@ -462,6 +468,21 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key given twice in one mapping (plain YAML keeps the last
+    silently: a second ``learning_rate:`` further down a long config would win unseen)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults ← YAML file ← ``key=value`` overrides. An override's text is taken as typed for a
     string field (``data.instruction=Classify: is it positive?``), read as YAML otherwise
@@ -470,10 +491,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     tree: dict = {}
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"{p} is a folder; expected a YAML config file (e.g. launch/configs/default.yaml)")
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            loaded = yaml.safe_load(p.read_text())
+            loaded = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{p}: not valid UTF-8 (byte {e.start}); save the file as UTF-8") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: not valid YAML: {e}") from None
         if loaded is None:

@@ -24,14 +24,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 from clsgen_dist import assets  # noqa: E402
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cache-dir", default=None, help="cache root (default: $CLSGEN_CACHE or ~/.cache/clsgen_dist)")
     p.add_argument("--only", choices=("all", "model", "data"), default="all")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--train-size", type=int, default=None, help="stratified subset of the train split")
-    p.add_argument("--dev-size", type=int, default=None)
-    p.add_argument("--test-size", type=int, default=None)
+    p.add_argument("--train-size", type=positive_int, default=None, help="stratified subset of the train split")
+    p.add_argument("--dev-size", type=positive_int, default=None)
+    p.add_argument("--test-size", type=positive_int, default=None)
     p.add_argument("--dry-run", action="store_true", help="print locations and cache state, build nothing")
     return p.parse_args(argv)
 
@@ -40,7 +50,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local
-    root = assets.cache_root(args.cache_dir)
+    try:
+        root = assets.cache_root(args.cache_dir)
+    except assets.AssetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(f"cache root: {root}")
     if args.dry_run:
         model = root / "models" / assets.MODEL_NAME

@@ -289,3 +289,13 @@ def test_cached_splits_need_no_package_and_prepare_script_runs(rt_paths, asset_c
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd="/")
     assert out.returncode == 0, out.stderr
     assert str(rt_paths["test"]) in out.stdout and '"kept": 12752' in out.stdout
+    # sizes past the split, not positive, and a cache "folder" that is a file: one line each
+    n_train = json.loads((rt_paths["train"].parent / assets.MARKER).read_text())["counts"]["train"]["rows"]
+    for args, needle in (([ "--train-size", "99999"], f"the embedded Rotten Tomatoes train split has {n_train} rows"),
+                         (["--dev-size", "0"], "argument --dev-size: expected a positive integer, got 0"),
+                         (["--cache-dir", str(script)], "is a file; expected a folder to cache the model and data")):
+        cmd = [sys.executable, str(script), "--cache-dir", str(asset_cache), "--only", "data", *args]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd="/")
+        assert out.returncode != 0 and needle in out.stderr and "Traceback" not in out.stderr, out.stderr
+    with pytest.raises(assets.AssetError, match="data.default_dev_size, or launch/prepare_assets.py --dev-size"):
+        assets.rotten_tomatoes_splits(asset_cache, seed=0, dev_size=99999)

@@ -48,11 +48,32 @@ def test_yaml_then_overrides(tmp_path):
     ("model.lora_target_modules=5", "model.lora_target_modules: expected 'all-linear', a non-empty list"),
     ("model.lora_target_modules=[]", "model.lora_target_modules: expected"),
     ("model.lora_target_modules=[q_proj,1]", "model.lora_target_modules: expected"),
+    # an empty value (`data.train_file=` in a script whose variable was unset) is no path
+    ("data.train_file=", "data.train_file is empty; expected a path, or null for none"),
+    ("data.teacher= ", "data.teacher is empty"),
+    ("ds_config=", "ds_config is empty; expected a path"),
+    ("output_dir=", "output_dir is empty; expected a path"),
 ])
 def test_bad_config_messages(override, needle):
     with pytest.raises(ConfigError, match=None) as e:
         load_config(None, [override])
     assert needle in str(e.value)
+
+
+def test_config_files_that_are_no_yaml_mapping_name_the_problem(tmp_path):
+    """A key given twice (YAML would keep the last silently), a file saved as Latin-1, a folder."""
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("train:\n  learning_rate: 1.0e-3\n  max_steps: 3\n  learning_rate: 2.0e-3\n")
+    with pytest.raises(ConfigError, match=r"dup.yaml: not valid YAML: key 'learning_rate' appears twice") as e:
+        load_config(dup)
+    assert "line 4" in str(e.value)
+    load_config(None, ["train.max_steps=3", "train.max_steps=4"])  # overrides: the last one wins, as on a command line
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("data:\n  instruction: Caf\u00e9 review?\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin.yaml: not valid UTF-8 \(byte 24\); save the file as UTF-8"):
+        load_config(latin)
+    with pytest.raises(ConfigError, match="is a folder; expected a YAML config file"):
+        load_config(tmp_path)
 
 
 def test_text_overrides_are_taken_as_typed(tmp_path):

@@ -32,6 +32,16 @@ class Example:
 
 
 def _locate_bad_json_line(path: Path) -> str:
+    text = path.read_text(encoding="utf-8", errors="replace").removeprefix("\ufeff")
+    if text.lstrip().startswith("["):  # one JSON array: its error's line is the document's
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            return f"line {e.lineno}: malformed JSON ({e.msg} at column {e.colno})"
+        bad = next((i for i, x in enumerate(items) if not isinstance(x, dict)), None) if isinstance(items, list) else None
+        if bad is not None:
+            return f"item {bad + 1} of the array: expected a JSON object, got {type(items[bad]).__name__}"
+        return "could not be parsed (the rows' fields must have one type each: a column of text, a column of labels)"
     with path.open("r", encoding="utf-8", errors="replace") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
@@ -169,11 +179,15 @@ def load_records(path: str | Path) -> tuple[list[dict], str]:
     if builder == "json":  # read by datasets, whose decode error names no line
         _check_utf8(p)
     datasets = _datasets()
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its ERROR lines would precede ours
     try:
         ds = datasets.load_dataset(builder, data_files=str(p), split="train", keep_in_memory=True)
     except Exception as e:  # noqa: BLE001
         detail = _locate_bad_json_line(p) if builder == "json" else (str(e).splitlines() or [repr(e)])[0][:300]
         raise DataError(f"{p}: could not read as {builder}: {detail}") from None
+    finally:
+        datasets.logging.set_verbosity(verbosity)
     return ds.to_list(), "row"
 
 

@@ -70,6 +70,25 @@ def test_malformed_jsonl_line(tmp_path):
         read(p)
 
 
+def test_malformed_json_array_names_its_real_line(tmp_path, capfd):
+    """A .json file holding one array is parsed as a document (not line by line, which blamed
+    line 1); a non-object item is named; a file that is no parquet gets one message, without the
+    datasets library's own ERROR lines before it."""
+    p = tmp_path / "d.json"
+    p.write_text('[{"text": "a", "label": 1},\n {"text": "b", "label": 0},\n {"text": ]\n')
+    with pytest.raises(DataError, match=r"d.json: could not read as json: line 3: malformed JSON \(Expecting value"):
+        read(p)
+    p.write_text('[{"text": "a", "label": 1},\n 3]\n')
+    with pytest.raises(DataError, match="item 2 of the array: expected a JSON object, got int"):
+        read(p)
+    q = tmp_path / "d.parquet"
+    q.write_text("not parquet at all")
+    capfd.readouterr()
+    with pytest.raises(DataError, match="d.parquet: could not read as parquet: Parquet magic bytes not found"):
+        read(q)
+    assert "ERROR" not in "".join(capfd.readouterr())
+
+
 def test_empty_and_missing_files(tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(DataError, match="the file is empty"):
