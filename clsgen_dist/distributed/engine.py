@@ -100,7 +100,30 @@ def load_ds_config(path: str | Path) -> dict:
         raise ConfigError(f"ds_config: {p} is not valid JSON: {e}") from None
     if not isinstance(ds, dict):
         raise ConfigError(f"ds_config: {p} holds a JSON {type(ds).__name__}; expected an object of DeepSpeed settings")
+    check_ds_structure(ds, f"ds_config {p}")
     return ds
+
+
+# the sections this trainer reads (bf16.enabled, zero_optimization.stage, ...), with an example of each
+_SECTIONS = {"bf16": '{"enabled": "auto"}', "fp16": '{"enabled": "auto"}', "zero_optimization": '{"stage": 2}',
+             "zero_optimization.offload_optimizer": '{"device": "cpu"}',
+             "zero_optimization.offload_param": '{"device": "cpu"}', "optimizer": '{"type": "AdamW", "params": {}}',
+             "optimizer.params": '{"lr": "auto"}'}
+
+
+def check_ds_structure(ds: dict, where: str) -> None:
+    """ConfigError unless the sections of ``ds`` that are read here are objects and
+    ``zero_optimization.stage`` (when given) is 0-3, before any process group or model exists."""
+    for name, example in _SECTIONS.items():
+        parent, _, key = name.rpartition(".")
+        node = ds.get(parent) if parent else ds
+        if isinstance(node, dict) and key in node and not isinstance(node[key], dict):
+            raise ConfigError(f"{where}: {name} must be an object like {example}, got {json.dumps(node[key])}")
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage == "auto":
+        raise ConfigError(f"{where}: zero_optimization.stage must be set explicitly (0-3), got 'auto'")
+    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{where}: zero_optimization.stage must be 0, 1, 2 or 3, got {json.dumps(stage)}")
 
 
 def zero_stage(ds: dict) -> int:

@@ -1,0 +1,88 @@
+"""More user errors of the launch scripts (train/eval/predict --ds-config, export, build_data,
+compare): one ``error:`` line (or argparse's usage error naming the flag), exit status 2, no
+traceback, and before any process group, model or child run where the error allows."""
+
+import json
+
+import pytest
+
+from clsgen_dist.cli import eval_main, predict_main, train_main
+from tests.conftest import write_jsonl
+
+TINY = "launch/configs/tiny_cpu.yaml"
+
+
+def _main_error(capsys, main, *args) -> str:
+    """Run a CLI entry point that must fail as a user error; its stderr."""
+    with pytest.raises(SystemExit) as e:
+        main(list(args))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err, err
+    return err
+
+
+def _train(capsys, tmp_path, rows, *extra):
+    return _main_error(capsys, train_main, "--config", TINY, f"data.train_file={rows}",
+                       f"output_dir={tmp_path / 'out'}", *extra)
+
+
+@pytest.fixture
+def rows(tmp_path):
+    return write_jsonl(tmp_path / "d.jsonl", [{"text": "ok", "label": 1}, {"text": "bad", "label": 0}])
+
+
+# ----------------------------------------------------------------------------- ds_config structure
+
+
+@pytest.mark.parametrize("ds, needle", [
+    ({"zero_optimization": "yes"}, 'zero_optimization must be an object like {"stage": 2}, got "yes"'),
+    ({"bf16": True}, 'bf16 must be an object like {"enabled": "auto"}, got true'),
+    ({"fp16": False}, 'fp16 must be an object like {"enabled": "auto"}, got false'),
+    ({"zero_optimization": {"stage": 3, "offload_optimizer": "cpu"}},
+     'zero_optimization.offload_optimizer must be an object like {"device": "cpu"}, got "cpu"'),
+    ({"zero_optimization": {"stage": 3, "offload_param": True}},
+     'zero_optimization.offload_param must be an object like {"device": "cpu"}, got true'),
+    ({"optimizer": "AdamW"}, 'optimizer must be an object like {"type": "AdamW", "params": {}}, got "AdamW"'),
+    ({"optimizer": {"type": "AdamW", "params": [1]}}, 'optimizer.params must be an object like {"lr": "auto"}'),
+    ({"zero_optimization": {"stage": 7}}, "zero_optimization.stage must be 0, 1, 2 or 3, got 7"),
+    ({"zero_optimization": {"stage": "2"}}, 'zero_optimization.stage must be 0, 1, 2 or 3, got "2"'),
+    ({"zero_optimization": {"stage": True}}, "zero_optimization.stage must be 0, 1, 2 or 3, got true"),
+])
+def test_ds_config_sections_must_be_objects(tmp_path, ds, needle):
+    from clsgen_dist.config import ConfigError
+    from clsgen_dist.distributed.engine import load_ds_config
+
+    f = tmp_path / "x.json"
+    f.write_text(json.dumps(ds))
+    with pytest.raises(ConfigError) as e:
+        load_ds_config(f)
+    assert str(e.value).startswith(f"ds_config {f}: ") and needle in str(e.value), e.value
+
+
+def test_shipped_ds_configs_pass():
+    from clsgen_dist.distributed.engine import load_ds_config
+
+    for name in ("zero2", "zero3", "zero3_offload"):
+        load_ds_config(f"ds_configs/{name}.json")
+
+
+def test_train_eval_predict_refuse_a_malformed_ds_config(capsys, tmp_path, rows):
+    """The same one line from each script that reads a DeepSpeed JSON, before any output or model."""
+    x = tmp_path / "x.json"
+    x.write_text('{"bf16": true}')
+    needle = f'ds_config {x}: bf16 must be an object like {{"enabled": "auto"}}, got true'
+    err = _train(capsys, tmp_path, rows, f"ds_config={x}")
+    assert needle in err, err
+    assert not (tmp_path / "out").exists()
+    x.write_text('{"zero_optimization": {"stage": 3, "offload_optimizer": "cpu"}}')
+    err = _main_error(capsys, eval_main, "--mode", "zero_shot", "--config", TINY, "--data", str(rows),
+                      "--output", str(tmp_path / "o"), "--ds-config", str(x))
+    assert f'ds_config {x}: zero_optimization.offload_optimizer must be an object like {{"device": "cpu"}}' in err
+    assert not (tmp_path / "o" / "metrics.json").exists()
+    x.write_text('{"zero_optimization": "yes"}')
+    err = _main_error(capsys, predict_main, "--checkpoint", str(tmp_path / "never-read"), "--text", "ok",
+                      "--ds-config", str(x))
+    assert f'ds_config {x}: zero_optimization must be an object like {{"stage": 2}}, got "yes"' in err, err
+    x.write_text('{"zero_optimization": {"stage": 7}}')
+    err = _train(capsys, tmp_path, rows, f"ds_config={x}")
+    assert f"ds_config {x}: zero_optimization.stage must be 0, 1, 2 or 3, got 7" in err, err
