@@ -138,6 +138,11 @@ def eval_main(argv: list[str] | None = None) -> int:
             from .config import ConfigError
 
             raise ConfigError("key=value overrides apply to --config (zero-shot) only, not to a checkpoint")
+        if args.config and args.checkpoint:
+            from .config import ConfigError
+
+            raise ConfigError("--config applies to --mode zero_shot without --checkpoint; a checkpoint evaluates "
+                              "with its own config")
         if args.config is None and args.checkpoint is None:
             args.config = str(DEFAULT_CONFIG)
         from .distributed import is_main, shutdown_distributed

@@ -125,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_logging()
     with user_errors():
+        from .fileio import check_output_path
+
+        check_output_path(args.output, folder=True)  # before the model loads (check_export_target: the rest)
         out = export_merged(args.checkpoint, args.output, dtype=args.dtype, base=args.base, device=args.device,
                             base_model=args.base_model)
         print(out)

@@ -86,3 +86,25 @@ def test_train_eval_predict_refuse_a_malformed_ds_config(capsys, tmp_path, rows)
     x.write_text('{"zero_optimization": {"stage": 7}}')
     err = _train(capsys, tmp_path, rows, f"ds_config={x}")
     assert f"ds_config {x}: zero_optimization.stage must be 0, 1, 2 or 3, got 7" in err, err
+
+
+# ----------------------------------------------------------------------------- export, eval
+
+
+def test_export_checks_its_output_path_before_the_checkpoint(capsys, tmp_path):
+    from clsgen_dist.export import main as export_main
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x\n")
+    err = _main_error(capsys, export_main, "--checkpoint", str(tmp_path / "never-read"),
+                      "--output", str(a_file / "merged"))
+    assert f"--output {a_file / 'merged'}: {a_file} is a file, so {a_file / 'merged'} cannot be created" in err, err
+
+
+def test_eval_refuses_a_config_next_to_a_checkpoint(capsys, tmp_path):
+    (tmp_path / "my.yaml").write_text("train:\n  max_steps: 3\n")
+    err = _main_error(capsys, eval_main, "--checkpoint", str(tmp_path / "never-read"), "--config",
+                      str(tmp_path / "my.yaml"), "--output", str(tmp_path / "o"))
+    assert ("--config applies to --mode zero_shot without --checkpoint; a checkpoint evaluates with its own "
+            "config") in err, err
+    assert not (tmp_path / "o").exists()
