@@ -14,6 +14,7 @@ it replace these explanations, and training refuses that).
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 
@@ -21,6 +22,21 @@ from .cli import DEFAULT_CONFIG, _parser, int_at_least, user_errors
 from .fileio import check_output_path
 
 log = logging.getLogger("clsgen_dist.data.construct")
+
+
+def number(ok, expected: str):
+    """argparse ``type``: a number for which ``ok(value)`` holds (a usage error naming the flag and
+    ``expected`` otherwise), as :func:`~clsgen_dist.cli.int_at_least` for integers."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):  # NaN fails every check
+            raise argparse.ArgumentTypeError(f"expected a number {expected}, got {text!r}")
+        return value
+
+    return parse
 
 
 def _parse(argv: list[str] | None):
@@ -46,19 +62,21 @@ def _parse(argv: list[str] | None):
                    help="send only the first N examples to the teacher; the rest are written cls-only "
                         "(default and -1: all)")
     p.add_argument("--max-new-tokens", type=int_at_least(1), default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--temperature", type=number(lambda x: x >= 0, ">= 0"), default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=number(lambda x: 0 < x <= 1, "in (0, 1]"), default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int_at_least(1), default=16, help="local teacher: prompts decoded together")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="local teacher: auto = bf16 on CUDA and on CPUs with native bf16, else fp32")
     p.add_argument("--concurrency", type=int_at_least(1), default=8, help="endpoint: requests in flight per rank")
-    p.add_argument("--timeout", type=float, default=120.0, help="endpoint: seconds per attempt")
+    p.add_argument("--timeout", type=number(lambda x: x > 0, "> 0"), default=120.0,
+                   help="endpoint: seconds per attempt")
     p.add_argument("--max-retries", type=int_at_least(0), default=5, help="endpoint: retries on 429/5xx/timeouts")
-    p.add_argument("--backoff", type=float, default=1.0, help="endpoint: first retry delay (doubles)")
+    p.add_argument("--backoff", type=number(lambda x: x >= 0, ">= 0"), default=1.0,
+                   help="endpoint: first retry delay (doubles)")
     p.add_argument("--no-judge", action="store_true",
                    help="conditioned mode: trust every non-empty rationale instead of judging its stance")
-    p.add_argument("--stance-threshold", type=float, default=0.5,
+    p.add_argument("--stance-threshold", type=number(lambda x: 0 <= x < 1, "in [0, 1)"), default=0.5,
                    help="conditioned mode: consistent when the judged P(gold label) exceeds this")
     p.add_argument("--templates", default=None, help="YAML overriding prompt templates (conditioned, "
                    "unconditioned, judge, judge_answer_prefix, system)")
@@ -155,6 +173,8 @@ def _check_paths(args) -> None:
         raise ConfigError(f"--output {out}: it (or its stats or cache file) is the --input file {args.input}; "
                           f"write the explained data to another file")
     check_output_path(args.output, folder=False)
+    if args.cache is not None:  # a folder (DIR/teacher_cache.jsonl), made only once the teacher has answered
+        check_output_path(args.cache, folder=True, flag="--cache")
 
 
 def build_data_main(argv: list[str] | None = None) -> int:

@@ -127,7 +127,12 @@ class Templates:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"templates file not found: {p}")
-        obj = yaml.safe_load(p.read_text()) or {}
+        try:
+            obj = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:  # one line: where, and what the parser found
+            mark = getattr(e, "problem_mark", None)
+            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+            raise ConfigError(f"{p}: not valid YAML ({where}{getattr(e, 'problem', None) or e})") from None
         known = {f.name for f in dc_fields(cls)}
         if not isinstance(obj, dict) or set(obj) - known:
             raise ConfigError(f"{p}: expected a mapping with keys among {sorted(known)}, got "

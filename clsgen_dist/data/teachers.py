@@ -454,9 +454,12 @@ class HTTPTeacher:
                  judge_max_tokens: int = 8) -> None:
         if not model:
             raise ConfigError("--teacher-model is required with --teacher-url (the model name the server serves)")
-        if concurrency < 1 or max_retries < 0 or timeout <= 0 or backoff < 0:
-            raise ConfigError(f"need concurrency >= 1, max_retries >= 0, timeout > 0, backoff >= 0; got "
-                              f"{concurrency}, {max_retries}, {timeout}, {backoff}")
+        for flag, value, ok, expected in (("--concurrency", concurrency, concurrency >= 1, ">= 1"),
+                                          ("--max-retries", max_retries, max_retries >= 0, ">= 0"),
+                                          ("--timeout", timeout, timeout > 0, "> 0"),
+                                          ("--backoff", backoff, backoff >= 0, ">= 0")):
+            if not ok:
+                raise ConfigError(f"{flag} must be {expected}, got {value}")
         self.endpoint = chat_endpoint(url)
         self.model = model
         self.settings = settings

@@ -108,3 +108,56 @@ def test_eval_refuses_a_config_next_to_a_checkpoint(capsys, tmp_path):
     assert ("--config applies to --mode zero_shot without --checkpoint; a checkpoint evaluates with its own "
             "config") in err, err
     assert not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------------------- build_data
+
+
+def _build(capsys, tmp_path, rows, *extra):
+    """launch/build_data.py with an endpoint teacher nobody serves: every error here comes first."""
+    from clsgen_dist.construct_cli import build_data_main
+
+    return _main_error(capsys, build_data_main, "--input", str(rows), "--output", str(tmp_path / "out.jsonl"),
+                       "--teacher-url", "http://127.0.0.1:9/v1", "--teacher-model", "m", *extra)
+
+
+def test_build_data_cache_must_be_a_usable_folder(capsys, tmp_path, rows):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x\n")
+    assert f"--cache {a_file}: is a file; expected a folder" in _build(capsys, tmp_path, rows, "--cache", str(a_file))
+    err = _build(capsys, tmp_path, rows, "--cache", str(a_file / "cache"))
+    assert f"--cache {a_file / 'cache'}: {a_file} is a file, so {a_file / 'cache'} cannot be created" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "d.jsonl"]
+
+
+def test_build_data_templates_not_yaml(capsys, tmp_path, rows):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("judge: [unclosed\nsystem: x\n")
+    err = _build(capsys, tmp_path, rows, "--templates", str(bad))
+    assert f"{bad}: not valid YAML (line " in err, err
+    assert len([x for x in err.splitlines() if x.strip()]) == 1, err
+
+
+@pytest.mark.parametrize("flag, value, needle", [
+    ("--stance-threshold", "1.5", "expected a number in [0, 1), got '1.5'"),
+    ("--stance-threshold", "-0.1", "expected a number in [0, 1), got '-0.1'"),
+    ("--timeout", "0", "expected a number > 0, got '0'"),
+    ("--backoff", "-1", "expected a number >= 0, got '-1'"),
+    ("--temperature", "-0.5", "expected a number >= 0, got '-0.5'"),
+    ("--top-p", "0", "expected a number in (0, 1], got '0'"),
+    ("--top-p", "1.5", "expected a number in (0, 1], got '1.5'"),
+    ("--top-p", "nan", "expected a number in (0, 1], got 'nan'"),
+])
+def test_build_data_flags_out_of_range_name_the_flag(capsys, tmp_path, rows, flag, value, needle):
+    assert f"argument {flag}: {needle}" in _build(capsys, tmp_path, rows, flag, value)
+
+
+def test_http_teacher_names_the_argument_out_of_range():
+    from clsgen_dist.config import ConfigError
+    from clsgen_dist.data.teachers import HTTPTeacher
+
+    for kw, needle in [({"timeout": 0}, "--timeout must be > 0, got 0"),
+                       ({"concurrency": 0}, "--concurrency must be >= 1, got 0"),
+                       ({"backoff": -1.0}, "--backoff must be >= 0, got -1.0")]:
+        with pytest.raises(ConfigError, match=f"^{needle}$"):
+            HTTPTeacher("http://127.0.0.1:9/v1", "m", **kw)
