@@ -24,12 +24,14 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from .baselines import MODES, TRAIN_OVERRIDES
+from .fileio import check_output_path
 
 REPO = Path(__file__).resolve().parent.parent
 TABLE = [  # (key, label, digits)
@@ -45,6 +47,8 @@ TABLE = [  # (key, label, digits)
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .cli import int_at_least
+
     p = argparse.ArgumentParser(description="Train and evaluate CLSGen and the baselines (cls_only, gen_only, "
                                 "zero_shot) with the same data, seed and step budget; write a side-by-side table.")
     p.add_argument("--config", default=None, help="YAML run config (default: launch/configs/default.yaml)")
@@ -53,10 +57,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="regime: train.max_steps")
     p.add_argument("--lr", type=float, default=None, help="regime: train.learning_rate")
     p.add_argument("--finetune", choices=["lora", "full"], default=None, help="regime: model.finetune")
-    p.add_argument("--explain-limit", type=int, default=64, help="test examples explained per mode (-1 = all; "
-                   "gen_only explains all)")
-    p.add_argument("--ppl-tokens", type=int, default=4096, help="general-text tokens for the perplexity ratio")
-    p.add_argument("--bootstrap", type=int, default=1000)
+    p.add_argument("--explain-limit", type=int_at_least(-1), default=64, help="test examples explained per mode "
+                   "(-1 = all; gen_only explains all)")
+    p.add_argument("--ppl-tokens", type=int_at_least(0), default=4096,
+                   help="general-text tokens for the perplexity ratio (0 = skip)")
+    p.add_argument("--bootstrap", type=int_at_least(0), default=1000)
     p.add_argument("--launcher", default="python", help="how to start train/eval: python, or a prefix such as "
                    "'torchrun --nproc_per_node 2' or 'deepspeed --num_gpus 2'")
     p.add_argument("--reuse", action="store_true", help="skip modes whose OUT/<mode>/eval/metrics.json exists")
@@ -97,7 +102,8 @@ def plan(args) -> list[dict]:
 
         raise ConfigError(f"{config}: data.test_file is required to compare the modes (the config names its own "
                           f"data.train_file, so the embedded test split does not apply)")
-    launcher = [sys.executable] if args.launcher == "python" else shlex.split(args.launcher)
+    launcher = [sys.executable] if args.launcher == "python" else _launcher(args.launcher)
+    check_output_path(args.output, folder=True)
     out = Path(args.output)
     common = ["--data", files["test"], "--explain-limit", str(args.explain_limit), "--ppl-tokens",
               str(args.ppl_tokens), "--bootstrap", str(args.bootstrap)]
@@ -123,7 +129,23 @@ def plan(args) -> list[dict]:
     return steps
 
 
-def _run(argv: list[str], log_path: Path) -> float:
+def _launcher(text: str) -> list[str]:
+    """``--launcher``'s command prefix; ConfigError unless its program is found on the PATH."""
+    from .config import ConfigError
+
+    try:
+        words = shlex.split(text)
+    except ValueError as e:
+        raise ConfigError(f"--launcher {text!r}: {e}") from None
+    if not words or shutil.which(words[0]) is None:
+        near = Path(sys.executable).parent / words[0] if words else None  # e.g. an environment not activated
+        hint = f" ({near} is: activate its environment or give that path)" if near and near.is_file() else ""
+        raise ConfigError(f"--launcher {text!r}: {words[0] if words else 'the command'} is not found on the PATH"
+                          f"{hint}; expected python or a launcher prefix such as 'torchrun --nproc_per_node 2'")
+    return words
+
+
+def _run(argv: list[str], log_path: Path, what: str) -> float:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     t0 = time.perf_counter()
@@ -134,7 +156,14 @@ def _run(argv: list[str], log_path: Path) -> float:
         proc = subprocess.run(argv, env=env, stdout=fh, stderr=subprocess.STDOUT)
     dt = time.perf_counter() - t0
     if proc.returncode != 0:
-        tail = log_path.read_text(errors="replace")[-3000:]
+        text = log_path.read_text(errors="replace")
+        errors = [line for line in text.splitlines() if line.startswith("error: ")]
+        if proc.returncode == 2 or errors:  # the step's user error (its one 'error:' line), not a crash
+            from .config import ConfigError
+
+            last = errors[-1][len("error: "):] if errors else (text.strip().splitlines() or ["no output"])[-1]
+            raise ConfigError(f"compare: {what} failed (exit {proc.returncode}): {last}; log: {log_path}")
+        tail = text[-3000:]
         raise RuntimeError(f"{shlex.join(argv)} exited {proc.returncode}; log {log_path}:\n{tail}")
     return dt
 
@@ -227,9 +256,10 @@ def main(argv: list[str] | None = None) -> int:
         if not (args.reuse and metrics_path.is_file()):
             print(f"[compare] {s['mode']}: training" if s["train"] else f"[compare] {s['mode']}: no training",
                   flush=True)
-            timing["train_s"] = _run(s["train"], d / "train.log") if s["train"] else 0.0
-            print(f"[compare] {s['mode']}: evaluating", flush=True)
-            timing["eval_s"] = _run(s["eval"], d / "eval.log")
+            with user_errors():  # a step's user error: its one line, and where its log is
+                timing["train_s"] = _run(s["train"], d / "train.log", f"{s['mode']} training") if s["train"] else 0.0
+                print(f"[compare] {s['mode']}: evaluating", flush=True)
+                timing["eval_s"] = _run(s["eval"], d / "eval.log", f"{s['mode']} evaluation")
             (d / "timing.json").write_text(json.dumps(timing))
         elif (d / "timing.json").is_file():
             timing = json.loads((d / "timing.json").read_text())

@@ -161,3 +161,41 @@ def test_http_teacher_names_the_argument_out_of_range():
                        ({"backoff": -1.0}, "--backoff must be >= 0, got -1.0")]:
         with pytest.raises(ConfigError, match=f"^{needle}$"):
             HTTPTeacher("http://127.0.0.1:9/v1", "m", **kw)
+
+
+# ----------------------------------------------------------------------------- compare
+
+
+def _compare(capsys, tmp_path, rows, *extra):
+    from clsgen_dist.compare import main as compare_main
+
+    return _main_error(capsys, compare_main, "--config", TINY, f"data.train_file={rows}", f"data.test_file={rows}",
+                       *extra)
+
+
+def test_compare_checks_flags_launcher_and_output_up_front(capsys, tmp_path, rows):
+    out = ["--output", str(tmp_path / "cmp"), "--dry-run"]
+    for flag, value, needle in [("--explain-limit", "-5", "expected an integer >= -1, got '-5'"),
+                                ("--ppl-tokens", "-1", "expected an integer >= 0, got '-1'"),
+                                ("--bootstrap", "-1", "expected an integer >= 0, got '-1'")]:
+        assert f"argument {flag}: {needle}" in _compare(capsys, tmp_path, rows, *out, flag, value)
+    err = _compare(capsys, tmp_path, rows, *out, "--launcher", "nosuch-launcher --nproc_per_node 2")
+    assert "--launcher 'nosuch-launcher --nproc_per_node 2': nosuch-launcher is not found on the PATH" in err, err
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x\n")
+    err = _compare(capsys, tmp_path, rows, "--output", str(a_file), "--dry-run")
+    assert f"--output {a_file}: is a file; expected a folder" in err, err
+    assert not (tmp_path / "cmp").exists()
+
+
+def test_compare_reports_a_steps_user_error_in_one_line(capsys, tmp_path, rows):
+    """A mode's training fails on the user's data (a real child process, which stops before any
+    model): compare says which step, the child's own error line and where its log is."""
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "ok", "label": 1}, {"text": "bad", "label": 5}])
+    err = _compare(capsys, tmp_path, bad, "--output", str(tmp_path / "cmp"), "--modes", "cls_only")
+    log = tmp_path / "cmp" / "cls_only" / "train.log"
+    line = [x for x in err.splitlines() if x.startswith("error: ")]
+    assert len(line) == 1, err
+    assert line[0].startswith(f"error: compare: cls_only training failed (exit 2): {bad}: line 2: field 'label' = 5"), err
+    assert line[0].endswith(f"; log: {log}"), err
+    assert not (tmp_path / "cmp" / "cls_only" / "eval.log").exists()
