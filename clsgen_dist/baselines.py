@@ -196,8 +196,10 @@ def load_base_model(cfg, device, *, ds_config: dict | None = None, check: bool =
 
     from .modeling import DualHeadModel, load_tokenizer, resolve_model_path
     from .distributed.engine import inference_ds_config, is_partitioned
-    from .modeling.build import check_backbone, place_for_inference, resolve_attn, resolve_dtype, zero3_loading
+    from .modeling.build import (check_backbone, check_model_folder, place_for_inference, resolve_attn,
+                                 resolve_dtype, zero3_loading)
 
+    check_model_folder(cfg.model.name_or_path)
     device = torch.device(device)
     path = resolve_model_path(cfg.model.name_or_path)
     tokenizer = load_tokenizer(path)

@@ -16,6 +16,7 @@ collective); rank 0 writes.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -31,8 +32,8 @@ from .distributed import barrier, is_main
 from .distributed.engine import full_state_dict
 from .modeling import DualHeadModel, load_tokenizer, resolve_model_path
 from .distributed.engine import inference_ds_config, is_partitioned
-from .modeling.build import (add_cls_token, load_backbone, place_for_inference, resolve_attn, resolve_dtype,
-                             zero3_loading)
+from .modeling.build import (add_cls_token, load_backbone, model_folder_problem, place_for_inference, resolve_attn,
+                             resolve_dtype, zero3_loading)
 
 log = logging.getLogger("clsgen_dist.checkpoint")
 
@@ -100,10 +101,12 @@ def _with_absolute_base(cfg: Config) -> Config:
 
 
 def check_checkpoint(path: str | Path, *, base_model: str | None = None) -> Config:
-    """The checkpoint's run config, or CheckpointError saying what is missing: the folder, its
-    marker and config, the head, the weights (adapter or full model), or a LoRA adapter's base.
-    ``base_model`` replaces the base recorded in the config (the base moved, or lives elsewhere on
-    this machine); it must be the same model."""
+    """The checkpoint's run config, or CheckpointError saying what is missing or wrong: the folder,
+    its marker and config, the head, the weights (adapter or full model), the tokenizer files, a
+    truncated or corrupt file (headers and small JSON files only: no weight is read), or a LoRA
+    adapter's base. ``base_model`` replaces the base recorded in the config (the base moved, or
+    lives elsewhere on this machine); it must be the same model: a base of another architecture or
+    hidden size is refused here, before any model loads."""
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"{p}: no such checkpoint folder")
@@ -127,17 +130,146 @@ def check_checkpoint(path: str | Path, *, base_model: str | None = None) -> Conf
     missing = [name for name in [HEAD_NAME] + (["config.json"] if not adapter else []) if not (p / name).is_file()]
     if not any((p / w).is_file() for w in weights):
         missing.append(" or ".join(weights))
+    tokenizer = [] if (p / "tokenizer_config.json").is_file() else ["tokenizer_config.json"]
+    if not any((p / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        tokenizer.insert(0, "tokenizer.json")
+    if tokenizer:
+        missing.append(f"tokenizer files ({' / '.join(tokenizer)})")
     if missing:
         raise CheckpointError(f"{p}: incomplete clsgen checkpoint, missing {', '.join(missing)}")
-    cfg = load_config(p / CONFIG_NAME)
+    head_shape = _check_readable(p, adapter)
+    try:
+        cfg = load_config(p / CONFIG_NAME)
+    except ConfigError as e:  # say whose config it is: not the user's own, which the bare message would suggest
+        msg = str(e).removeprefix(f"{p / CONFIG_NAME}: ")
+        raise CheckpointError(f"{p / CONFIG_NAME} (the checkpoint's saved run config): {msg}; was it written by "
+                              f"another version of clsgen-dist, or edited? Load it with the version that wrote "
+                              f"it, or correct that file") from None
+    recorded = cfg.model.name_or_path
     if base_model is not None:
         cfg.model.name_or_path = base_model
     base = cfg.model.name_or_path
-    if adapter and base != "default" and not Path(base).exists():
+    if adapter and base != "default":
         where = "--base-model" if base_model is not None else f"model.name_or_path in {CONFIG_NAME}"
-        raise CheckpointError(f"{p}: the LoRA adapter's base model {base} ({where}) does not exist; it is needed to "
-                              f"load the adapter: pass the base's folder on this machine with --base-model")
+        problem = model_folder_problem(base)
+        if problem:
+            raise CheckpointError(f"{p}: the LoRA adapter's base model {base} ({where}) {problem}; it is needed to "
+                                  f"load the adapter: pass the base's folder on this machine with --base-model")
+        differs = _base_differences(p, Path(base), head_shape, shapes=base_model is not None)
+        if differs:
+            trained = f" (the run trained on {recorded})" if base_model is not None else ""
+            raise CheckpointError(f"{p}: the base model {base} ({where}) is not the one this LoRA adapter was trained "
+                                  f"on: {'; '.join(differs)}; pass that base's folder{trained} with --base-model")
     return cfg
+
+
+def _check_readable(p: Path, adapter: bool) -> list[int]:
+    """CheckpointError for a truncated or corrupt file of the checkpoint ``p``, found without
+    reading any weights: the safetensors headers (``safe_open`` reads the header only, and checks
+    that the file holds every tensor it announces) and the small JSON files. Returns the shape of
+    the classification head's weight ([1, hidden size])."""
+    from safetensors import SafetensorError, safe_open
+
+    jsons = ["adapter_config.json" if adapter else "config.json", "tokenizer_config.json"]
+    tensors = [HEAD_NAME, "adapter_model.safetensors"] if adapter else [HEAD_NAME]
+    if not adapter and (p / "model.safetensors.index.json").is_file():
+        jsons.append("model.safetensors.index.json")
+    elif not adapter:
+        tensors.append("model.safetensors")
+
+    def unreadable(name: str, e: object) -> CheckpointError:
+        return CheckpointError(f"{p / name}: unreadable (truncated or corrupt: {str(e).strip()[:200]}); "
+                               f"re-copy the checkpoint")
+
+    loaded = {}
+    for name in jsons:
+        try:
+            loaded[name] = json.loads((p / name).read_text())
+        except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
+            raise unreadable(name, e) from None
+        if not isinstance(loaded[name], dict):
+            raise unreadable(name, f"expected a JSON object, got a {type(loaded[name]).__name__}")
+    if "model.safetensors.index.json" in loaded:
+        shards = sorted(set((loaded["model.safetensors.index.json"].get("weight_map") or {}).values()))
+        gone = [s for s in shards if not (p / s).is_file()]
+        if gone or not shards:
+            raise CheckpointError(f"{p}: incomplete clsgen checkpoint, model.safetensors.index.json lists "
+                                  f"{'missing shards ' + ', '.join(gone) if gone else 'no weight files'}")
+        tensors += shards
+    head_shape: list[int] = []
+    for name in tensors:
+        try:
+            with safe_open(str(p / name), framework="pt") as f:
+                if name == HEAD_NAME and "weight" in f.keys():
+                    head_shape = list(f.get_slice("weight").get_shape())
+        except (OSError, SafetensorError) as e:
+            raise unreadable(name, e) from None
+    return head_shape
+
+
+def _base_differences(p: Path, base: Path, head_shape: list[int], *, shapes: bool = False) -> list[str]:
+    """How the base model folder ``base`` (a valid one) differs from the model the LoRA adapter of
+    checkpoint ``p`` was trained on, as far as its config and the checkpoint tell without loading a
+    weight: the architecture peft records (``auto_mapping`` in adapter_config.json), and the hidden
+    size (the input of the classification head, sized as :class:`DualHeadModel` sizes it). With
+    ``shapes`` (a base other than the run's, ``--base-model``), if those agree: every adapted
+    module, looked up in the base built on the meta device (no memory, about a second for 8B)."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        config = AutoConfig.from_pretrained(str(base))
+    except (OSError, ValueError, KeyError):  # a config this transformers cannot read: loading will say so
+        return []
+    out = []
+    trained = (json.loads((p / "adapter_config.json").read_text()).get("auto_mapping") or {}).get("base_model_class")
+    cls = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)
+    if trained and cls and trained != cls:
+        out.append(f"its config.json makes a {cls} ({config.model_type}), the adapter was trained on a {trained}")
+    hidden = getattr(config, "hidden_size", None)
+    if len(head_shape) == 2 and isinstance(hidden, int) and hidden != head_shape[1]:
+        out.append(f"its hidden size is {hidden} (config.json), the adapter's is {head_shape[1]} (the input size of "
+                   f"{HEAD_NAME})")
+    return out or (_adapter_misfits(p, config) if shapes else [])
+
+
+def _adapter_misfits(p: Path, config) -> list[str]:
+    """The adapter's LoRA matrices that do not fit the model ``config`` builds: a module it lacks
+    (fewer layers, other names), or other in/out features (``lora_A`` is [r, in], ``lora_B`` [out, r])."""
+    import re
+
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            modules = dict(AutoModelForCausalLM.from_config(config).named_modules())
+    except Exception as e:  # noqa: BLE001 (a model that cannot be built bare: loading will tell)
+        log.debug("no meta-device build of the base to check the adapter against: %s", e)
+        return []
+    absent, misfit = [], []
+    with safe_open(str(p / "adapter_model.safetensors"), framework="pt") as f:
+        for key in f.keys():
+            m = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])\.weight", key)
+            if not m:
+                continue
+            name, ab = m.groups()
+            module = modules.get(name)
+            if module is None:
+                absent += [name] if name not in absent else []
+                continue
+            shape = f.get_slice(key).get_shape()
+            have, want = (getattr(module, "in_features", None), shape[1]) if ab == "A" else \
+                (getattr(module, "out_features", None), shape[0])
+            if isinstance(have, int) and have != want:
+                misfit.append(f"{name} has {'in' if ab == 'A' else 'out'} features {have} there, {want} in the adapter")
+    out = []
+    if absent:
+        out.append(f"it lacks {len(absent)} of the modules the adapter adapts (fewer layers, or other module names; "
+                   f"e.g. {absent[0]})")
+    if misfit:
+        out.append(f"{len(misfit)} of the adapter's LoRA matrices do not fit its layers (e.g. {misfit[0]})")
+    return out
 
 
 def _inference_attn(asked: str | None, trained: str, device: torch.device, dtype: torch.dtype) -> str:

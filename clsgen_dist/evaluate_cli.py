@@ -38,6 +38,32 @@ def _load(args, device, ds_config: dict | None = None):
     return model, tokenizer, cfg, mode
 
 
+def _check_base_model(args, run_cfg) -> None:
+    """The base model folder, where this evaluation loads it besides the checkpoint: zero-shot
+    prompting, and the perplexity ratio of a fully fine-tuned checkpoint (a LoRA adapter's base is
+    checked with the checkpoint). A ConfigError before any process group, not HF's tracebacks."""
+    from .config import ConfigError
+    from .modeling.build import check_model_folder
+
+    zero_shot = getattr(args, "mode", None) == "zero_shot"
+    full = args.checkpoint and not (Path(args.checkpoint) / "adapter_config.json").is_file()
+    if not (zero_shot or (full and getattr(args, "ppl_tokens", 4096))):
+        return
+    if getattr(args, "base_model", None):
+        what = "--base-model"
+    elif args.checkpoint:
+        what = f"model.name_or_path in {Path(args.checkpoint) / 'clsgen_config.yaml'}"
+    else:
+        what = "model.name_or_path"
+    try:
+        check_model_folder(run_cfg.model.name_or_path, what)
+    except ConfigError as e:
+        if zero_shot:
+            raise
+        raise ConfigError(f"{e} (it is the base of the perplexity ratio: pass its folder with --base-model, or "
+                          f"--ppl-tokens 0 to skip the ratio)") from None
+
+
 def default_eval_files(cfg) -> dict:
     """dev/test files of a run config: its own, else the embedded Rotten Tomatoes splits."""
     d = cfg.data
@@ -67,6 +93,7 @@ def run_eval(args) -> dict:
         from .config import load_config
 
         run_cfg = load_config(args.config, getattr(args, "overrides", None) or [])
+    _check_base_model(args, run_cfg)
     if launched_rank() == 0:  # metrics.json marks a complete folder: never leave an old one next to a new,
         (Path(args.output) / "metrics.json").unlink(missing_ok=True)  # partial report, nor after a failure
     d = run_cfg.data

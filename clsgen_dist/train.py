@@ -27,7 +27,7 @@ from .logs import setup_logging
 from .evaluate import EvalStopped, dev_threshold, evaluate_split, write_results
 from .fileio import write_json_atomic
 from .modeling import build_model
-from .modeling.build import check_backbone, resolve_dtype, resolve_model_path
+from .modeling.build import check_backbone, check_model_folder, resolve_dtype, resolve_model_path
 from .predict import make_encoder
 from .fileio import check_output_path
 from .resume import (DONE, STOP, TRAINED, StopFlag, check_resume_settings, clear_earlier_run, fault_point,
@@ -500,6 +500,7 @@ def _run(cfg: Config, stop: StopFlag) -> dict | None:
             print(f"{cfg.output_dir} holds a finished run ({done}); nothing to resume", flush=True)
         metrics = Path(cfg.output_dir) / "eval" / "metrics.json"
         return json.loads(metrics.read_text()) if metrics.is_file() else None
+    check_model_folder(cfg.model.name_or_path)  # a ConfigError now, not an HF traceback after the process group
     resume_from = resolve_resume(cfg.resume, Path(cfg.output_dir), overwrite=cfg.overwrite)
     splits = load_splits(cfg, resuming=resume_from is not None)  # user data is validated before any process
     # group or model exists

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +27,36 @@ def resolve_model_path(name_or_path: str) -> str:
 
         return str(default_model_dir())
     return name_or_path
+
+
+def model_folder_problem(path: str | Path) -> str | None:
+    """What keeps ``path`` from being a local Hugging Face model folder, None if nothing does: it
+    does not exist, is a file, has no readable config.json, or holds no weight file. Only names and
+    config.json are read (no model hub is used at run time)."""
+    p = Path(path)
+    if not p.exists():
+        return "does not exist"
+    if not p.is_dir():
+        return "is a file, not a model folder"
+    if not (p / "config.json").is_file():
+        return "is not a Hugging Face model folder (no config.json)"
+    try:
+        if not isinstance(json.loads((p / "config.json").read_text()), dict):
+            return "has a config.json that is not a JSON object"
+    except (OSError, ValueError) as e:
+        return f"has an unreadable config.json ({e})"
+    if not any(any(p.glob(pattern)) for pattern in ("*.safetensors", "*.bin")):
+        return "holds no weights (no *.safetensors or *.bin file next to its config.json)"
+    return None
+
+
+def check_model_folder(name_or_path: str, what: str = "model.name_or_path") -> None:
+    """ConfigError unless ``name_or_path`` is ``default`` (the embedded model) or a local Hugging
+    Face model folder; cheap, so callers run it before any process group or model load."""
+    problem = None if name_or_path == "default" else model_folder_problem(name_or_path)
+    if problem:
+        raise ConfigError(f"{what}: {name_or_path} {problem}; point it at a local Hugging Face model folder "
+                          f"(config.json, weights, tokenizer; no model hub is used at run time), or use 'default'")
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -336,9 +367,7 @@ def build_model(cfg: ModelConfig, *, device: torch.device | str = "cpu", model_p
     (see :func:`is_partitioned`)."""
     device = torch.device(device)
     path = model_path or resolve_model_path(cfg.name_or_path)
-    if not Path(path).exists():
-        raise FileNotFoundError(f"model.name_or_path: {path} does not exist (no model hub is used at run time; "
-                                f"point at a local HF model folder, or use 'default')")
+    check_model_folder(path)
     check_trainable_architecture(path)
     dtype = resolve_dtype(cfg.dtype, device)
     attn = resolve_attn(cfg.attn_implementation, device, dtype)
