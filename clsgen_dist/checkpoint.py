@@ -230,7 +230,17 @@ def _base_differences(p: Path, base: Path, head_shape: list[int], *, shapes: boo
     if len(head_shape) == 2 and isinstance(hidden, int) and hidden != head_shape[1]:
         out.append(f"its hidden size is {hidden} (config.json), the adapter's is {head_shape[1]} (the input size of "
                    f"{HEAD_NAME})")
-    return out or (_adapter_misfits(p, config) if shapes else [])
+    if out or not shapes:
+        return out
+    stamp = tuple((f.stat().st_mtime_ns, f.stat().st_size) for f in (p / "adapter_model.safetensors",
+                                                                    base / "config.json"))
+    key = (str(p.resolve()), str(base.resolve()), stamp)
+    if key not in _MISFITS:  # eval checks the checkpoint up to 3 times; the meta-device build takes ~1 s
+        _MISFITS[key] = _adapter_misfits(p, config)
+    return list(_MISFITS[key])
+
+
+_MISFITS: dict[tuple, list[str]] = {}
 
 
 def _adapter_misfits(p: Path, config) -> list[str]:

@@ -184,22 +184,22 @@ def predict_main(argv: list[str] | None = None) -> int:
         for i, t in enumerate(args.text or []):
             if not t.strip():
                 raise ConfigError(f"--text number {i + 1} is empty; expected the text to classify")
-        if args.data:  # read (and checked) before the model loads; labels are not needed to predict
-            from .checkpoint import check_checkpoint
-
-            d = check_checkpoint(args.checkpoint, base_model=args.base_model).data
-            exs = read_examples(args.data, text_field=args.text_field or d.text_field, label_field=None,
-                                id_field=args.id_field or d.id_field, explanation_field=None,
-                                label_names=d.label_names, require_label=False)
-            ids, texts = [e.id for e in exs], [e.text for e in exs]
-        else:
-            ids, texts = [str(i) for i in range(len(args.text))], args.text
         ds_config = None
         if args.ds_config:
             from .distributed.engine import load_ds_config, require_zero3_for_inference
 
             ds_config = load_ds_config(args.ds_config)
             require_zero3_for_inference(ds_config, f"--ds-config {args.ds_config}")  # before any process group
+        from .checkpoint import check_checkpoint
+
+        d = check_checkpoint(args.checkpoint, base_model=args.base_model).data  # before any process group
+        if args.data:  # read (and checked) before the model loads; labels are not needed to predict
+            exs = read_examples(args.data, text_field=args.text_field or d.text_field, label_field=None,
+                                id_field=args.id_field or d.id_field, explanation_field=None,
+                                label_names=d.label_names, require_label=False)
+            ids, texts = [e.id for e in exs], [e.text for e in exs]
+        else:
+            ids, texts = [str(i) for i in range(len(args.text))], args.text
         from .distributed import init_distributed, is_main, shutdown_distributed
         from .distributed.env import launched_world_size
 

@@ -128,7 +128,9 @@ class Templates:
         if not p.is_file():
             raise ConfigError(f"templates file not found: {p}")
         try:
-            obj = yaml.safe_load(p.read_text()) or {}
+            obj = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{p}: not valid UTF-8 (byte {e.start}); save the file as UTF-8") from None
         except yaml.YAMLError as e:  # one line: where, and what the parser found
             mark = getattr(e, "problem_mark", None)
             where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""

@@ -95,7 +95,9 @@ def load_ds_config(path: str | Path) -> dict:
     if not p.is_file():
         raise ConfigError(f"ds_config: {p} not found (the files ship in ds_configs/)")
     try:
-        ds = json.loads(p.read_text())
+        ds = json.loads(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"ds_config: {p} is not valid UTF-8 (byte {e.start}); save the file as UTF-8") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"ds_config: {p} is not valid JSON: {e}") from None
     if not isinstance(ds, dict):

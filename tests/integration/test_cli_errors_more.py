@@ -59,6 +59,20 @@ def test_ds_config_sections_must_be_objects(tmp_path, ds, needle):
     assert str(e.value).startswith(f"ds_config {f}: ") and needle in str(e.value), e.value
 
 
+def test_ds_config_and_templates_not_utf8(capsys, tmp_path, rows):
+    from clsgen_dist.config import ConfigError
+    from clsgen_dist.distributed.engine import load_ds_config
+
+    f = tmp_path / "latin.json"
+    f.write_bytes('{"zero_optimization": {"stage": 2}, "comment": "caf\u00e9"}'.encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin.json is not valid UTF-8 \(byte 51\); save the file as UTF-8"):
+        load_ds_config(f)
+    t = tmp_path / "latin.yaml"
+    t.write_bytes("system: caf\u00e9\n".encode("latin-1"))
+    assert f"{t}: not valid UTF-8 (byte 11); save the file as UTF-8" in _build(capsys, tmp_path, rows, "--templates",
+                                                                                str(t))
+
+
 def test_shipped_ds_configs_pass():
     from clsgen_dist.distributed.engine import load_ds_config
 

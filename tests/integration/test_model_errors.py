@@ -34,6 +34,7 @@ def no_process_group(monkeypatch):
 
     monkeypatch.setattr(train, "init_distributed", reached)
     monkeypatch.setattr(evaluate_cli, "init_distributed", reached)
+    monkeypatch.setattr("clsgen_dist.distributed.init_distributed", reached)  # predict imports it late
 
 
 @pytest.fixture(scope="module")
@@ -189,6 +190,14 @@ def test_corrupt_checkpoint_in_eval_before_any_process_group(capsys, tmp_path, c
     data = review_splits(tmp_path / "data")
     err = _main_error(capsys, eval_main, "--checkpoint", str(d), "--data", str(data["test"]),
                       "--output", str(tmp_path / "o"))
+    assert f"{d / 'cls_head.safetensors'}: unreadable (truncated or corrupt" in err, err
+
+
+def test_corrupt_checkpoint_in_predict_under_a_launcher_before_any_process_group(capsys, tmp_path, ckpts,
+                                                                                  no_process_group, monkeypatch):
+    d = _broken(tmp_path, ckpts["lora"], "cls_head.safetensors", "truncate")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it: predict shards, after the checks
+    err = _main_error(capsys, predict_main, "--checkpoint", str(d), "--text", "ok")
     assert f"{d / 'cls_head.safetensors'}: unreadable (truncated or corrupt" in err, err
 
 
