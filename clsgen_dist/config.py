@@ -231,8 +231,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("max_steps", "micro_batch_size", "gradient_accumulation_steps", "log_every"):
             _positive(f"train.{name}", getattr(self, name))
-        for name in ("eval_every", "save_every", "warmup_steps", "save_total_limit"):
-            if getattr(self, name) < 0:
+        for name in ("eval_every", "save_every", "warmup_steps", "save_total_limit", "seed"):
+            if getattr(self, name) < 0:  # (a negative seed failed numpy's generator after training)
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         _choice("train.lr_scheduler", self.lr_scheduler, ("cosine", "linear", "constant"))
         _choice("train.optimizer", self.optimizer, ("auto", "adamw_torch", "adamw_8bit", "paged_adamw_8bit"))

@@ -49,6 +49,7 @@ def test_yaml_then_overrides(tmp_path):
     ("model.lora_target_modules=[]", "model.lora_target_modules: expected"),
     ("model.lora_target_modules=[q_proj,1]", "model.lora_target_modules: expected"),
     # an empty value (`data.train_file=` in a script whose variable was unset) is no path
+    ("train.seed=-1", "train.seed must be >= 0, got -1"),
     ("data.train_file=", "data.train_file is empty; expected a path, or null for none"),
     ("data.teacher= ", "data.teacher is empty"),
     ("ds_config=", "ds_config is empty; expected a path"),
