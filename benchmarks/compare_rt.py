@@ -55,6 +55,11 @@ def main() -> int:
     from clsgen_dist.config import load_config
 
     argv = sys.argv[1:]
+    if "-h" in argv or "--help" in argv or "--output" not in argv[:-1]:
+        print(__doc__.strip().split("\n\n")[1], file=sys.stderr)  # the usage lines
+        print("\n--no-template: use the config as it is; the rest: launch/compare.py's (see its --help)",
+              file=sys.stderr)
+        return 0 if ("-h" in argv or "--help" in argv) else 2
     template = "--no-template" not in argv
     argv = [a for a in argv if a != "--no-template"]
     out = Path(argv[argv.index("--output") + 1])

@@ -52,8 +52,11 @@ class ModelConfig:
     and DeepSpeed's bf16 cast leave them alone. ``launch/export.py`` merges the adapter into a
     16-bit model."""
     lora_r: int = 16
+    """LoRA rank of every adapted module."""
     lora_alpha: int = 32
+    """LoRA scaling numerator: the update is scaled by ``lora_alpha / lora_r``."""
     lora_dropout: float = 0.0
+    """Dropout on the LoRA branch's input, in [0, 1)."""
     lora_target_modules: Any = "all-linear"
     """peft ``target_modules``: ``all-linear``, a list of module names (``[q_proj,v_proj]``), or one
     string that peft reads as a regular expression over the full module names."""
@@ -63,6 +66,7 @@ class ModelConfig:
     cls_token: str = "<|cls|>"
     """The special token added when ``cls_position=token``."""
     gradient_checkpointing: bool = False
+    """Recompute the backbone's activations in the backward pass (less memory, more compute)."""
     zero3_init: bool = True
     """Under a ZeRO-3 ``ds_config``, build the backbone already partitioned (DeepSpeed ``zero.Init``
     through transformers): rank 0 reads the weights one module at a time and each rank keeps its
@@ -133,6 +137,7 @@ class DataConfig:
     instruction: str = "Does the text below satisfy the criterion? Answer yes or no, and explain."
     """The task question put to the model, before the document."""
     system_prompt: str | None = None
+    """A system message put before the instruction in the chat template (None: none)."""
     verdict_template: str = "Verdict: {label}"
     """The fixed last line of every answer; ``{label}`` becomes a label name."""
     max_seq_len: int = 512
@@ -146,7 +151,9 @@ class DataConfig:
     null. A ``train_file`` that has explanations of its own is refused when a teacher is set (it
     would replace them), except when a run resumes."""
     teacher_max_new_tokens: int = 48
+    """Longest rationale the teacher (``data.teacher``) writes, in tokens."""
     teacher_batch_size: int = 16
+    """Prompts the local teacher decodes together."""
     teacher_limit: int | None = None
     """Send only the first N training examples to the teacher (the rest train the head only)."""
     train_limit: int | None = None
@@ -188,7 +195,9 @@ class TrainConfig:
     micro_batch_size: int = 1
     """Packed rows (of ``data.max_seq_len`` tokens) per micro-batch per rank."""
     gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step on each rank."""
     learning_rate: float = 2e-4
+    """Peak learning rate of the backbone's trainable weights (after warm-up)."""
     head_learning_rate: float | None = None
     """Learning rate of the classification head (``None`` = ``learning_rate``)."""
     weight_decay: float = 0.0
@@ -205,15 +214,21 @@ class TrainConfig:
     well is an error. Under ZeRO-1/2/3 a run with 8-bit states resumes on its own number of ranks
     (DeepSpeed's conversion to another count reads fp32 Adam moments)."""
     warmup_steps: int = 0
+    """Linear warm-up from 0 to the peak learning rate over this many steps."""
     lr_scheduler: str = "cosine"
     """``cosine``, ``linear`` or ``constant`` (after warm-up)."""
     max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this (0 = no clipping)."""
     seed: int = 0
+    """Seeds the new weights' initialisation (head, LoRA), the packing order, the embedded
+    default's splits and the evaluation's bootstrap."""
     cls_weight: float = 1.0
     """Weight of the classification (BCE) term."""
     lm_weight: float = 1.0
     """Weight of the LM (explanation) term."""
     log_every: int = 1
+    """Print a step line to the log every N steps when there is no progress bar (``train_log.jsonl``
+    and TensorBoard get every step)."""
     eval_every: int = 0
     """Evaluate on the dev split every N steps (0 = never during training; the dev split still tunes
     the end-of-run F1 threshold)."""
@@ -280,6 +295,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: str = "outputs/run"
+    """The run's folder: config, logs, checkpoints, ``final/`` and ``eval/``."""
     ds_config: str = "ds_configs/zero2.json"
     """DeepSpeed JSON; its ``"auto"`` values are filled from this config."""
     resume: Any = False
@@ -500,7 +516,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         except UnicodeDecodeError as e:
             raise ConfigError(f"{p}: not valid UTF-8 (byte {e.start}); save the file as UTF-8") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+            mark = getattr(e, "problem_mark", None)  # one line: where, and what the parser found
+            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+            raise ConfigError(f"{p}: not valid YAML ({where}{getattr(e, 'problem', None) or e})") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

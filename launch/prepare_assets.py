@@ -54,7 +54,7 @@ def main(argv=None) -> int:
         root = assets.cache_root(args.cache_dir)
     except assets.AssetError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2  # a user error, as in every launch script
     print(f"cache root: {root}")
     if args.dry_run:
         model = root / "models" / assets.MODEL_NAME
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
                 print(f"  {name:5s} {c['rows']:6d} rows  fresh {c['fresh'] / c['rows']:.3f}  {path}")
     except assets.AssetError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2  # a user error, as in every launch script
     return 0
 
 

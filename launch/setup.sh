@@ -3,6 +3,8 @@
 # already there (GPU users: install your CUDA torch into .venv first, or set CLSGEN_VENV to an env
 # that has it). Re-running is cheap: it reinstalls only when pyproject.toml or this file changed.
 #   bash launch/setup.sh            # then: . .venv/bin/activate
+# PyPI's Linux torch wheel is the CUDA build (GBs); on a CPU machine whose pip does not already
+# find the CPU wheel, set TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${CLSGEN_VENV:-.venv}
@@ -20,7 +22,7 @@ pip() { "$VENV/bin/python" -m pip "$@"; }
 pip install -q --upgrade pip
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   echo "setup: installing torch==2.13.0 (CPU)" >&2
-  pip install -q "torch==2.13.0"
+  pip install -q "torch==2.13.0" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 fi
 echo "setup: installing clsgen-dist and its dependencies" >&2
 pip install -q -e ".[dev]"

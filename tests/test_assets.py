@@ -296,6 +296,6 @@ def test_cached_splits_need_no_package_and_prepare_script_runs(rt_paths, asset_c
                          (["--cache-dir", str(script)], "is a file; expected a folder to cache the model and data")):
         cmd = [sys.executable, str(script), "--cache-dir", str(asset_cache), "--only", "data", *args]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd="/")
-        assert out.returncode != 0 and needle in out.stderr and "Traceback" not in out.stderr, out.stderr
+        assert out.returncode == 2 and needle in out.stderr and "Traceback" not in out.stderr, out.stderr
     with pytest.raises(assets.AssetError, match="data.default_dev_size, or launch/prepare_assets.py --dev-size"):
         assets.rotten_tomatoes_splits(asset_cache, seed=0, dev_size=99999)

@@ -65,9 +65,9 @@ def test_config_files_that_are_no_yaml_mapping_name_the_problem(tmp_path):
     """A key given twice (YAML would keep the last silently), a file saved as Latin-1, a folder."""
     dup = tmp_path / "dup.yaml"
     dup.write_text("train:\n  learning_rate: 1.0e-3\n  max_steps: 3\n  learning_rate: 2.0e-3\n")
-    with pytest.raises(ConfigError, match=r"dup.yaml: not valid YAML: key 'learning_rate' appears twice") as e:
+    with pytest.raises(ConfigError) as e:
         load_config(dup)
-    assert "line 4" in str(e.value)
+    assert str(e.value) == f"{dup}: not valid YAML (line 4, column 3: key 'learning_rate' appears twice in one mapping)"
     load_config(None, ["train.max_steps=3", "train.max_steps=4"])  # overrides: the last one wins, as on a command line
     latin = tmp_path / "latin.yaml"
     latin.write_bytes("data:\n  instruction: Caf\u00e9 review?\n".encode("latin-1"))

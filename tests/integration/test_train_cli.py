@@ -343,6 +343,10 @@ def test_predict_cli_and_python_api(single_run):
     assert res[0]["explanation"] is None and res[0]["label"] in (0, 1)
     with pytest.raises(ValueError, match=r"texts\[1\] is ' '; expected a non-empty string"):
         m.predict(["Fine.", " "], explain=False)  # as the CLI refuses an empty --text
+    from clsgen_dist.config import ConfigError
+
+    with pytest.raises(ConfigError, match="needs a ZeRO-3 config"):  # a JSON's path is loaded, as --ds-config's
+        CLSGen.from_pretrained(single_run / "final", device="cpu", ds_config="ds_configs/zero2.json")
 
 
 def test_predict_sharded_under_launchers_equals_one_process(single_run, data, tmp_path):
