@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up, then run the default test suite (CPU, ~12 minutes on 2 cores). Arguments go to pytest,
+# Set up, then run the default test suite (CPU, ~13 minutes on 2 cores). Arguments go to pytest,
 # e.g.  bash launch/test.sh -m slow   (the slow target)   or   bash launch/test.sh tests/data -x
 set -euo pipefail
 cd "$(dirname "$0")/.."
