@@ -69,6 +69,17 @@ def test_config_files_that_are_no_yaml_mapping_name_the_problem(tmp_path):
         load_config(dup)
     assert str(e.value) == f"{dup}: not valid YAML (line 4, column 3: key 'learning_rate' appears twice in one mapping)"
     load_config(None, ["train.max_steps=3", "train.max_steps=4"])  # overrides: the last one wins, as on a command line
+    merged = tmp_path / "merge.yaml"  # a YAML merge key's values may be overridden: no duplicate
+    merged.write_text("train:\n  <<: {max_steps: 2, seed: 1}\n  max_steps: 5\n")
+    cfg = load_config(merged)
+    assert (cfg.train.max_steps, cfg.train.seed) == (5, 1)
+    import yaml
+
+    from clsgen_dist.config import _UniqueKeyLoader
+
+    doc = "a: &a {lr: 1, steps: 2}\nb:\n  <<: *a\n  steps: 3\n"
+    assert yaml.load(doc, Loader=_UniqueKeyLoader) == yaml.safe_load(doc) == {"a": {"lr": 1, "steps": 2},
+                                                                            "b": {"lr": 1, "steps": 3}}
     latin = tmp_path / "latin.yaml"
     latin.write_bytes("data:\n  instruction: Caf\u00e9 review?\n".encode("latin-1"))
     with pytest.raises(ConfigError, match=r"latin.yaml: not valid UTF-8 \(byte 24\); save the file as UTF-8"):
