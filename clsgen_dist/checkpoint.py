@@ -131,7 +131,8 @@ def check_checkpoint(path: str | Path, *, base_model: str | None = None) -> Conf
     if not any((p / w).is_file() for w in weights):
         missing.append(" or ".join(weights))
     tokenizer = [] if (p / "tokenizer_config.json").is_file() else ["tokenizer_config.json"]
-    if not any((p / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+    vocab = ("tokenizer.json", "vocab.json", "vocab.txt", "*.model", "*.tiktoken")  # fast, BPE, WordPiece, SP, tiktoken
+    if not any(any(p.glob(pattern)) for pattern in vocab):
         tokenizer.insert(0, "tokenizer.json")
     if tokenizer:
         missing.append(f"tokenizer files ({' / '.join(tokenizer)})")
@@ -224,8 +225,16 @@ def _base_differences(p: Path, base: Path, head_shape: list[int], *, shapes: boo
     out = []
     trained = (json.loads((p / "adapter_config.json").read_text()).get("auto_mapping") or {}).get("base_model_class")
     cls = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)
-    if trained and cls and trained != cls:
-        out.append(f"its config.json makes a {cls} ({config.model_type}), the adapter was trained on a {trained}")
+
+    def family(name: str) -> str:  # "Gemma3ForCausalLM" and "Gemma3ForConditionalGeneration": one model
+        return name.split("For")[0]
+
+    # the class transformers maps a model type to may change between versions: compare the families,
+    # also of the classes the base's own config.json names
+    known = {family(c) for c in [cls, *(getattr(config, "architectures", None) or [])] if c}
+    if trained and known and family(trained) not in known:
+        out.append(f"its config.json makes a {cls or ', '.join(config.architectures)} ({config.model_type}), the "
+                   f"adapter was trained on a {trained}")
     hidden = getattr(config, "hidden_size", None)
     if len(head_shape) == 2 and isinstance(hidden, int) and hidden != head_shape[1]:
         out.append(f"its hidden size is {hidden} (config.json), the adapter's is {head_shape[1]} (the input size of "

@@ -220,7 +220,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this (0 = no clipping)."""
     seed: int = 0
-    """Seeds the new weights' initialisation (head, LoRA), the packing order, the embedded
+    """Seeds the LoRA initialisation (the head starts at zero), the packing order, the embedded
     default's splits and the evaluation's bootstrap."""
     cls_weight: float = 1.0
     """Weight of the classification (BCE) term."""
@@ -494,6 +494,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: its keys may be overridden here
                 continue
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, typing.Hashable):  # a list or map as a key: PyYAML's own error below
+                continue
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark)

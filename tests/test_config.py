@@ -69,6 +69,10 @@ def test_config_files_that_are_no_yaml_mapping_name_the_problem(tmp_path):
         load_config(dup)
     assert str(e.value) == f"{dup}: not valid YAML (line 4, column 3: key 'learning_rate' appears twice in one mapping)"
     load_config(None, ["train.max_steps=3", "train.max_steps=4"])  # overrides: the last one wins, as on a command line
+    odd = tmp_path / "odd.yaml"  # a list as a key: PyYAML's own one-line error, not a TypeError
+    odd.write_text("model:\n  ? [a, b]\n  : 1\n")
+    with pytest.raises(ConfigError, match=r"odd.yaml: not valid YAML \(line 2, column 5: found unhashable key\)"):
+        load_config(odd)
     merged = tmp_path / "merge.yaml"  # a YAML merge key's values may be overridden: no duplicate
     merged.write_text("train:\n  <<: {max_steps: 2, seed: 1}\n  max_steps: 5\n")
     cfg = load_config(merged)

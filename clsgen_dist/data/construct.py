@@ -747,8 +747,9 @@ def ensure_explanations(
         data = DataConfig()
     out = Path(out_path)
     examples = read_input(train_path, data)
-    if not replace_existing:
-        refuse_replacing(train_path, examples, data.explanation_field,
+    if not replace_existing:  # the rows training reads (data.train_limit)
+        refuse_replacing(train_path, examples[:data.train_limit] if data.train_limit else examples,
+                         data.explanation_field,
                          f"To train on them, set data.teacher=null (it is {data.teacher}; "
                          f"launch/configs/default.yaml, used when no --config is given, sets data.teacher: "
                          f"default); to replace them on purpose, use launch/build_data.py --replace-existing")

@@ -119,7 +119,7 @@ def check_ds_structure(ds: dict, where: str) -> None:
     for name, example in _SECTIONS.items():
         parent, _, key = name.rpartition(".")
         node = ds.get(parent) if parent else ds
-        if isinstance(node, dict) and key in node and not isinstance(node[key], dict):
+        if isinstance(node, dict) and node.get(key) is not None and not isinstance(node[key], dict):
             raise ConfigError(f"{where}: {name} must be an object like {example}, got {json.dumps(node[key])}")
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if stage == "auto":

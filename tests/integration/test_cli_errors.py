@@ -356,12 +356,17 @@ def test_a_teacher_never_silently_replaces_the_files_explanations(capsys, tmp_pa
         mp.setattr(construct, "LocalTeacher", lambda *a, **k: None)
         with pytest.raises(RuntimeError, match="teacher reached"):
             load_splits(cfg, resuming=True)
+        # explanations only past data.train_limit (rows training never reads) are not refused
+        with pytest.raises(RuntimeError, match="teacher reached"):
+            load_splits(load_config(None, [f"data.train_file={data['train']}", "data.teacher=default",
+                                           "data.train_limit=1", "data.label_names=[negative, positive]",
+                                           f"output_dir={tmp_path / 'out3'}"]))
         # a file without explanations is the teacher's to explain
         plain = write_jsonl(tmp_path / "plain.jsonl", [{"text": "ok", "label": 1}, {"text": "bad", "label": 0}])
         with pytest.raises(RuntimeError, match="teacher reached"):
             load_splits(load_config(None, [f"data.train_file={plain}", "data.teacher=default",
                                            f"output_dir={tmp_path / 'out2'}"]))
-    assert len(built) == 2
+    assert len(built) == 3
 
 
 def test_eval_without_data_needs_a_test_split(capsys, tmp_path):

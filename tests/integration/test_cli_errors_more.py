@@ -73,11 +73,14 @@ def test_ds_config_and_templates_not_utf8(capsys, tmp_path, rows):
                                                                                 str(t))
 
 
-def test_shipped_ds_configs_pass():
+def test_shipped_ds_configs_pass(tmp_path):
     from clsgen_dist.distributed.engine import load_ds_config
 
     for name in ("zero2", "zero3", "zero3_offload"):
         load_ds_config(f"ds_configs/{name}.json")
+    f = tmp_path / "nulls.json"  # DeepSpeed takes null for "no offload"
+    f.write_text('{"zero_optimization": {"stage": 2, "offload_optimizer": null, "offload_param": null}}')
+    load_ds_config(f)
 
 
 def test_train_eval_predict_refuse_a_malformed_ds_config(capsys, tmp_path, rows):

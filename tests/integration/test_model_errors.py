@@ -68,7 +68,10 @@ def test_model_name_or_path_that_is_no_model_folder(capsys, tmp_path, not_models
 def test_default_and_real_model_folders_pass(tiny_dir):
     from clsgen_dist.modeling.build import check_model_folder
 
-    check_model_folder("default")  # the embedded SmolLM2: resolved (and converted once) where it loads
+    from clsgen_dist.modeling.build import resolve_model_path
+
+    check_model_folder("default")  # the embedded SmolLM2, resolved (and converted once) where it loads:
+    check_model_folder(resolve_model_path("default"))  # its folder passes too
     check_model_folder(str(tiny_dir))
 
 
@@ -127,6 +130,26 @@ def test_base_model_of_another_size_or_architecture(capsys, tmp_path, ckpts, oth
     assert f"{ckpts[ckpt]}: the base model {path} (--base-model) is not the one this LoRA adapter was trained on: " \
            f"{needle}" in err, err
     assert "(the run trained on " in err and err.rstrip().endswith("with --base-model"), err
+
+
+def test_a_renamed_class_of_the_same_model_is_not_refused(tmp_path, ckpts, tiny_dir):
+    """transformers may map a model type to another class in a later version (gemma3: ...ForCausalLM,
+    then ...ForConditionalGeneration): the adapter's recorded class of the same family still loads."""
+    from clsgen_dist.checkpoint import check_checkpoint
+
+    ck = tmp_path / "renamed"
+    shutil.copytree(ckpts["lora"], ck)
+    adapter = json.loads((ck / "adapter_config.json").read_text())
+    assert adapter["auto_mapping"]["base_model_class"] == "LlamaForCausalLM"
+    adapter["auto_mapping"]["base_model_class"] = "LlamaForConditionalGeneration"
+    (ck / "adapter_config.json").write_text(json.dumps(adapter))
+    assert check_checkpoint(ck, base_model=str(tiny_dir)).model.name_or_path == str(tiny_dir)
+    adapter["auto_mapping"]["base_model_class"] = "MistralForCausalLM"  # another family: refused
+    (ck / "adapter_config.json").write_text(json.dumps(adapter))
+    from clsgen_dist.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="the adapter was trained on a MistralForCausalLM"):
+        check_checkpoint(ck, base_model=str(tiny_dir))
 
 
 def test_base_model_mismatch_in_export(capsys, tmp_path, ckpts, other_bases):
