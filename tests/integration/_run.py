@@ -14,6 +14,18 @@ PY = sys.executable
 BIN = Path(PY).parent
 
 
+def main_error(capsys, main, *args) -> str:
+    """Run a CLI entry point in this process that must fail as a user error (exit 2, no
+    traceback); its stderr."""
+    import pytest
+
+    with pytest.raises(SystemExit) as e:
+        main(list(args))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err, err
+    return err
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

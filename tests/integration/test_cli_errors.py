@@ -4,20 +4,13 @@ import pytest
 
 from clsgen_dist.cli import train_main
 from tests.conftest import write_jsonl
-from tests.integration._run import launch
+from tests.integration._run import launch, main_error
 
 
-def _main_error(capsys, main, *args) -> str:
-    """Run a CLI entry point that must fail as a user error; its stderr."""
-    with pytest.raises(SystemExit) as e:
-        main(list(args))
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and "Traceback" not in err, err
-    return err
 
 
 def _train(capsys, *args):
-    return _main_error(capsys, train_main, *args)
+    return main_error(capsys, train_main, *args)
 
 
 def test_unknown_config_key_lists_valid_ones(capsys):
@@ -88,13 +81,13 @@ def test_unusable_output_paths_fail_before_any_work(capsys, tmp_path, ckpt):
     a_dir = tmp_path / "a_dir"
     a_dir.mkdir()
     # predict: --output must be a file path, creatable
-    err = _main_error(capsys, predict_main, "--checkpoint", str(ckpt["lora"]), "--text", "ok", "--output", str(a_dir))
+    err = main_error(capsys, predict_main, "--checkpoint", str(ckpt["lora"]), "--text", "ok", "--output", str(a_dir))
     assert f"--output {a_dir}: is a folder; expected a file path" in err
-    err = _main_error(capsys, predict_main, "--checkpoint", str(ckpt["lora"]), "--text", "ok",
+    err = main_error(capsys, predict_main, "--checkpoint", str(ckpt["lora"]), "--text", "ok",
                       "--output", str(a_file / "out.jsonl"))
     assert f"{a_file} is a file, so {a_file / 'out.jsonl'} cannot be created" in err
     # eval: --output is a folder; checked before the checkpoint is even read
-    err = _main_error(capsys, eval_main, "--checkpoint", str(tmp_path / "nope"), "--output", str(a_file))
+    err = main_error(capsys, eval_main, "--checkpoint", str(tmp_path / "nope"), "--output", str(a_file))
     assert f"--output {a_file}: is a file; expected a folder" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_dir", "a_file"] and not list(a_dir.iterdir())
 
@@ -103,15 +96,15 @@ def test_out_of_range_flags_and_blank_texts(capsys, ckpt):
     from clsgen_dist.cli import eval_main, predict_main
 
     c = str(ckpt["lora"])
-    assert "--limit: expected an integer >= 1, got '0'" in _main_error(
+    assert "--limit: expected an integer >= 1, got '0'" in main_error(
         capsys, eval_main, "--checkpoint", c, "--output", "/tmp/never", "--limit", "0")
-    assert "--dev-limit: expected an integer >= 1, got '-1'" in _main_error(
+    assert "--dev-limit: expected an integer >= 1, got '-1'" in main_error(
         capsys, eval_main, "--checkpoint", c, "--output", "/tmp/never", "--dev-limit", "-1")
-    assert "--max-new-tokens: expected an integer >= 1, got '-1'" in _main_error(
+    assert "--max-new-tokens: expected an integer >= 1, got '-1'" in main_error(
         capsys, predict_main, "--checkpoint", c, "--text", "ok", "--max-new-tokens", "-1")
-    assert "--text number 2 is empty" in _main_error(capsys, predict_main, "--checkpoint", c, "--text", "ok",
+    assert "--text number 2 is empty" in main_error(capsys, predict_main, "--checkpoint", c, "--text", "ok",
                                                      "--text", "   ")
-    assert "data.test_limit must be a positive integer, got 0" in _main_error(capsys, train_main, "data.test_limit=0")
+    assert "data.test_limit must be a positive integer, got 0" in main_error(capsys, train_main, "data.test_limit=0")
 
 
 def test_eval_ds_config_must_be_a_zero3_json(capsys, tmp_path, ckpt):
@@ -121,15 +114,15 @@ def test_eval_ds_config_must_be_a_zero3_json(capsys, tmp_path, ckpt):
 
     data = write_jsonl(tmp_path / "d.jsonl", [{"text": "ok", "label": 1}])
     common = ["--checkpoint", str(ckpt["lora"]), "--data", str(data), "--output", str(tmp_path / "o")]
-    err = _main_error(capsys, eval_main, *common, "--ds-config", "ds_configs/zero2.json")
+    err = main_error(capsys, eval_main, *common, "--ds-config", "ds_configs/zero2.json")
     assert "--ds-config ds_configs/zero2.json: evaluating a partitioned model needs a ZeRO-3 config" in err
-    err = _main_error(capsys, eval_main, *common, "--ds-config", "ds_configs/nope.json")
+    err = main_error(capsys, eval_main, *common, "--ds-config", "ds_configs/nope.json")
     assert "ds_config: ds_configs/nope.json not found" in err
     (tmp_path / "auto.json").write_text('{"zero_optimization": {"stage": "auto"}}')
-    err = _main_error(capsys, eval_main, *common, "--ds-config", str(tmp_path / "auto.json"))
+    err = main_error(capsys, eval_main, *common, "--ds-config", str(tmp_path / "auto.json"))
     assert "zero_optimization.stage must be set explicitly (0-3), got 'auto'" in err
     (tmp_path / "list.json").write_text("[1, 2]")
-    err = _main_error(capsys, eval_main, *common, "--ds-config", str(tmp_path / "list.json"))
+    err = main_error(capsys, eval_main, *common, "--ds-config", str(tmp_path / "list.json"))
     assert "holds a JSON list; expected an object of DeepSpeed settings" in err
     assert not (tmp_path / "o").exists()
 
@@ -150,7 +143,7 @@ def test_incomplete_checkpoints_say_what_is_missing(capsys, tmp_path, ckpt):
     for c in ckpt.values():
         check_checkpoint(c)  # complete ones pass
     d = broken("lora", "cls_head.safetensors")
-    err = _main_error(capsys, predict_main, "--checkpoint", str(d), "--text", "ok")
+    err = main_error(capsys, predict_main, "--checkpoint", str(d), "--text", "ok")
     assert f"{d}: incomplete clsgen checkpoint, missing cls_head.safetensors" in err
     with pytest.raises(CheckpointError, match="missing adapter_model.safetensors$"):
         check_checkpoint(broken("lora", "adapter_model.safetensors"))
@@ -190,12 +183,12 @@ def test_moved_base_model_loads_with_base_model_flag(capsys, tmp_path, ckpt, tin
     shutil.copytree(ckpt["lora"], moved)
     cfg_file = moved / "clsgen_config.yaml"
     cfg_file.write_text(_with_base(cfg_file.read_text(), str(tmp_path / "gone")))
-    err = _main_error(capsys, predict_main, "--checkpoint", str(moved), "--text", "ok", "--no-explain")
+    err = main_error(capsys, predict_main, "--checkpoint", str(moved), "--text", "ok", "--no-explain")
     assert f"base model {tmp_path / 'gone'} (model.name_or_path in clsgen_config.yaml) does not exist" in err
     assert "--base-model" in err
-    assert "--base-model" in _main_error(capsys, export_main, "--checkpoint", str(moved), "--output",
+    assert "--base-model" in main_error(capsys, export_main, "--checkpoint", str(moved), "--output",
                                          str(tmp_path / "x"))
-    assert "(--base-model) does not exist" in _main_error(capsys, predict_main, "--checkpoint", str(moved),
+    assert "(--base-model) does not exist" in main_error(capsys, predict_main, "--checkpoint", str(moved),
                                                           "--text", "ok", "--base-model", str(tmp_path / "nope"))
 
     def prob(c, *extra):
@@ -311,7 +304,7 @@ def test_a_model_that_leaks_across_packed_examples_is_refused_before_output(caps
     needle = f"{model} (lfm2, attn_implementation=sdpa) lets one example of a packed row change the next"
     assert needle in err, err
     assert not (tmp_path / "out").exists()
-    err = _main_error(capsys, eval_main, "--mode", "zero_shot", "--config", "launch/configs/tiny_cpu.yaml",
+    err = main_error(capsys, eval_main, "--mode", "zero_shot", "--config", "launch/configs/tiny_cpu.yaml",
                       f"model.name_or_path={model}", "--data", str(data["test"]), "--dev", str(data["dev"]),
                       "--output", str(tmp_path / "zs"), "--ppl-tokens", "0", "--bootstrap", "0")
     assert needle in err, err
@@ -378,7 +371,7 @@ def test_eval_without_data_needs_a_test_split(capsys, tmp_path):
     (tmp_path / "my.yaml").write_text(f"data:\n  train_file: {train}\n")
     (tmp_path / "o").mkdir()
     (tmp_path / "o" / "metrics.json").write_text("{}")  # an earlier evaluation's
-    err = _main_error(capsys, eval_main, "--mode", "zero_shot", "--config", str(tmp_path / "my.yaml"),
+    err = main_error(capsys, eval_main, "--mode", "zero_shot", "--config", str(tmp_path / "my.yaml"),
                       "--output", str(tmp_path / "o"))
     assert f"--data is required: the config {tmp_path / 'my.yaml'} names no test split (data.test_file)" in err, err
     assert not (tmp_path / "o" / "metrics.json").exists()  # as after any failed evaluation: no complete-looking folder

@@ -8,21 +8,15 @@ import pytest
 
 from clsgen_dist.cli import eval_main, predict_main, train_main
 from tests.conftest import write_jsonl
+from tests.integration._run import main_error
 
 TINY = "launch/configs/tiny_cpu.yaml"
 
 
-def _main_error(capsys, main, *args) -> str:
-    """Run a CLI entry point that must fail as a user error; its stderr."""
-    with pytest.raises(SystemExit) as e:
-        main(list(args))
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and "Traceback" not in err, err
-    return err
 
 
 def _train(capsys, tmp_path, rows, *extra):
-    return _main_error(capsys, train_main, "--config", TINY, f"data.train_file={rows}",
+    return main_error(capsys, train_main, "--config", TINY, f"data.train_file={rows}",
                        f"output_dir={tmp_path / 'out'}", *extra)
 
 
@@ -92,12 +86,12 @@ def test_train_eval_predict_refuse_a_malformed_ds_config(capsys, tmp_path, rows)
     assert needle in err, err
     assert not (tmp_path / "out").exists()
     x.write_text('{"zero_optimization": {"stage": 3, "offload_optimizer": "cpu"}}')
-    err = _main_error(capsys, eval_main, "--mode", "zero_shot", "--config", TINY, "--data", str(rows),
+    err = main_error(capsys, eval_main, "--mode", "zero_shot", "--config", TINY, "--data", str(rows),
                       "--output", str(tmp_path / "o"), "--ds-config", str(x))
     assert f'ds_config {x}: zero_optimization.offload_optimizer must be an object like {{"device": "cpu"}}' in err
     assert not (tmp_path / "o" / "metrics.json").exists()
     x.write_text('{"zero_optimization": "yes"}')
-    err = _main_error(capsys, predict_main, "--checkpoint", str(tmp_path / "never-read"), "--text", "ok",
+    err = main_error(capsys, predict_main, "--checkpoint", str(tmp_path / "never-read"), "--text", "ok",
                       "--ds-config", str(x))
     assert f'ds_config {x}: zero_optimization must be an object like {{"stage": 2}}, got "yes"' in err, err
     x.write_text('{"zero_optimization": {"stage": 7}}')
@@ -113,14 +107,14 @@ def test_export_checks_its_output_path_before_the_checkpoint(capsys, tmp_path):
 
     a_file = tmp_path / "a_file"
     a_file.write_text("x\n")
-    err = _main_error(capsys, export_main, "--checkpoint", str(tmp_path / "never-read"),
+    err = main_error(capsys, export_main, "--checkpoint", str(tmp_path / "never-read"),
                       "--output", str(a_file / "merged"))
     assert f"--output {a_file / 'merged'}: {a_file} is a file, so {a_file / 'merged'} cannot be created" in err, err
 
 
 def test_eval_refuses_a_config_next_to_a_checkpoint(capsys, tmp_path):
     (tmp_path / "my.yaml").write_text("train:\n  max_steps: 3\n")
-    err = _main_error(capsys, eval_main, "--checkpoint", str(tmp_path / "never-read"), "--config",
+    err = main_error(capsys, eval_main, "--checkpoint", str(tmp_path / "never-read"), "--config",
                       str(tmp_path / "my.yaml"), "--output", str(tmp_path / "o"))
     assert ("--config applies to --mode zero_shot without --checkpoint; a checkpoint evaluates with its own "
             "config") in err, err
@@ -134,7 +128,7 @@ def _build(capsys, tmp_path, rows, *extra):
     """launch/build_data.py with an endpoint teacher nobody serves: every error here comes first."""
     from clsgen_dist.construct_cli import build_data_main
 
-    return _main_error(capsys, build_data_main, "--input", str(rows), "--output", str(tmp_path / "out.jsonl"),
+    return main_error(capsys, build_data_main, "--input", str(rows), "--output", str(tmp_path / "out.jsonl"),
                        "--teacher-url", "http://127.0.0.1:9/v1", "--teacher-model", "m", *extra)
 
 
@@ -186,7 +180,7 @@ def test_http_teacher_names_the_argument_out_of_range():
 def _compare(capsys, tmp_path, rows, *extra):
     from clsgen_dist.compare import main as compare_main
 
-    return _main_error(capsys, compare_main, "--config", TINY, f"data.train_file={rows}", f"data.test_file={rows}",
+    return main_error(capsys, compare_main, "--config", TINY, f"data.train_file={rows}", f"data.test_file={rows}",
                        *extra)
 
 

@@ -10,16 +10,14 @@ import pytest
 
 from clsgen_dist.cli import eval_main, predict_main, train_main
 from tests.conftest import make_tiny_llama, review_splits
+from tests.integration._run import main_error
 
 TINY_CPU = str(Path(__file__).resolve().parents[2] / "launch" / "configs" / "tiny_cpu.yaml")
 
 
 def _main_error(capsys, main, *args) -> str:
-    """Run a CLI entry point that must fail as a user error; its stderr."""
-    with pytest.raises(SystemExit) as e:
-        main(list(args))
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and "Traceback" not in err, err
+    """:func:`main_error`, and the error line is the last line of stderr."""
+    err = main_error(capsys, main, *args)
     assert [ln for ln in err.splitlines() if ln.startswith("error: ")] == err.strip().splitlines()[-1:], err
     return err
 
