@@ -7,7 +7,11 @@ Variants: ``naive`` (F.linear + F.cross_entropy), ``torch`` (our chunked path), 
 CUDA), ``triton_acc_bf16`` (ours with ``accum_dtype=torch.bfloat16``, the accumulation Liger and
 CCE use by default), ``triton_acc_bf16_c512`` (the same in 512-row chunks, Liger's chunking at the
 GPU shapes), ``triton_recompute`` / ``triton_recompute_bf16`` (ours with ``grad_mode="recompute"``:
-no logits buffer, the gradients accumulated by the backward kernel in fp32 / bf16), ``liger``
+no logits buffer; the backward recomputes the logits a chunk of vocabulary columns at a time into
+scratch inside the weight gradient and makes the gradients with cuBLAS; ``d hidden`` accumulated
+in fp32 / bf16), ``torch_recompute`` (the same on the torch path: CPU), ``triton_recompute_tiles`` /
+``triton_recompute_tiles_bf16`` (``grad_mode="recompute_tiles"``: the one-kernel version with
+atomic / locked accumulation), ``liger``
 (Liger-Kernel fused linear CE) and ``cce`` (Apple cut-cross-entropy) when importable. Every variant
 computes the summed LM cross-entropy over all N rows (no ignored rows, no classification
 positions) and the gradients of the hidden states and of the LM weight.
@@ -45,9 +49,9 @@ DEFAULT_MD = HERE / "fused_loss.md"
 SHAPES = {"cpu": [(4096, 576, 49152)], "cuda": [(16384, 4096, 128256), (8192, 4096, 128256)]}
 DTYPES = {"cpu": "float32", "cuda": "bfloat16"}
 VARIANTS = {
-    "cpu": ["naive", "torch", "liger", "cce"],
-    "cuda": ["naive", "triton", "triton_recompute_bf16", "liger", "cce", "torch", "triton_acc_bf16",
-             "triton_acc_bf16_c512", "triton_recompute"],
+    "cpu": ["naive", "torch", "torch_recompute", "liger", "cce"],
+    "cuda": ["naive", "triton", "triton_recompute_bf16", "liger", "cce", "triton_acc_bf16", "triton_recompute",
+             "torch", "triton_acc_bf16_c512", "triton_recompute_tiles_bf16", "triton_recompute_tiles"],
 }
 # our variants -> dual_head_loss keywords (accum_dtype by name: torch is imported in the workers only)
 OURS = {
@@ -55,8 +59,11 @@ OURS = {
     "triton": dict(impl="triton"),
     "triton_acc_bf16": dict(impl="triton", accum_dtype="bfloat16"),
     "triton_acc_bf16_c512": dict(impl="triton", accum_dtype="bfloat16", chunk_size=512),
+    "torch_recompute": dict(impl="torch", grad_mode="recompute"),
     "triton_recompute": dict(impl="triton", grad_mode="recompute"),
     "triton_recompute_bf16": dict(impl="triton", grad_mode="recompute", accum_dtype="bfloat16"),
+    "triton_recompute_tiles": dict(impl="triton", grad_mode="recompute_tiles"),
+    "triton_recompute_tiles_bf16": dict(impl="triton", grad_mode="recompute_tiles", accum_dtype="bfloat16"),
 }
 TIMING = {
     "cpu": "median wall time of the timed steps after one warm-up, all variants interleaved step by step in one process",
@@ -313,7 +320,11 @@ def render(jsonl: Path, md: Path) -> None:
         "is held in fp32 until backward: +4·V·H bytes); `triton_acc_bf16` = ours accumulating it in bf16, as Liger "
         "and CCE do by default; `triton_acc_bf16_c512` = the same in 512-row chunks; `triton_recompute` / "
         "`triton_recompute_bf16` = ours with `grad_mode='recompute'` (no logits buffer; the backward recomputes "
-        "the logits and accumulates the gradients in fp32 / in bf16 under tile locks); `liger` = `liger_fused_linear_cross_entropy` (defaults); `cce` = "
+        "the logits a chunk of vocabulary columns at a time into scratch inside the weight gradient and makes the "
+        "gradients with cuBLAS, `d hidden` accumulated in fp32 / bf16), `torch_recompute` the same on the torch path; "
+        "`triton_recompute_tiles` / `triton_recompute_tiles_bf16` = `grad_mode='recompute_tiles'` (one kernel per "
+        "logits tile, gradients accumulated in fp32 by atomics / in bf16 under tile locks; the H200 rows at git "
+        "5963ff1 were recorded as `triton_recompute[_bf16]`, the only recompute mode then); `liger` = `liger_fused_linear_cross_entropy` (defaults); `cce` = "
         "`cut_cross_entropy.linear_cross_entropy` (defaults, i.e. `filter_eps='high'` gradient filtering). "
         "On CUDA every non-naive variant is also compared with naive at full size (relative differences in the "
         "status column).",

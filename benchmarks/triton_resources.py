@@ -7,8 +7,9 @@
 
 Each Triton version gets its own section of the table (a rerun replaces its version's section).
 
-For each kernel (``_logits_lse_kernel`` of both gradient modes' forward, ``_recompute_grad_kernel``
-of ``grad_mode="recompute"``) and each autotune config, at bf16 inputs (what GPUs run; fp32 is for
+For each kernel (``_logits_lse_kernel`` of every gradient mode's forward, ``_grad_gemm_kernel`` of
+``grad_mode="recompute"``, ``_recompute_grad_kernel`` of ``grad_mode="recompute_tiles"``) and each
+autotune config, at bf16 inputs (what GPUs run; fp32 is for
 tests), specialised as the JIT would for the GPU benchmark's N=16384, H=4096, V=128256 (aligned
 pointers, unit strides folded, multiples of 16 marked; no bias): registers per
 thread, stack frame (bytes of local memory per thread: spills), number of local stores in the SASS,
@@ -114,6 +115,15 @@ def rows() -> list[dict]:
                          cfg.num_warps, cfg.num_stages)
             out.append({"kernel": "_recompute_grad_kernel", "variant": "bf16 accumulators, tile locks" if locked
                         else "fp32 accumulators, atomics", "config": cfg, **_usage(c)})
+    gg_sig = {"h_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "t_ptr": "*i64", "lse_ptr": "*fp32",
+              "scale_ptr": "*fp32", "g_ptr": "*bf16", "N": n, "VC": 25600, "H_DIM": h, "V0": 25600,
+              "stride_hn": h, "stride_hh": 1, "stride_wv": h, "stride_wh": 1, "stride_gn": 25600}
+    for cfg in tf._grad_gemm_kernel.configs:  # the first chunk of the GPU shape's column plan
+        c = _compile(tf._grad_gemm_kernel, gg_sig,
+                     dict(HAS_BIAS=False, UPCAST=False, DOT_PRECISION="tf32", EVEN_H=True, GROUP_N=8, **cfg.kwargs),
+                     cfg.num_warps, cfg.num_stages)
+        out.append({"kernel": "_grad_gemm_kernel", "variant": "recompute backward (softmax - onehot epilogue)",
+                    "config": cfg, **_usage(c)})
     return out
 
 

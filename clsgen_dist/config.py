@@ -80,12 +80,14 @@ class ModelConfig:
     ``torch`` (chunked) or ``reference`` (naive, materialises logits: tests only)."""
     loss_chunk_size: int = 1024
     """Rows of the fused loss's ``[chunk, V]`` logits buffer, its memory peak (eager mode, torch and
-    Triton alike; ``recompute`` has no such buffer)."""
+    Triton alike; ``recompute`` uses such a buffer only when the LM head is frozen)."""
     loss_grad_mode: str = "eager"
     """How the fused loss makes the LM gradients: ``eager`` (in the forward, one ``[chunk, V]``
-    logits buffer at a time) or ``recompute`` (Triton on CUDA only: the backward recomputes the
-    logits tile by tile; the loss then holds nothing but the gradients -- 4 matmul passes over
-    tokens x hidden x vocabulary instead of 3)."""
+    logits buffer at a time), ``recompute`` (the backward recomputes the logits a chunk of
+    vocabulary columns at a time into scratch inside the LM weight's gradient; with a trained LM
+    head the loss then holds nothing but the gradients -- 4 matmul passes over tokens x hidden x
+    vocabulary instead of 3) or ``recompute_tiles`` (Triton on CUDA only: the same memory from one
+    tile kernel with atomic adds; slower, kept for comparison)."""
 
     def loss_options(self) -> dict:
         """Keyword arguments of :class:`~clsgen_dist.modeling.dual_head.DualHeadModel` for the loss."""
@@ -112,10 +114,14 @@ class ModelConfig:
         _number("model.lora_alpha", self.lora_alpha, low=0, low_open=True)
         _number("model.lora_dropout", self.lora_dropout, low=0, high=1, high_open=True)
         _positive("model.loss_chunk_size", self.loss_chunk_size)
-        _choice("model.loss_grad_mode", self.loss_grad_mode, ("eager", "recompute"))
-        if self.loss_grad_mode == "recompute" and self.loss_impl in ("torch", "reference"):
-            raise ConfigError(f"model.loss_grad_mode=recompute is a Triton kernel (CUDA): it needs model.loss_impl=auto "
-                              f"or triton, got model.loss_impl={self.loss_impl}")
+        _choice("model.loss_grad_mode", self.loss_grad_mode, ("eager", "recompute", "recompute_tiles"))
+        if self.loss_grad_mode == "recompute_tiles" and self.loss_impl in ("torch", "reference"):
+            raise ConfigError(f"model.loss_grad_mode=recompute_tiles is a Triton kernel (CUDA): it needs "
+                              f"model.loss_impl=auto or triton, got model.loss_impl={self.loss_impl}")
+        if self.loss_grad_mode == "recompute" and self.loss_impl == "reference":
+            raise ConfigError("model.loss_grad_mode=recompute is a mode of the fused loss; model.loss_impl=reference "
+                              "materialises the logits and has no gradient modes: use model.loss_impl=auto, triton "
+                              "or torch")
 
 
 @dataclass

@@ -141,9 +141,10 @@ def check_device_options(model_cfg, device: torch.device, dtype: torch.dtype) ->
     resolve_attn(model_cfg.attn_implementation, device, dtype)
 
     impl = resolve_impl(model_cfg.loss_impl, device)
-    if model_cfg.loss_grad_mode == "recompute" and impl != "triton":
-        raise ConfigError(f"model.loss_grad_mode=recompute needs the Triton loss (CUDA); on {device.type} "
-                          f"model.loss_impl={model_cfg.loss_impl} resolves to {impl}. Use model.loss_grad_mode=eager")
+    if model_cfg.loss_grad_mode == "recompute_tiles" and impl != "triton":
+        raise ConfigError(f"model.loss_grad_mode=recompute_tiles needs the Triton loss (CUDA); on {device.type} "
+                          f"model.loss_impl={model_cfg.loss_impl} resolves to {impl}. Use model.loss_grad_mode="
+                          f"recompute (any device) or eager")
 
 
 def run_info(cfg: Config, device: torch.device) -> dict:

@@ -114,15 +114,21 @@ def test_text_overrides_are_taken_as_typed(tmp_path):
     assert load_config(f).data.label_names == ["no", "yes"]
 
 
-def test_recompute_grad_mode_needs_the_triton_loss():
+def test_recompute_tiles_grad_mode_needs_the_triton_loss():
     from clsgen_dist.train import check_device_options
 
     with pytest.raises(ConfigError, match="needs model.loss_impl=auto or triton, got model.loss_impl=torch"):
-        load_config(None, ["model.loss_impl=torch", "model.loss_grad_mode=recompute"])
-    cfg = load_config(None, ["model.loss_grad_mode=recompute"])  # auto: fine until the device is known
+        load_config(None, ["model.loss_impl=torch", "model.loss_grad_mode=recompute_tiles"])
+    cfg = load_config(None, ["model.loss_grad_mode=recompute_tiles"])  # auto: fine until the device is known
     with pytest.raises(ConfigError, match="on cpu model.loss_impl=auto resolves to torch"):
         check_device_options(cfg.model, torch.device("cpu"), torch.float32)
     check_device_options(load_config(None, []).model, torch.device("cpu"), torch.float32)  # the default: eager
+    # recompute runs on either implementation; the reference loss has no gradient modes
+    for impl in ("auto", "torch"):
+        cfg = load_config(None, [f"model.loss_impl={impl}", "model.loss_grad_mode=recompute"])
+        check_device_options(cfg.model, torch.device("cpu"), torch.float32)
+    with pytest.raises(ConfigError, match="model.loss_impl=reference materialises the logits"):
+        load_config(None, ["model.loss_impl=reference", "model.loss_grad_mode=recompute"])
 
 
 def test_head_learning_rate_zero_freezes_the_head_not_defaults_it():

@@ -53,12 +53,20 @@ class ChunkBackend(Protocol):
     def prepare_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """The weight as used by the gradient matmuls (may be an fp32 copy)."""
 
+    def lse(self, hidden, weight, bias, targets, chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[n]`` fp32 log-sum-exp and target logit per row, no gradients and no ``[chunk, V]``
+        buffer if possible (else one of ``chunk_size`` rows)."""
+
     def loss_only(self, hidden, weight, bias, targets, chunk_size: int | None = None) -> torch.Tensor:
-        """``[n]`` fp32 per-row losses, no gradients and no ``[chunk, V]`` buffer if possible
-        (else one of ``chunk_size`` rows)."""
+        """``[n]`` fp32 per-row losses (``lse - target logit``)."""
 
     def chunk(self, hidden, weight, bias, targets, buf, need_grad: bool) -> torch.Tensor:
         """``[c]`` fp32 per-row losses; if ``need_grad``, leaves ``softmax - onehot`` in ``buf``."""
+
+    def grad_block(self, hidden, weight, bias, targets, lse, scale, v0: int, out) -> None:
+        """``out[r, vc] = (softmax - onehot) * scale`` of ``hidden[r]`` against the vocabulary
+        columns ``[v0, v0 + vc)`` (``weight`` / ``bias`` are those rows), from the fp32 logits and
+        the given fp32 ``lse``; ``targets`` are vocabulary ids, ``scale`` a 1-element fp32 tensor."""
 
 
 class TorchChunkBackend:
@@ -90,59 +98,100 @@ class TorchChunkBackend:
         # fp32 mode: a low-precision weight gets an fp32 copy ([V, H] x 4 bytes) for the whole call.
         return weight if self._mixed(weight) or weight.dtype == torch.float32 else weight.float()
 
-    def loss_only(self, hidden, weight, bias, targets, chunk_size: int | None = None) -> torch.Tensor:
+    def lse(self, hidden, weight, bias, targets, chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        # fp32 logits of ``chunk_size`` rows at a time (default: TORCH_CHUNK_BYTES of them)
         n, vocab = hidden.shape[0], weight.shape[0]
-        rows = max(1, chunk_size or self.default_chunk_rows(n, vocab, weight))
+        rows = max(1, min(n, chunk_size or default_chunk_rows(n, vocab, 4, TORCH_CHUNK_BYTES)))
         weight = self.prepare_weight(weight)
-        # the mixed mode needs no chunk buffer without gradients (its fp32 scratch is bounded anyway)
-        buf = None if self._mixed(weight) else hidden.new_empty((min(rows, n), vocab), dtype=torch.float32)
-        out = [self.chunk(hidden[s : s + rows], weight, bias, targets[s : s + rows], buf, False) for s in range(0, n, rows)]
-        return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+        lse = hidden.new_empty((n,), dtype=torch.float32)
+        tgt = hidden.new_empty((n,), dtype=torch.float32)
+        scratch = hidden.new_empty((rows, vocab), dtype=torch.float32) if n else None
+        for s in range(0, n, rows):
+            e = min(n, s + rows)
+            z = scratch[: e - s]
+            self._logits_f32(z, hidden[s:e], weight, bias)
+            lse[s:e], tgt[s:e] = self._lse_and_grad(z, targets[s:e], False)
+        return lse, tgt
+
+    def loss_only(self, hidden, weight, bias, targets, chunk_size: int | None = None) -> torch.Tensor:
+        lse, tgt = self.lse(hidden, weight, bias, targets, chunk_size)
+        return lse - tgt
+
+    def _logits_f32(self, out: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias) -> None:
+        """``out = hidden @ weight.T + bias`` in fp32 (16-bit operands in the mixed mode)."""
+        if self._mixed(weight):
+            mm_into_f32(out, hidden if hidden.dtype == weight.dtype else hidden.to(weight.dtype), weight.t())
+            if bias is not None:
+                out.add_(bias.float())
+        elif bias is None:
+            torch.mm(hidden.float(), weight.t(), out=out)
+        else:
+            torch.addmm(bias.float(), hidden.float(), weight.t(), out=out)
+
+    def grad_block(self, hidden, weight, bias, targets, lse, scale, v0: int, out) -> None:
+        r, vc = out.shape
+        if out.dtype == torch.float32:  # fp32 mode: in place in ``out``
+            self._logits_f32(out, hidden, weight, bias)
+            _probs_minus_onehot(out, lse, targets, v0, scale)
+            return
+        # mixed mode: fp32 sub-blocks of rows, each rounded once into the 16-bit ``out``
+        sub = default_chunk_rows(r, vc, 4, TORCH_CHUNK_BYTES)
+        scratch = hidden.new_empty((min(sub, r), vc), dtype=torch.float32)
+        for s in range(0, r, sub):
+            e = min(r, s + sub)
+            z = scratch[: e - s]
+            self._logits_f32(z, hidden[s:e], weight, bias)
+            _probs_minus_onehot(z, lse[s:e], targets[s:e], v0, scale)
+            out[s:e].copy_(z)
 
     def chunk(self, hidden, weight, bias, targets, buf, need_grad: bool) -> torch.Tensor:
         if self._mixed(weight):
             return self._chunk_mixed(hidden, weight, bias, targets, buf, need_grad)
-        c = hidden.shape[0]
-        h = hidden.float()  # [c, h]
-        logits = buf[:c]  # [c, V] fp32, reused across chunks: the only O(V) buffer
-        if bias is None:
-            torch.mm(h, weight.t(), out=logits)
-        else:
-            torch.addmm(bias.float(), h, weight.t(), out=logits)
-        return self._lse_and_grad(logits, targets, need_grad)
+        logits = buf[: hidden.shape[0]]  # [c, V] fp32, reused across chunks: the only O(V) buffer
+        self._logits_f32(logits, hidden, weight, bias)
+        lse, tgt = self._lse_and_grad(logits, targets, need_grad)
+        return lse - tgt
 
     def _chunk_mixed(self, hidden, weight, bias, targets, buf, need_grad: bool) -> torch.Tensor:
         c, vocab = hidden.shape[0], weight.shape[0]
-        if hidden.dtype != weight.dtype:
-            hidden = hidden.to(weight.dtype)
         sub = default_chunk_rows(c, vocab, 4, TORCH_CHUNK_BYTES)
         scratch = hidden.new_empty((min(sub, c), vocab), dtype=torch.float32)  # [sub, V] fp32
         losses = []
         for s in range(0, c, sub):
             e = min(c, s + sub)
             z = scratch[: e - s]
-            mm_into_f32(z, hidden[s:e], weight.t())
-            if bias is not None:
-                z.add_(bias.float())
-            losses.append(self._lse_and_grad(z, targets[s:e], need_grad))
+            self._logits_f32(z, hidden[s:e], weight, bias)
+            lse, tgt = self._lse_and_grad(z, targets[s:e], need_grad)
+            losses.append(lse - tgt)
             if need_grad:
                 buf[s:e].copy_(z)  # softmax - onehot, rounded once to the 16-bit buffer
         return torch.cat(losses)
 
     @staticmethod
-    def _lse_and_grad(logits: torch.Tensor, targets: torch.Tensor, need_grad: bool) -> torch.Tensor:
-        """``[c]`` per-row ``lse - z_target`` of fp32 ``logits`` (overwritten: ``softmax - onehot`` if
-        ``need_grad``, else scratch)."""
+    def _lse_and_grad(logits: torch.Tensor, targets: torch.Tensor, need_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[c]`` per-row log-sum-exp and target logit of fp32 ``logits`` (overwritten:
+        ``softmax - onehot`` if ``need_grad``, else scratch)."""
         c = logits.shape[0]
         tgt = logits.gather(1, targets[:, None])  # [c, 1] target logit, read before the in-place ops
         m = logits.amax(dim=1, keepdim=True)  # [c, 1]
         logits.sub_(m).exp_()  # exp(z - max), in place
         sumexp = logits.sum(dim=1, keepdim=True)  # [c, 1]
-        row_loss = (m + sumexp.log() - tgt).squeeze(1)  # [c]  lse - z_target
+        lse = (m + sumexp.log()).squeeze(1)  # [c]
         if need_grad:
             logits.div_(sumexp)  # softmax
             logits.scatter_add_(1, targets[:, None], logits.new_full((c, 1), -1.0))  # - onehot
-        return row_loss
+        return lse, tgt.squeeze(1)
+
+
+def _probs_minus_onehot(z: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, v0: int, scale: torch.Tensor) -> None:
+    """In place on fp32 logits ``z`` of columns ``[v0, v0 + vc)``: ``(exp(z - lse) - onehot) * scale``
+    (no host sync: rows whose target lies outside the columns add 0)."""
+    vc = z.shape[1]
+    local = targets - v0
+    hit = (local >= 0) & (local < vc)
+    z.sub_(lse[:, None]).exp_()
+    z.scatter_add_(1, local.clamp(0, max(vc - 1, 0))[:, None], -hit.to(z.dtype)[:, None])
+    z.mul_(scale)
 
 
 @functools.lru_cache(maxsize=None)

@@ -9,12 +9,13 @@ import os
 import torch
 
 from .chunked import LinearCrossEntropySum, TorchChunkBackend
+from .recompute import RecomputeLinearCrossEntropySum
 from .reference import IGNORE_INDEX, cls_loss_reference, lm_loss_sum_reference
 
 log = logging.getLogger("clsgen_dist.ops")
 
 IMPLS = ("auto", "triton", "torch", "reference")
-GRAD_MODES = ("eager", "recompute")
+GRAD_MODES = ("eager", "recompute", "recompute_tiles")
 ACCUM_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _resolved: dict[str, str] = {}  # device type -> impl chosen by "auto"
 
@@ -134,21 +135,29 @@ def dual_head_loss(
             type and logged), ``"triton"``, ``"torch"`` (chunked, fp32 compute), or
             ``"reference"`` (materialises ``[N, V]`` logits; tests and benchmarks only).
         chunk_size: rows of the ``[chunk, V]`` buffer, the op's memory peak (default: a byte
-            budget, see ``chunked.TORCH_CHUNK_BYTES`` / ``triton_fused.TRITON_CHUNK_BYTES``). Eager
-            mode only; without gradients the Triton path streams and has no such buffer.
-        accum_dtype: dtype in which the LM weight gradient accumulates across chunks (and is
-            held until backward, where it is scaled and cast to ``lm_weight.dtype``). fp32 costs
-            ``4·V·H`` bytes while ``lm_weight`` is trained; ``torch.bfloat16`` halves that for a
-            bf16 weight at the price of one rounding per chunk, and (eager, bf16 ``hidden``) also
-            holds ``d hidden`` in bf16 until backward instead of fp32.
-        grad_mode: how the LM gradients are made (see ``chunked`` / ``triton_fused``):
+            budget, see ``chunked.TORCH_CHUNK_BYTES`` / ``triton_fused.TRITON_CHUNK_BYTES``). Without
+            gradients the Triton path streams and has no such buffer. With ``"recompute"`` it caps
+            the rows per block of the backward (and of the torch path's forward).
+        accum_dtype: dtype in which the LM gradients accumulate. Eager: the LM weight gradient,
+            across chunks, held until backward, where it is scaled and cast to ``lm_weight.dtype``;
+            fp32 costs ``4·V·H`` bytes while ``lm_weight`` is trained; ``torch.bfloat16`` halves
+            that for a bf16 weight at the price of one rounding per chunk, and (bf16 ``hidden``)
+            also holds ``d hidden`` in bf16 until backward instead of fp32. ``"recompute"``: the
+            ``d hidden`` accumulator (fp32 buffer, or 16-bit in place: one rounding per
+            vocabulary chunk); its ``d W`` is written once per chunk, not accumulated.
+            ``"recompute_tiles"``: both gradients' accumulators (16-bit: under tile locks).
+        grad_mode: how the LM gradients are made (see ``chunked``, ``recompute``, ``triton_fused``):
             ``"eager"`` -- in the forward, from one ``[chunk, V]`` logits buffer at a time (three
             matmul passes over ``N x H x V``; memory = gradients + that buffer);
-            ``"recompute"`` (``impl="triton"`` only) -- the forward keeps only the log-sum-exp and
-            the backward recomputes the logits tile by tile and accumulates the gradients in the
-            kernel (four passes; memory = the gradients alone, in ``accum_dtype``: a 16-bit one
-            gives cut-cross-entropy's footprint and rounding). Keeps ``hidden`` and ``lm_weight``
-            alive until backward, and under ZeRO-3 relies on the weight being gathered for it.
+            ``"recompute"`` -- the forward keeps only the log-sum-exp; the backward recomputes the
+            logits a chunk of vocabulary columns at a time into scratch inside the weight
+            gradient and makes the gradients with GEMMs (four passes; memory = the gradients,
+            plus an fp32 ``d hidden`` if ``accum_dtype`` is fp32 with 16-bit inputs, plus <= ~1
+            MiB; a frozen ``lm_weight`` takes the eager ``[chunk, V]`` buffer instead);
+            ``"recompute_tiles"`` (``impl="triton"`` only) -- the same in one tile kernel with
+            atomic / locked accumulation (same memory, far slower on a GPU; kept for comparison).
+            Both recompute modes keep ``hidden`` and ``lm_weight`` alive until backward, and
+            under ZeRO-3 rely on the weight being gathered for it.
 
     Returns:
         ``lm_loss_sum``: 0-dim fp32, differentiable; sum of token CE over non-ignored rows (0 if none).
@@ -159,9 +168,8 @@ def dual_head_loss(
     Callers normalise by global counts themselves. With ``grad_mode="eager"`` the gradients for
     ``hidden``, ``lm_weight`` and ``lm_bias`` are computed during the forward (only for tensors
     that require grad, and only when grad mode is on) and scaled by the upstream gradient in
-    backward, which can run once. With ``"recompute"`` they are made in backward (``chunk_size``
-    does not apply), and the rows with a target are saved for it: when some rows are ignored,
-    that is an ``[n, H]`` copy of them.
+    backward, which can run once. With the recompute modes they are made in backward, and the
+    rows with a target are saved for it: when some rows are ignored, that is an ``[n, H]`` copy.
 
     Targets outside ``[0, V)`` other than -100, and labels other than 0/1, are a ValueError.
 
@@ -174,8 +182,8 @@ def dual_head_loss(
     impl = resolve_impl(impl, hidden.device)
     if grad_mode not in GRAD_MODES:
         raise ValueError(f"dual_head_loss: grad_mode={grad_mode!r}, expected one of {GRAD_MODES}")
-    if grad_mode == "recompute" and impl != "triton":
-        raise ValueError(f"dual_head_loss: grad_mode='recompute' is a Triton kernel, but the implementation "
+    if grad_mode == "recompute_tiles" and impl != "triton":
+        raise ValueError(f"dual_head_loss: grad_mode='recompute_tiles' is a Triton kernel, but the implementation "
                          f"is {impl!r} on {hidden.device.type} (use impl='triton' on CUDA)")
 
     valid = targets != IGNORE_INDEX  # [N]
@@ -199,10 +207,15 @@ def dual_head_loss(
     if lm_bias is not None:
         lm_bias = lm_bias.contiguous()
     if grad_mode == "recompute":
+        lm_loss_sum = RecomputeLinearCrossEntropySum.apply(
+            h_sel, lm_weight, lm_bias, t_sel, _backend(impl, hidden.device), chunk_size, accum_dtype
+        )
+        return lm_loss_sum, n_lm_targets, cls_loss_sum, cls_logits
+    if grad_mode == "recompute_tiles":
         _require_triton_device(hidden.device)
-        from .triton_fused import RecomputeLinearCrossEntropySum
+        from .triton_fused import RecomputeTilesLinearCrossEntropySum
 
-        lm_loss_sum = RecomputeLinearCrossEntropySum.apply(h_sel, lm_weight, lm_bias, t_sel, accum_dtype)
+        lm_loss_sum = RecomputeTilesLinearCrossEntropySum.apply(h_sel, lm_weight, lm_bias, t_sel, accum_dtype)
         return lm_loss_sum, n_lm_targets, cls_loss_sum, cls_logits
     grad_on = torch.is_grad_enabled()
     needs = (

@@ -24,8 +24,14 @@ Per chunk of rows (see ``chunked.LinearCrossEntropySum`` for why gradients are m
 
 Without gradients (evaluation) step 1 runs over all rows at once with no chunk buffer.
 
-``grad_mode="recompute"`` (``RecomputeLinearCrossEntropySum``): the forward is step 1 without a
-buffer (log-sum-exp and target logit only); the backward is one kernel, ``_recompute_grad_kernel``,
+``grad_mode="recompute"`` (``recompute.RecomputeLinearCrossEntropySum``): the forward is step 1
+without a buffer (log-sum-exp and target logit only); the backward recomputes the logits chunk of
+vocabulary columns by chunk with ``_grad_gemm_kernel`` -- a GEMM tile whose epilogue forms
+``(softmax - onehot) * grad`` from the saved fp32 log-sum-exp -- into scratch inside the weight
+gradient, and makes the gradients with cuBLAS (see ``recompute.py``).
+
+``grad_mode="recompute_tiles"`` (``RecomputeTilesLinearCrossEntropySum``): the same forward; the
+backward is one kernel, ``_recompute_grad_kernel``,
 with a program per ``[BLOCK_N, BLOCK_V]`` logits tile: it recomputes the tile, forms
 ``(softmax - onehot) * grad`` from the saved fp32 log-sum-exp, and adds ``g @ W_tile`` into
 ``d hidden`` and ``g.T @ h_block`` into ``d W``, one ``BLOCK_H`` column block at a time. Tiles of
@@ -33,6 +39,8 @@ one row block (or one vocabulary block) add into the same rows from different pr
 fp64 atomic adds, or, for a 16-bit accumulator, by a read-modify-write under a per-(block, column
 block) spin lock -- the accumulator is then the gradient itself and nothing else is allocated.
 Four matmul passes instead of three, and summation order (hence the last bits) varies run to run.
+The atomic traffic (every tile adds ``BLOCK_N x H`` and ``BLOCK_V x H`` values) keeps it far
+from the matmul rate on a GPU.
 
 Interpreter (``TRITON_INTERPRET=1``, CPU): bf16 ``tl.dot`` is wrong there, so operands are upcast
 to fp32 before the dot (``UPCAST``); its fp32 -> bf16 cast truncates, so the chunk buffer is fp32
@@ -164,6 +172,78 @@ def _logits_lse_kernel(
     tl.store(ps_ptr + p_off, s_i, mask=mask_n)
     # Exactly one split holds each row's target: a plain store, no race.
     tl.store(tl_ptr + rows, t_i, mask=mask_n & (tgt >= v_lo) & (tgt < v_hi))
+
+
+@triton.autotune(configs=_lse_configs(), key=["H_DIM", "HAS_BIAS"])
+@triton.heuristics({"EVEN_H": lambda a: a["H_DIM"] % a["BLOCK_H"] == 0})
+@triton.jit
+def _grad_gemm_kernel(
+    h_ptr,  # [n, H] hidden rows
+    w_ptr,  # [VC, H] the LM weight rows of this column chunk
+    b_ptr,  # [VC] their bias (unused if not HAS_BIAS)
+    t_ptr,  # [n] int64 targets (vocabulary ids)
+    lse_ptr,  # [n] fp32 log-sum-exp from the forward
+    scale_ptr,  # [1] fp32 upstream gradient
+    g_ptr,  # [n, VC] out: (softmax - onehot) * scale
+    N,
+    VC,
+    H_DIM,
+    V0,  # vocabulary id of column 0
+    stride_hn,
+    stride_hh,
+    stride_wv,
+    stride_wh,
+    stride_gn,
+    HAS_BIAS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    EVEN_H: tl.constexpr,
+    GROUP_N: tl.constexpr = 8,
+):
+    # A GEMM tile with an epilogue (grad_mode="recompute", see recompute.py). Programs are ordered
+    # in groups of GROUP_N row blocks per column block so that both operand tiles are reused from
+    # L2 (the hidden rows are re-read once per column block otherwise).
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_N * tl.cdiv(VC, BLOCK_V)
+    first_n = (pid // per_group) * GROUP_N
+    group_size = tl.minimum(num_n - first_n, GROUP_N)
+    pid_n = first_n + (pid % per_group) % group_size
+    pid_v = (pid % per_group) // group_size
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    rows = offs_n.to(tl.int64)
+    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    mask_v = offs_v < VC
+    offs_k0 = tl.arange(0, BLOCK_H)
+    a_base = h_ptr + rows[:, None] * stride_hn  # [BN, 1]
+    b_base = w_ptr + offs_v[None, :].to(tl.int64) * stride_wv  # [1, BV]
+    acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+    for k0 in range(0, H_DIM, BLOCK_H):
+        offs_k = k0 + offs_k0
+        if EVEN_H:
+            a = tl.load(a_base + offs_k[None, :] * stride_hh, mask=mask_n[:, None], other=0.0)
+            b = tl.load(b_base + offs_k[:, None] * stride_wh, mask=mask_v[None, :], other=0.0)
+        else:
+            mask_k = offs_k < H_DIM
+            a = tl.load(a_base + offs_k[None, :] * stride_hh, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            b = tl.load(b_base + offs_k[:, None] * stride_wh, mask=mask_k[:, None] & mask_v[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)  # [BN, BV] fp32 logits
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
+    lse = tl.load(lse_ptr + rows, mask=mask_n, other=0.0)
+    tgt = tl.load(t_ptr + rows, mask=mask_n, other=-1)
+    scale = tl.load(scale_ptr)
+    p = tl.exp(acc - lse[:, None])  # a -inf logit (bias mask) gives 0
+    p = tl.where((offs_v + V0)[None, :] == tgt[:, None], p - 1.0, p) * scale
+    g_ptrs = g_ptr + rows[:, None] * stride_gn + offs_v[None, :]
+    tl.store(g_ptrs, p.to(g_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_v[None, :])
 
 
 @triton.jit
@@ -469,6 +549,28 @@ class TritonChunkBackend:
             lse, tgt = logits_lse(hidden, weight, bias, targets, None)
         return lse - tgt
 
+    def lse(self, hidden, weight, bias, targets, chunk_size=None) -> tuple[torch.Tensor, torch.Tensor]:
+        self._check(hidden, weight)
+        with _on_device(hidden):
+            return logits_lse(hidden, weight, bias, targets, None)
+
+    def grad_block(self, hidden, weight, bias, targets, lse, scale, v0: int, out) -> None:
+        self._check(hidden, weight)
+        r, vc = out.shape
+        if not (r and vc):
+            return
+        grid = lambda meta: (triton.cdiv(r, meta["BLOCK_N"]) * triton.cdiv(vc, meta["BLOCK_V"]),)  # noqa: E731
+        with _on_device(hidden):
+            _grad_gemm_kernel[grid](
+                hidden, weight, bias if bias is not None else weight, targets, lse, scale, out,
+                r, vc, hidden.shape[1], v0,
+                hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), out.stride(0),
+                HAS_BIAS=bias is not None, UPCAST=INTERPRET and hidden.dtype != torch.float32,
+                DOT_PRECISION=_dot_precision(hidden.dtype),
+            )  # fmt: skip
+        if out.dtype != hidden.dtype:  # interpreter, 16-bit inputs: round as the GPU's store would
+            out.copy_(out.to(hidden.dtype))
+
     def chunk(self, hidden, weight, bias, targets, buf, need_grad: bool) -> torch.Tensor:
         self._check(hidden, weight)
         with _on_device(hidden):
@@ -498,7 +600,7 @@ def _min_blocks() -> tuple[int, int, int]:
     return tuple(min(c.kwargs[k] for c in cfgs) for k in ("BLOCK_N", "BLOCK_V", "BLOCK_H"))  # type: ignore[return-value]
 
 
-def recompute_grads(
+def recompute_tile_grads(
     hidden: torch.Tensor,  # [n, H]
     weight: torch.Tensor,  # [V, H]
     bias: torch.Tensor | None,  # [V]
@@ -555,9 +657,9 @@ def recompute_grads(
     return d_hidden, d_weight, d_bias
 
 
-class RecomputeLinearCrossEntropySum(torch.autograd.Function):
+class RecomputeTilesLinearCrossEntropySum(torch.autograd.Function):
     """``sum_i CE(hidden[i] @ weight.T + bias, targets[i])``: forward = log-sum-exp only, backward
-    recomputes the logits (``grad_mode="recompute"`` of ``dual_head_loss``).
+    recomputes the logits tile by tile in one kernel (``grad_mode="recompute_tiles"``).
 
     Four matmul passes over ``N x H x V`` instead of three, for a memory peak of the gradients
     alone. Unlike the eager path the weight must still be readable in backward -- under ZeRO-3 the
@@ -575,7 +677,7 @@ class RecomputeLinearCrossEntropySum(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
-        d_hidden, d_weight, d_bias = recompute_grads(
+        d_hidden, d_weight, d_bias = recompute_tile_grads(
             hidden, weight, bias, targets, lse, grad_out, tuple(ctx.needs_input_grad[:3]), ctx.accum_dtype
         )
         return d_hidden, d_weight, d_bias, None, None

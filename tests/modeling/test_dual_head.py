@@ -199,10 +199,11 @@ def test_one_prefill_probability_equals_packed_forward(tiny_dir, tokenizer, toy_
 
 
 def test_twenty_steps_fused_equal_naive_loss(tiny_dir, tokenizer, toy_rows):
-    """Training with the fused (chunked) loss follows the naive materialised loss step for step."""
-    def train(impl):
+    """Training with the fused (chunked) loss, in both gradient modes, follows the naive
+    materialised loss step for step."""
+    def train(impl, grad_mode="eager"):
         cfg = _cfg(tiny_dir, **{"model.finetune": "full", "model.loss_impl": impl, "model.loss_chunk_size": 7,
-                                "data.max_seq_len": 96})
+                                "model.loss_grad_mode": grad_mode, "data.max_seq_len": 96})
         torch.manual_seed(0)
         model, tok = build_model(cfg.model)
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -214,9 +215,10 @@ def test_twenty_steps_fused_equal_naive_loss(tiny_dir, tokenizer, toy_rows):
             losses.append(loss)
         return losses
 
-    fused, naive = train("torch"), train("reference")
+    fused, recomputed, naive = train("torch"), train("torch", "recompute"), train("reference")
     assert fused[-1] < fused[0]
     assert fused == pytest.approx(naive, rel=1e-5, abs=1e-6)
+    assert recomputed == pytest.approx(naive, rel=1e-5, abs=1e-6)
 
 
 def test_lora_on_the_lm_head_is_refused(tiny_dir):

@@ -8,6 +8,7 @@ Used two ways by ``test_triton.py``:
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 import traceback
@@ -30,19 +31,37 @@ LARGE = [
 BF16_CASES = ["basic", "everything", "tile_aligned", "large"]
 
 
-GRAD_MODES = ("eager", "recompute")
-# grad_mode="recompute" with a bf16 accumulator (cut-cross-entropy's memory): every tile's
-# contribution is rounded into the bf16 gradient, so each gradient is held to a relative error
-# (norm-wise, vs the float64 truth) instead of "no worse than plain torch". Only CUDA rounds there:
-# the interpreter accumulates in fp32 (it cannot round to nearest into bf16), same lock code.
+GRAD_MODES = ("eager", "recompute", "recompute_tiles")
+RECOMPUTE_MODES = ("recompute", "recompute_tiles")
+# The recompute modes with a bf16 accumulator (cut-cross-entropy's memory): "recompute_tiles"
+# rounds every tile's contribution into the bf16 gradients, "recompute" every vocabulary chunk's
+# into d hidden, so each gradient is held to a relative error (norm-wise, vs the float64 truth)
+# instead of "no worse than plain torch". For "recompute_tiles" only CUDA rounds there: the
+# interpreter accumulates in fp32 (it cannot round to nearest into bf16), same lock code.
 BF16_ACCUM_MAX_REL_ERR = 0.05
+
+
+@contextlib.contextmanager
+def many_chunks(grad_mode: str):
+    """grad_mode="recompute" at test sizes: no tail temporary until the columns run out, so the
+    backward walks many vocabulary chunks whose scratch lies inside d W (and then a tail)."""
+    from clsgen_dist.ops import recompute
+
+    saved = recompute.TAIL_BYTES, recompute.MIN_COLS
+    if grad_mode == "recompute":
+        recompute.TAIL_BYTES, recompute.MIN_COLS = 0, 1
+    try:
+        yield
+    finally:
+        recompute.TAIL_BYTES, recompute.MIN_COLS = saved
 
 
 def check_fp32(case: U.Case, device: str, seed: int, grad_mode: str = "eager") -> None:
     inp = U.make_inputs(case, dtype=torch.float32, device=device, seed=seed)
     kw = dict(chunk_size=case.chunk_size, accum_dtype=case.accum_dtype)
     name = f"triton-fp32-{grad_mode}/{case.name}/{device}/seed={seed}"
-    tri = U.run_op(inp, impl="triton", grad_mode=grad_mode, **kw)
+    with many_chunks(grad_mode):
+        tri = U.run_op(inp, impl="triton", grad_mode=grad_mode, **kw)
     U.compare(tri, U.reference_f64(inp), **U.TOL[torch.float32], name=name)
     U.compare(tri, U.run_op(inp, impl="torch", **kw), **U.TOL[torch.float32], name=name + " vs torch path")
     U.compare(tri, U.run_op(inp, impl="reference"), **U.TOL[torch.float32], name=name + " vs reference")
@@ -50,19 +69,22 @@ def check_fp32(case: U.Case, device: str, seed: int, grad_mode: str = "eager") -
 
 def check_bf16(case: U.Case, device: str, seed: int, grad_mode: str = "eager") -> None:
     name = f"triton-bf16-{grad_mode}/{case.name}/{device}/seed={seed}"
-    runs = U.bf16_runs(case, device=device, seed=seed, draws=2 if case.N > 1000 else 4, impl="triton",
-                       grad_mode=grad_mode)
+    with many_chunks(grad_mode):
+        runs = U.bf16_runs(case, device=device, seed=seed, draws=2 if case.N > 1000 else 4, impl="triton",
+                           grad_mode=grad_mode)
     for i, (ours, _, truth) in enumerate(runs):
         U.compare(ours, truth, **U.TOL[torch.bfloat16], name=f"{name}+{i}")
         assert ours["hidden"].dtype == ours["lm_weight"].dtype == torch.bfloat16, name
     U.assert_no_worse_than_torch(runs, name=name)
 
 
-def check_bf16_accum(case: U.Case, device: str, seed: int) -> None:
-    """grad_mode="recompute", accum_dtype=bf16: gradients accumulated in bf16 under tile locks."""
-    name = f"triton-bf16-recompute-bf16acc/{case.name}/{device}/seed={seed}"
+def check_bf16_accum(case: U.Case, device: str, seed: int, grad_mode: str) -> None:
+    """A recompute mode with accum_dtype=bf16: d hidden accumulated in bf16 over vocabulary chunks
+    ("recompute"), or both gradients in bf16 under tile locks ("recompute_tiles")."""
+    name = f"triton-bf16-{grad_mode}-bf16acc/{case.name}/{device}/seed={seed}"
     inp = U.make_inputs(case, dtype=torch.bfloat16, device=device, seed=seed)
-    ours = U.run_op(inp, impl="triton", grad_mode="recompute", accum_dtype=torch.bfloat16, chunk_size=case.chunk_size)
+    with many_chunks(grad_mode):
+        ours = U.run_op(inp, impl="triton", grad_mode=grad_mode, accum_dtype=torch.bfloat16, chunk_size=case.chunk_size)
     truth = U.reference_f64(inp)
     U.assert_close(ours["lm_loss_sum"], truth["lm_loss_sum"], **U.TOL[torch.bfloat16], name=f"{name}/lm_loss_sum")
     for k in U.GRAD_NAMES:
@@ -73,14 +95,14 @@ def check_bf16_accum(case: U.Case, device: str, seed: int) -> None:
 
 
 def check_locked_fp32(case: U.Case, device: str, seed: int, repeats: int = 1) -> None:
-    """fp32 inputs with ``accum_dtype=bf16``: the locked read-modify-write path with fp32 buffers
+    """"recompute_tiles", fp32 inputs with ``accum_dtype=bf16``: the locked read-modify-write path with fp32 buffers
     (the accumulators take the parameters' dtype), so the result is held to fp32 tolerances: a
     race in the spin lock loses whole tile contributions and shows here, where the bf16 rounding of
     check_bf16_accum would hide a few."""
     inp = U.make_inputs(case, dtype=torch.float32, device=device, seed=seed)
     truth = U.reference_f64(inp)
     for r in range(repeats):
-        out = U.run_op(inp, impl="triton", grad_mode="recompute", accum_dtype=torch.bfloat16)
+        out = U.run_op(inp, impl="triton", grad_mode="recompute_tiles", accum_dtype=torch.bfloat16)
         U.compare(out, truth, **U.TOL[torch.float32], name=f"triton-fp32-locked/{case.name}/{device}/seed={seed}+{r}")
 
 
@@ -94,13 +116,14 @@ def check_masked_tile(device: str, seed: int, grad_mode: str) -> None:
         inp["lm_bias"][: case.V // 2] = float("-inf")
     inp["targets"] = torch.randint(case.V // 2, case.V, (case.N,), device=device)
     name = f"triton-fp32-{grad_mode}/masked_tile/{device}/seed={seed}"
-    tri = U.run_op(inp, impl="triton", grad_mode=grad_mode)
+    with many_chunks(grad_mode):
+        tri = U.run_op(inp, impl="triton", grad_mode=grad_mode)
     assert torch.isfinite(tri["lm_loss_sum"]), f"{name}: loss {tri['lm_loss_sum']}"
     U.compare(tri, U.reference_f64(inp), **U.TOL[torch.float32], name=name)
 
 
-def check_model_recompute(device: str, seed: int) -> None:
-    """DualHeadModel(loss_grad_mode="recompute") on a tiny tied-embedding Llama: the loss and every
+def check_model_recompute(device: str, seed: int, grad_mode: str = "recompute") -> None:
+    """DualHeadModel(loss_grad_mode=a recompute mode) on a tiny tied-embedding Llama: the loss and every
     parameter gradient equal the materialised reference loss's (the LM head is the tied embedding,
     so its gradient sums the fused op's and the embedding lookup's)."""
     import copy
@@ -115,7 +138,7 @@ def check_model_recompute(device: str, seed: int) -> None:
                                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
                                       attn_implementation="eager")).to(device)
     ref = DualHeadModel(lm, loss_impl="reference")
-    ours = DualHeadModel(copy.deepcopy(lm), loss_impl="triton", loss_grad_mode="recompute")
+    ours = DualHeadModel(copy.deepcopy(lm), loss_impl="triton", loss_grad_mode=grad_mode)
     torch.nn.init.normal_(ref.cls_head.weight, std=0.1)
     ours.cls_head.load_state_dict(ref.cls_head.state_dict())
     ids = torch.randint(0, V, (1, T), device=device)
@@ -129,11 +152,11 @@ def check_model_recompute(device: str, seed: int) -> None:
         out = m(**kw)
         out.loss.backward()
         outs.append(out)
-    U.assert_close(outs[0].loss, outs[1].loss, atol=1e-5, rtol=1e-5, name="model-recompute/loss")
+    U.assert_close(outs[0].loss, outs[1].loss, atol=1e-5, rtol=1e-5, name=f"model-{grad_mode}/loss")
     grads = dict(ref.named_parameters())
     for name, p in ours.named_parameters():
-        assert p.grad is not None, f"model-recompute/{name}: no gradient"
-        U.assert_close(p.grad, grads[name].grad, atol=1e-5, rtol=1e-4, name=f"model-recompute/{name}")
+        assert p.grad is not None, f"model-{grad_mode}/{name}: no gradient"
+        U.assert_close(p.grad, grads[name].grad, atol=1e-5, rtol=1e-4, name=f"model-{grad_mode}/{name}")
 
 
 def all_checks(device: str, large: bool) -> list[tuple[str, object]]:
@@ -143,10 +166,12 @@ def all_checks(device: str, large: bool) -> list[tuple[str, object]]:
     for mode in GRAD_MODES:
         checks += [(f"fp32-{mode}/{c.name}", lambda c=c, m=mode: check_fp32(c, device, U.new_seed(), m)) for c in cases]
         checks += [(f"bf16-{mode}/{c.name}", lambda c=c, m=mode: check_bf16(c, device, U.new_seed(), m)) for c in bf16]
-    checks += [(f"bf16-recompute-bf16acc/{c.name}", lambda c=c: check_bf16_accum(c, device, U.new_seed())) for c in bf16]
+    for mode in RECOMPUTE_MODES:
+        checks += [(f"bf16-{mode}-bf16acc/{c.name}", lambda c=c, m=mode: check_bf16_accum(c, device, U.new_seed(), m))
+                   for c in bf16]
     checks += [(f"fp32-locked/{c.name}", lambda c=c: check_locked_fp32(c, device, U.new_seed())) for c in bf16]
     checks += [(f"masked-tile-{m}", lambda m=m: check_masked_tile(device, U.new_seed(), m)) for m in GRAD_MODES]
-    checks.append(("model-recompute", lambda: check_model_recompute(device, U.new_seed())))
+    checks += [(f"model-{m}", lambda m=m: check_model_recompute(device, U.new_seed(), m)) for m in RECOMPUTE_MODES]
     return checks
 
 

@@ -13,7 +13,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from clsgen_dist.ops import dual_head, dual_head_loss
-from clsgen_dist.ops import chunked
+from clsgen_dist.ops import chunked, recompute
 from clsgen_dist.ops.chunked import TorchChunkBackend
 
 from ._util import (
@@ -45,9 +45,116 @@ def test_fp32_matches_float64(case: Case, impl: str, seed: int):
     compare(out, reference_f64(inp), **TOL[torch.float32], name=f"{impl}/{case.name}/seed={seed}")
 
 
+def _many_chunks(monkeypatch, max_ratio: int | None = None) -> None:
+    """grad_mode="recompute" at test sizes: no tail temporary until d W's free rows run out, so the
+    backward walks many vocabulary chunks with their scratch inside d W, then a tail."""
+    monkeypatch.setattr(recompute, "TAIL_BYTES", 0)
+    monkeypatch.setattr(recompute, "MIN_COLS", 1)
+    if max_ratio is not None:
+        monkeypatch.setattr(recompute, "MAX_RATIO", max_ratio)
+
+
+@pytest.mark.parametrize("schedule", ["many_chunks", "row_blocks", "default"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_recompute_fp32_matches_float64(case: Case, schedule: str, seed: int, monkeypatch):
+    """grad_mode="recompute" on the torch path: many vocabulary chunks (scratch in d W), rows in
+    blocks with d W accumulated over them (r capped at 1), or the default (at these sizes, all of
+    it one tail temporary)."""
+    if schedule != "default":
+        _many_chunks(monkeypatch, max_ratio=1 if schedule == "row_blocks" else None)
+    inp = make_inputs(case, dtype=torch.float32, device="cpu", seed=seed)
+    out = run_op(inp, impl="torch", grad_mode="recompute", chunk_size=case.chunk_size, accum_dtype=case.accum_dtype)
+    compare(out, reference_f64(inp), **TOL[torch.float32], name=f"recompute-{schedule}/{case.name}/seed={seed}")
+
+
+def test_recompute_plan_covers_the_vocabulary_once():
+    """The column chunks tile [0, V) in order; every scratch lies past its chunk's rows and inside
+    d W; they shrink; the tail is the only temporary and stays small."""
+    for rows, vocab, hdim, gb, wb in [(16384, 128256, 4096, 2, 2), (4096, 49152, 576, 4, 4), (300, 3000, 20, 4, 2),
+                                      (1, 10, 3, 4, 4), (5000, 100, 8, 4, 4)]:
+        plan = recompute.column_plan(rows, vocab, hdim, gb, wb)
+        assert plan[0][0] == 0 and plan[-1][1] == vocab and plan[-1][2] is None
+        assert all(a[1] == b[0] for a, b in zip(plan, plan[1:]))
+        assert all(v0 < v1 for v0, v1, _ in plan)
+        for v0, v1, off in plan[:-1]:
+            assert off % recompute.ALIGN == 0 and off >= v1 * hdim * wb
+            assert off + rows * (v1 - v0) * gb <= vocab * hdim * wb
+        widths = [v1 - v0 for v0, v1, _ in plan[:-1]]
+        assert widths == sorted(widths, reverse=True)
+        tail = plan[-1][1] - plan[-1][0]
+        assert rows * tail * gb <= max(recompute.TAIL_BYTES, rows * recompute.MIN_COLS * (1 + rows * gb / (hdim * wb)) * gb)
+    big = recompute.column_plan(16384, 128256, 4096, 2, 2)  # the GPU benchmark shape
+    assert len(big) < 50 and 16384 * (big[-1][1] - big[-1][0]) * 2 <= 2**20 + 2**19
+
+
+def test_recompute_scratch_lives_in_the_weight_gradient(seed: int, monkeypatch):
+    """The recompute backward's [rows, columns] scratch is d W's own storage (the tensor that ends
+    up in ``lm_weight.grad``), and nothing else it allocates comes near its size: a separately
+    allocated scratch for the first chunk alone would be ~4x the largest allowed allocation."""
+    monkeypatch.setattr(recompute, "TAIL_BYTES", 4096)
+    case = Case("scratch", N=512, H=64, V=4099, M=3, ignore_frac=0.25, bias=True)
+    inp = make_inputs(case, dtype=torch.float32, device="cpu", seed=seed)
+    scratches = []
+    real = recompute._scratch
+
+    def spy(dw, offset, shape, dtype):
+        t = real(dw, offset, shape, dtype)
+        scratches.append((t.untyped_storage().data_ptr(), t.numel()))
+        return t
+
+    monkeypatch.setattr(recompute, "_scratch", spy)
+    x = {k: (v.detach().clone().requires_grad_(v.requires_grad) if torch.is_tensor(v) and v.is_floating_point()
+             and k != "cls_labels" else v) for k, v in inp.items()}
+    lm = dual_head_loss(*_args(x), lm_bias=x["lm_bias"], impl="torch", grad_mode="recompute", chunk_size=8)[0]
+    rec = _StorageRecorder()
+    with rec:
+        (0.37 * lm).backward()
+    n = int((inp["targets"] != -100).sum())
+    plan = recompute.column_plan(n, case.V, case.H, 4, 4)
+    assert len(scratches) == len(plan) - 1 >= 5
+    assert {p for p, _ in scratches} == {x["lm_weight"].grad.untyped_storage().data_ptr()}
+    assert sum(k for _, k in scratches) == n * plan[-1][0]  # every column but the tail's, every row
+    first = n * (plan[0][1] - plan[0][0]) * 4
+    known = {x[k].untyped_storage().data_ptr() for k in ("lm_weight", "hidden")}  # views of the inputs
+    known |= {x[k].grad.untyped_storage().data_ptr() for k in ("lm_weight", "hidden")}  # the gradients
+    others = {p: b for p, b in rec.storages.items() if p not in known}
+    assert max(others.values()) * 4 <= first, sorted(others.values())[-5:]
+    truth = _lm_only_grads(inp)
+    for k in ("lm_weight", "hidden", "lm_bias"):  # and the values are right
+        torch.testing.assert_close(x[k].grad.double() / 0.37, truth[k], rtol=1e-4, atol=2e-5)
+
+
+def _lm_only_grads(inp: dict) -> dict:
+    """float64 gradients of the summed LM loss alone."""
+    h = inp["hidden"].detach().double().requires_grad_()
+    w = inp["lm_weight"].detach().double().requires_grad_()
+    b = inp["lm_bias"].detach().double().requires_grad_()
+    keep = inp["targets"] != -100
+    z = h[keep] @ w.t() + b
+    torch.nn.functional.cross_entropy(z, inp["targets"][keep], reduction="sum").backward()
+    return {"hidden": h.grad, "lm_weight": w.grad, "lm_bias": b.grad}
+
+
+class _StorageRecorder(TorchDispatchMode):
+    """Bytes of every storage an aten op returns (by data pointer): what a region allocated."""
+
+    def __init__(self):
+        super().__init__()
+        self.storages: dict[int, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.numel():
+                st = t.untyped_storage()
+                self.storages[st.data_ptr()] = max(self.storages.get(st.data_ptr(), 0), st.nbytes())
+        return out
+
+
+@pytest.mark.parametrize("grad_mode", ["eager", "recompute"])
 @pytest.mark.parametrize("mode", ["fp32", "mixed"])
 @pytest.mark.parametrize("case", [CASES_BY_NAME["basic"], CASES_BY_NAME["everything"]], ids=lambda c: c.name)
-def test_bf16_no_worse_than_plain_torch(case: Case, mode: str, seed: int, monkeypatch):
+def test_bf16_no_worse_than_plain_torch(case: Case, mode: str, grad_mode: str, seed: int, monkeypatch):
     """The torch path in bf16, in both of its modes: fp32 (what CPU runs) and mixed (what CUDA runs
     when Triton is missing: 16-bit GEMMs with fp32 output, a 16-bit ``softmax - onehot`` buffer),
     forced here on CPU."""
@@ -58,8 +165,10 @@ def test_bf16_no_worse_than_plain_torch(case: Case, mode: str, seed: int, monkey
         monkeypatch.setattr(dual_head, "_backend", lambda impl, device: backend)
         # chunks of 16 rows, each computed in fp32 sub-blocks of 8 (and a partial last one)
         monkeypatch.setattr(chunked, "TORCH_CHUNK_BYTES", 8 * 4 * case.V)
-    name = f"torch-{mode}-bf16/{case.name}/seed={seed}"
-    runs = bf16_runs(case, device="cpu", seed=seed, impl="torch")
+    if grad_mode == "recompute":
+        _many_chunks(monkeypatch)
+    name = f"torch-{mode}-{grad_mode}-bf16/{case.name}/seed={seed}"
+    runs = bf16_runs(case, device="cpu", seed=seed, impl="torch", grad_mode=grad_mode)
     for i, (ours, _, truth) in enumerate(runs):
         compare(ours, truth, **TOL[torch.bfloat16], name=f"{name}+{i}")
         assert ours["hidden"].dtype == ours["lm_weight"].dtype == torch.bfloat16
@@ -232,14 +341,14 @@ def test_no_grad_chunk_size_bounds_the_buffer(monkeypatch, seed: int):
     from clsgen_dist.ops.chunked import TorchChunkBackend
 
     rows, grads = [], []
-    chunk = TorchChunkBackend.chunk
+    lse_and_grad = TorchChunkBackend._lse_and_grad
 
-    def spy(self, h, *a):
-        rows.append(h.shape[0])
-        grads.append(a[-1])  # need_grad
-        return chunk(self, h, *a)
+    def spy(logits, targets, need_grad):
+        rows.append(logits.shape[0])  # the [chunk, V] fp32 buffer
+        grads.append(need_grad)
+        return lse_and_grad(logits, targets, need_grad)
 
-    monkeypatch.setattr(TorchChunkBackend, "chunk", spy)
+    monkeypatch.setattr(TorchChunkBackend, "_lse_and_grad", staticmethod(spy))
     inp = make_inputs(Case("x", N=23, ignore_frac=0.0), dtype=torch.float32, device="cpu", seed=seed)
     with torch.no_grad():
         dual_head_loss(*_args(inp), impl="torch", chunk_size=5)

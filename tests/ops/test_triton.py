@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ._triton_cases import (BF16_CASES, GRAD_MODES, LARGE, SMALL, check_bf16, check_bf16_accum, check_fp32,
-                            check_locked_fp32, check_masked_tile, check_model_recompute)
+from ._triton_cases import (BF16_CASES, GRAD_MODES, LARGE, RECOMPUTE_MODES, SMALL, check_bf16, check_bf16_accum,
+                            check_fp32, check_locked_fp32, check_masked_tile, check_model_recompute)
 
 ROOT = Path(__file__).resolve().parents[2]
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="native Triton needs CUDA")
@@ -43,8 +43,9 @@ def test_triton_interpreter_matches_truth_torch_and_reference():
         line for line in p.stdout.splitlines() if not line.startswith("PASS")
     )[-8000:] + p.stderr[-3000:]
     n_bf16 = sum(c.name in BF16_CASES for c in SMALL)
-    # + the masked-tile checks and the model check
-    assert p.stdout.count("PASS ") == len(GRAD_MODES) * (len(SMALL) + n_bf16 + 1) + 2 * n_bf16 + 1
+    # per mode: fp32, bf16, masked tile; per recompute mode: bf16 accumulation, the model; the locks
+    expected = len(GRAD_MODES) * (len(SMALL) + n_bf16 + 1) + len(RECOMPUTE_MODES) * (n_bf16 + 1) + n_bf16
+    assert p.stdout.count("PASS ") == expected
 
 
 def test_recompute_under_partitioned_zero3_two_ranks():
@@ -83,9 +84,10 @@ def test_triton_cuda_bf16(case, grad_mode, seed):
 
 
 @cuda_only
+@pytest.mark.parametrize("grad_mode", RECOMPUTE_MODES)
 @pytest.mark.parametrize("case", [c for c in SMALL + LARGE if c.name in BF16_CASES], ids=lambda c: c.name)
-def test_triton_cuda_recompute_bf16_accumulation(case, seed):
-    check_bf16_accum(case, "cuda", seed)
+def test_triton_cuda_recompute_bf16_accumulation(case, grad_mode, seed):
+    check_bf16_accum(case, "cuda", seed, grad_mode)
 
 
 @cuda_only
@@ -96,9 +98,10 @@ def test_triton_cuda_recompute_locks_lose_nothing(case, seed):
 
 
 @cuda_only
-def test_triton_cuda_recompute_memory_is_the_gradients():
-    """grad_mode="recompute" with bf16 accumulation allocates (beyond its inputs) little more than
-    the two gradients it returns; the eager path also holds its [chunk, V] logits buffer."""
+@pytest.mark.parametrize("grad_mode", RECOMPUTE_MODES)
+def test_triton_cuda_recompute_memory_is_the_gradients(grad_mode):
+    """The recompute modes with bf16 accumulation allocate (beyond their inputs) little more than
+    the two gradients they return; the eager path also holds its [chunk, V] logits buffer."""
     from clsgen_dist.ops import dual_head_loss
 
     n, h, v = 4096, 1024, 32000
@@ -119,18 +122,19 @@ def test_triton_cuda_recompute_memory_is_the_gradients():
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
 
-    peak(grad_mode="recompute", accum_dtype=torch.bfloat16)  # compile / autotune outside the measurement
-    recompute = peak(grad_mode="recompute", accum_dtype=torch.bfloat16)
+    peak(grad_mode=grad_mode, accum_dtype=torch.bfloat16)  # compile / autotune outside the measurement
+    recompute = peak(grad_mode=grad_mode, accum_dtype=torch.bfloat16)
     eager = peak(grad_mode="eager", accum_dtype=torch.bfloat16, chunk_size=1024)
-    print(f"peak beyond inputs: recompute {recompute / 2**20:.1f} MiB, eager {eager / 2**20:.1f} MiB, "
+    print(f"peak beyond inputs: {grad_mode} {recompute / 2**20:.1f} MiB, eager {eager / 2**20:.1f} MiB, "
           f"gradients {grads / 2**20:.1f} MiB")
     assert recompute <= grads + 4 * 2**20
     assert eager >= grads + 1024 * v * 2  # + its [chunk, V] buffer
 
 
 @cuda_only
-def test_triton_cuda_model_recompute(seed):
-    check_model_recompute("cuda", seed)
+@pytest.mark.parametrize("grad_mode", RECOMPUTE_MODES)
+def test_triton_cuda_model_recompute(grad_mode, seed):
+    check_model_recompute("cuda", seed, grad_mode)
 
 
 @cuda_only
