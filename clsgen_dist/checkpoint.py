@@ -241,15 +241,7 @@ def _base_differences(p: Path, base: Path, head_shape: list[int], *, shapes: boo
                    f"{HEAD_NAME})")
     if out or not shapes:
         return out
-    stamp = tuple((f.stat().st_mtime_ns, f.stat().st_size) for f in (p / "adapter_model.safetensors",
-                                                                    base / "config.json"))
-    key = (str(p.resolve()), str(base.resolve()), stamp)
-    if key not in _MISFITS:  # eval checks the checkpoint up to 3 times; the meta-device build takes ~1 s
-        _MISFITS[key] = _adapter_misfits(p, config)
-    return list(_MISFITS[key])
-
-
-_MISFITS: dict[tuple, list[str]] = {}
+    return _adapter_misfits(p, config)
 
 
 def _adapter_misfits(p: Path, config) -> list[str]:
@@ -313,9 +305,13 @@ def rebuild_cls_token(backbone, tokenizer, cfg: Config, base_path: str) -> None:
 
 def load_checkpoint(path: str | Path, *, device: torch.device | str = "cpu", dtype: str | None = None,
                     attn_implementation: str | None = None, base_model: str | None = None,
-                    ds_config: dict | None = None):
+                    ds_config: dict | None = None, checked: Config | None = None):
     """Returns (model, tokenizer, cfg) with the model in eval mode on ``device``. ``base_model``:
     the LoRA adapter's base folder, if not where the config says (see :func:`check_checkpoint`).
+    ``checked``: the config :func:`check_checkpoint` returned for this ``path`` and ``base_model``
+    (a command that checked the checkpoint before its process group started): it is used, not
+    checked again (the check reads every safetensors header and, with ``base_model``, builds the
+    base on the meta device). Without it, the checkpoint is checked here.
 
     ``ds_config`` (a ZeRO-3 JSON; every rank must call this): the model is built partitioned over
     the ranks (as training builds it, :func:`~clsgen_dist.modeling.build.zero3_loading`) and put
@@ -326,7 +322,7 @@ def load_checkpoint(path: str | Path, *, device: torch.device | str = "cpu", dty
     from transformers import AutoModelForCausalLM
 
     p = Path(path)
-    cfg = check_checkpoint(p, base_model=base_model)
+    cfg = checked if checked is not None else check_checkpoint(p, base_model=base_model)
     device = torch.device(device)
     tdtype = resolve_dtype(dtype or cfg.model.dtype, device)
     attn = _inference_attn(attn_implementation, cfg.model.attn_implementation, device, tdtype)

@@ -192,7 +192,8 @@ def predict_main(argv: list[str] | None = None) -> int:
             require_zero3_for_inference(ds_config, f"--ds-config {args.ds_config}")  # before any process group
         from .checkpoint import check_checkpoint
 
-        d = check_checkpoint(args.checkpoint, base_model=args.base_model).data  # before any process group
+        run_cfg = check_checkpoint(args.checkpoint, base_model=args.base_model)  # before any process group
+        d = run_cfg.data
         if args.data:  # read (and checked) before the model loads; labels are not needed to predict
             exs = read_examples(args.data, text_field=args.text_field or d.text_field, label_field=None,
                                 id_field=args.id_field or d.id_field, explanation_field=None,
@@ -209,7 +210,8 @@ def predict_main(argv: list[str] | None = None) -> int:
             from .logs import setup_logging
 
             setup_logging()
-        m = CLSGen.from_pretrained(args.checkpoint, base_model=args.base_model, device=device, ds_config=ds_config)
+        m = CLSGen.from_pretrained(args.checkpoint, base_model=args.base_model, device=device, ds_config=ds_config,
+                                   checked=run_cfg)
         res = m.predict(texts, explain=not args.no_explain, max_new_tokens=args.max_new_tokens, shard=launched)
         rows = [{"id": i, **r} for i, r in zip(ids, res)]
         if is_main() and args.output:

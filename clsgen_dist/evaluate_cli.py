@@ -17,24 +17,34 @@ from .predict import make_encoder
 log = logging.getLogger("clsgen_dist.evaluate")
 
 
-def _load(args, device, ds_config: dict | None = None):
-    """(model, tokenizer, cfg, mode): the checkpoint, or the base model of its config (or of
-    ``--config``) for ``--mode zero_shot``; partitioned over the ranks with ``ds_config``."""
-    from .baselines import load_base_model, resolve_mode, zero_shot_config
+def _run_config(args):
+    """The run config: the checkpoint's (checked, with ``--base-model``), or ``--config`` with its
+    overrides for ``--mode zero_shot`` without a checkpoint. Read once, before any process group."""
+    if args.checkpoint:
+        return check_checkpoint(args.checkpoint, base_model=getattr(args, "base_model", None))
+    if getattr(args, "mode", None) != "zero_shot":
+        from .checkpoint import CheckpointError
+
+        raise CheckpointError("--checkpoint is required (only --mode zero_shot can use --config instead)")
     from .config import load_config
 
-    base_model = getattr(args, "base_model", None)
-    if args.checkpoint:
-        cfg = check_checkpoint(args.checkpoint, base_model=base_model)
-    else:
-        cfg = load_config(args.config, getattr(args, "overrides", None) or [])
-    mode = resolve_mode(getattr(args, "mode", "auto") or "auto", cfg)
+    return load_config(args.config, getattr(args, "overrides", None) or [])
+
+
+def _load(args, run_cfg, device, ds_config: dict | None = None):
+    """(model, tokenizer, cfg, mode): the checkpoint, or the base model of its config (or of
+    ``--config``) for ``--mode zero_shot``; partitioned over the ranks with ``ds_config``.
+    ``run_cfg``: :func:`_run_config`'s (the checkpoint is not checked again)."""
+    from .baselines import load_base_model, resolve_mode, zero_shot_config
+
+    mode = resolve_mode(getattr(args, "mode", "auto") or "auto", run_cfg)
     if mode == "zero_shot":
-        cfg = zero_shot_config(cfg)
+        cfg = zero_shot_config(run_cfg)
         model, tokenizer = load_base_model(cfg, device, ds_config=ds_config)
     else:
-        model, tokenizer, cfg = load_checkpoint(args.checkpoint, device=device, base_model=base_model,
-                                                ds_config=ds_config)
+        model, tokenizer, cfg = load_checkpoint(args.checkpoint, device=device,
+                                                base_model=getattr(args, "base_model", None),
+                                                ds_config=ds_config, checked=run_cfg)
     return model, tokenizer, cfg, mode
 
 
@@ -83,16 +93,7 @@ def run_eval(args) -> dict:
     from .retention import language_retention
 
     # user errors first (the checkpoint, the data), before any process group or model exists
-    if args.checkpoint:
-        run_cfg = check_checkpoint(args.checkpoint, base_model=getattr(args, "base_model", None))
-    elif getattr(args, "mode", None) != "zero_shot":
-        from .checkpoint import CheckpointError
-
-        raise CheckpointError("--checkpoint is required (only --mode zero_shot can use --config instead)")
-    else:
-        from .config import load_config
-
-        run_cfg = load_config(args.config, getattr(args, "overrides", None) or [])
+    run_cfg = _run_config(args)
     _check_base_model(args, run_cfg)
     if launched_rank() == 0:  # metrics.json marks a complete folder: never leave an old one next to a new,
         (Path(args.output) / "metrics.json").unlink(missing_ok=True)  # partial report, nor after a failure
@@ -122,7 +123,7 @@ def run_eval(args) -> dict:
         require_zero3_for_inference(ds_config, f"--ds-config {args.ds_config}")  # before any process group
     device = init_distributed()
     setup_logging()
-    model, tokenizer, cfg, mode = _load(args, device, ds_config)
+    model, tokenizer, cfg, mode = _load(args, run_cfg, device, ds_config)
     if args.max_new_tokens is not None:
         cfg.eval.max_new_tokens = args.max_new_tokens
     encoder = make_encoder(cfg, tokenizer)

@@ -139,12 +139,14 @@ class CLSGen:
     @classmethod
     def from_pretrained(cls, path, *, device: str | torch.device | None = None, dtype: str | None = None,
                         attn_implementation: str | None = None, base_model: str | None = None,
-                        ds_config: dict | str | None = None) -> "CLSGen":
+                        ds_config: dict | str | None = None, checked=None) -> "CLSGen":
         """Load a checkpoint (see :func:`~clsgen_dist.checkpoint.load_checkpoint`): ``dtype`` and
         ``attn_implementation`` default to the run's where they run on ``device``; ``base_model`` is
         a LoRA adapter's base folder if not where the run's config says. ``ds_config`` (a ZeRO-3
         JSON's path or its loaded dict, every rank of an initialised process group calling this): the
-        model is partitioned over the ranks, and every rank must then call :meth:`predict` together."""
+        model is partitioned over the ranks, and every rank must then call :meth:`predict` together.
+        ``checked``: the config :func:`~clsgen_dist.checkpoint.check_checkpoint` returned for ``path``
+        and ``base_model``, if the caller checked it already (it is not checked again)."""
         from .checkpoint import load_checkpoint
 
         if ds_config is not None and not isinstance(ds_config, dict):
@@ -154,7 +156,7 @@ class CLSGen:
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model, tok, cfg = load_checkpoint(path, device=device, dtype=dtype, attn_implementation=attn_implementation,
-                                          base_model=base_model, ds_config=ds_config)
+                                          base_model=base_model, ds_config=ds_config, checked=checked)
         return cls(model, tok, cfg)
 
     def _decode(self, tokens: list[int]) -> str:

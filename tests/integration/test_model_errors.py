@@ -150,6 +150,39 @@ def test_a_renamed_class_of_the_same_model_is_not_refused(tmp_path, ckpts, tiny_
         check_checkpoint(ck, base_model=str(tiny_dir))
 
 
+def test_checkpoint_checked_once_per_command(capsys, tmp_path, ckpts, tiny_dir, monkeypatch):
+    """predict and eval check the checkpoint (safetensors headers, the meta-device build of
+    --base-model) once, before any process group, and hand the result to the loader."""
+    import torch
+
+    from clsgen_dist import checkpoint, evaluate_cli
+
+    calls = {"check": 0, "misfits": 0}
+    check, misfits = checkpoint.check_checkpoint, checkpoint._adapter_misfits
+
+    def counted_check(*a, **k):
+        calls["check"] += 1
+        return check(*a, **k)
+
+    def counted_misfits(*a, **k):
+        calls["misfits"] += 1
+        return misfits(*a, **k)
+
+    monkeypatch.setattr(checkpoint, "check_checkpoint", counted_check)
+    monkeypatch.setattr(checkpoint, "_adapter_misfits", counted_misfits)
+    monkeypatch.setattr(evaluate_cli, "check_checkpoint", counted_check)
+    predict_main(["--checkpoint", str(ckpts["lora"]), "--base-model", str(tiny_dir), "--text", "x", "--no-explain"])
+    assert calls == {"check": 1, "misfits": 1}, calls
+    calls.update(check=0, misfits=0)
+    monkeypatch.setattr(evaluate_cli, "init_distributed", lambda: torch.device("cpu"))  # a world of one, no group
+    data = review_splits(tmp_path / "data")
+    eval_main(["--checkpoint", str(ckpts["lora"]), "--base-model", str(tiny_dir), "--data", str(data["test"]),
+               "--limit", "2", "--explain-limit", "0", "--ppl-tokens", "0", "--bootstrap", "0",
+               "--output", str(tmp_path / "o")])
+    assert calls == {"check": 1, "misfits": 1}, calls
+    capsys.readouterr()
+
+
 def test_base_model_mismatch_in_export(capsys, tmp_path, ckpts, other_bases):
     from clsgen_dist.export import main as export_main
 
