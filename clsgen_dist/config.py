@@ -509,6 +509,33 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def read_text_file(path: str | Path, *, what: str | None = None) -> str:
+    """The text of the UTF-8 file ``path``, or ConfigError naming it (after ``what``, e.g.
+    ``ds_config``, if given) and the first byte that is not UTF-8."""
+    p = Path(path)
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        name = f"{what}: {p}" if what else str(p)
+        raise ConfigError(f"{name}: not valid UTF-8 (byte {e.start}); save the file as UTF-8") from None
+
+
+def load_yaml_file(path: str | Path, loader: type = yaml.SafeLoader, *, what: str = "file") -> Any:
+    """The YAML document of the UTF-8 file ``path`` read with ``loader`` (None for an empty file),
+    or ConfigError in one line: ``{what} not found``, not UTF-8, or not valid YAML (where, and what
+    the parser found)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} not found: {p}")
+    text = read_text_file(p)
+    try:
+        return yaml.load(text, Loader=loader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        raise ConfigError(f"{p}: not valid YAML ({where}{getattr(e, 'problem', None) or e})") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults ← YAML file ← ``key=value`` overrides. An override's text is taken as typed for a
     string field (``data.instruction=Classify: is it positive?``), read as YAML otherwise
@@ -519,16 +546,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         p = Path(path)
         if p.is_dir():
             raise ConfigError(f"{p} is a folder; expected a YAML config file (e.g. launch/configs/default.yaml)")
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            loaded = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"{p}: not valid UTF-8 (byte {e.start}); save the file as UTF-8") from None
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)  # one line: where, and what the parser found
-            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-            raise ConfigError(f"{p}: not valid YAML ({where}{getattr(e, 'problem', None) or e})") from None
+        loaded = load_yaml_file(p, _UniqueKeyLoader, what="config file")
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

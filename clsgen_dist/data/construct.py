@@ -122,19 +122,10 @@ class Templates:
     def from_file(cls, path: str | os.PathLike) -> "Templates":
         """A YAML mapping with any of the keys conditioned, unconditioned, judge, rationale_prefix,
         judge_answer_prefix, judge_null, system; the rest keep their defaults."""
-        import yaml
+        from ..config import load_yaml_file
 
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"templates file not found: {p}")
-        try:
-            obj = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"{p}: not valid UTF-8 (byte {e.start}); save the file as UTF-8") from None
-        except yaml.YAMLError as e:  # one line: where, and what the parser found
-            mark = getattr(e, "problem_mark", None)
-            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-            raise ConfigError(f"{p}: not valid YAML ({where}{getattr(e, 'problem', None) or e})") from None
+        obj = load_yaml_file(p, what="templates file") or {}
         known = {f.name for f in dc_fields(cls)}
         if not isinstance(obj, dict) or set(obj) - known:
             raise ConfigError(f"{p}: expected a mapping with keys among {sorted(known)}, got "

@@ -14,7 +14,7 @@ from typing import Iterator
 
 import torch
 
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, read_text_file
 from .env import is_main
 
 log = logging.getLogger("clsgen_dist.distributed")
@@ -94,10 +94,9 @@ def load_ds_config(path: str | Path) -> dict:
         p = Path(__file__).resolve().parents[2] / p
     if not p.is_file():
         raise ConfigError(f"ds_config: {p} not found (the files ship in ds_configs/)")
+    text = read_text_file(p, what="ds_config")
     try:
-        ds = json.loads(p.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"ds_config: {p} is not valid UTF-8 (byte {e.start}); save the file as UTF-8") from None
+        ds = json.loads(text)
     except json.JSONDecodeError as e:
         raise ConfigError(f"ds_config: {p} is not valid JSON: {e}") from None
     if not isinstance(ds, dict):

@@ -59,8 +59,9 @@ def test_ds_config_and_templates_not_utf8(capsys, tmp_path, rows):
 
     f = tmp_path / "latin.json"
     f.write_bytes('{"zero_optimization": {"stage": 2}, "comment": "caf\u00e9"}'.encode("latin-1"))
-    with pytest.raises(ConfigError, match=r"latin.json is not valid UTF-8 \(byte 51\); save the file as UTF-8"):
+    with pytest.raises(ConfigError) as e:
         load_ds_config(f)
+    assert str(e.value) == f"ds_config: {f}: not valid UTF-8 (byte 51); save the file as UTF-8"
     t = tmp_path / "latin.yaml"
     t.write_bytes("system: caf\u00e9\n".encode("latin-1"))
     assert f"{t}: not valid UTF-8 (byte 11); save the file as UTF-8" in _build(capsys, tmp_path, rows, "--templates",
