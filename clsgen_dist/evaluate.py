@@ -12,7 +12,8 @@ import torch
 from .data import PromptEncoder, eval_batches
 from .data.prompts import Encoded
 from .fileio import write_json_atomic, write_jsonl_atomic
-from .distributed import all_gather_objects, all_reduce_sum, is_main, max_over_ranks, rank, world_size
+from .distributed import (all_gather_objects, all_ranks_done, all_reduce_sum, is_main, max_over_ranks, rank,
+                          world_size)
 from .distributed.engine import is_partitioned
 from .metrics import classification_metrics, tune_threshold
 from .predict import parse_verdict, prefill_and_decode, sigmoid
@@ -76,12 +77,7 @@ def explain_examples(model, encoder: PromptEncoder, texts: dict[int, str], *, to
     chunks = [mine[s:s + batch_size] for s in range(0, len(mine), batch_size)]
     n = max_over_ranks(len(chunks), device)
     lockstep = world_size() > 1 and is_partitioned(model)
-
-    def all_done(local: bool) -> bool:
-        if not lockstep:
-            return local
-        t = torch.tensor([0.0 if local else 1.0], device=device)
-        return all_reduce_sum(t).item() == 0
+    all_done = (lambda local: all_ranks_done(local, device)) if lockstep else None  # collective forwards
 
     out: dict[int, str] = {}
     first = next(iter(texts)) if texts else None

@@ -175,7 +175,7 @@ class CLSGen:
         ``texts``): each rank predicts every world-size-th text and every rank returns all results.
         A ZeRO-3-partitioned model (``from_pretrained(ds_config=...)``) needs it: its forwards are
         collective, and the ranks are lock-stepped."""
-        from .distributed import all_gather_objects, max_over_ranks, rank, world_size
+        from .distributed import all_gather_objects, all_ranks_done, max_over_ranks, rank, world_size
         from .distributed.engine import is_partitioned
 
         if isinstance(texts, str):
@@ -200,11 +200,8 @@ class CLSGen:
         chunks = [mine[s:s + batch_size] for s in range(0, len(mine), batch_size)]
         lockstep = world > 1 and is_partitioned(self.model)
         n = max_over_ranks(len(chunks), device) if lockstep else len(chunks)
-
-        def all_done(local: bool) -> bool:  # every rank decodes until all are done (collective forwards)
-            from .distributed import all_reduce_sum
-
-            return all_reduce_sum(torch.tensor([0.0 if local else 1.0], device=device)).item() == 0
+        # every rank decodes until all are done (collective forwards)
+        all_done = (lambda local: all_ranks_done(local, device)) if lockstep else None
 
         local: dict[int, tuple] = {}
         for k in range(n):
@@ -212,7 +209,7 @@ class CLSGen:
             encoded = [self.encoder.encode_prompt(texts[i]) for i in idxs or [0]]  # a rank out of work still joins
             logits, gen = prefill_and_decode(self.model, [ids for ids, _ in encoded], max_new_tokens=max_new_tokens,
                                              eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id,
-                                             explain=explain, all_done=all_done if lockstep else None)
+                                             explain=explain, all_done=all_done)
             for i, lg, g, (_, cut) in zip(idxs, logits.tolist(), gen, encoded):
                 local[i] = (sigmoid(lg), self._decode(g) if explain else None, cut)
         merged: dict[int, tuple] = {}

@@ -233,6 +233,13 @@ def max_over_ranks(n_local: int, device: torch.device | str) -> int:
     return int(t.item())
 
 
+def all_ranks_done(local_done: bool, device: torch.device | str) -> bool:
+    """Whether every rank is done (``local_done`` on all of them): lock-stepped ranks (ZeRO-3, where
+    every forward is collective) keep stepping until then. Collective: every rank calls it."""
+    t = torch.tensor([0.0 if local_done else 1.0], device=device)
+    return all_reduce_sum(t).item() == 0
+
+
 def all_gather_objects(obj: Any) -> list[Any]:
     """Every rank's ``obj``, in rank order, on every rank."""
     if not (dist.is_initialized() and world_size() > 1):
