@@ -184,12 +184,9 @@ def predict_main(argv: list[str] | None = None) -> int:
         for i, t in enumerate(args.text or []):
             if not t.strip():
                 raise ConfigError(f"--text number {i + 1} is empty; expected the text to classify")
-        ds_config = None
-        if args.ds_config:
-            from .distributed.engine import load_ds_config, require_zero3_for_inference
+        from .distributed.engine import load_inference_ds_config
 
-            ds_config = load_ds_config(args.ds_config)
-            require_zero3_for_inference(ds_config, f"--ds-config {args.ds_config}")  # before any process group
+        ds_config = load_inference_ds_config(args.ds_config)  # before any process group
         from .checkpoint import check_checkpoint
 
         run_cfg = check_checkpoint(args.checkpoint, base_model=args.base_model)  # before any process group

@@ -115,12 +115,9 @@ def run_eval(args) -> dict:
                               f"pass --data FILE (a labelled JSONL/CSV/Parquet file or saved dataset)")
     examples = read(data, args.limit)
     dev_ex = read(dev, getattr(args, "dev_limit", None)) if dev else None
-    ds_config = None
-    if getattr(args, "ds_config", None):
-        from .distributed.engine import load_ds_config, require_zero3_for_inference
+    from .distributed.engine import load_inference_ds_config
 
-        ds_config = load_ds_config(args.ds_config)
-        require_zero3_for_inference(ds_config, f"--ds-config {args.ds_config}")  # before any process group
+    ds_config = load_inference_ds_config(getattr(args, "ds_config", None))  # before any process group
     device = init_distributed()
     setup_logging()
     model, tokenizer, cfg, mode = _load(args, run_cfg, device, ds_config)

@@ -257,6 +257,17 @@ def require_zero3_for_inference(ds: dict, where: str) -> None:
                           f"holds the whole model")
 
 
+def load_inference_ds_config(path: str | Path | None) -> dict | None:
+    """The ZeRO-3 JSON of eval's and predict's ``--ds-config`` (see :func:`load_ds_config`; None
+    without one), or ConfigError naming that flag unless it is stage 3: checked before any process
+    group starts."""
+    if not path:
+        return None
+    ds = load_ds_config(path)
+    require_zero3_for_inference(ds, f"--ds-config {path}")
+    return ds
+
+
 def inference_ds_config(ds: dict | None, dtype: torch.dtype, *, where: str = "ds_config") -> dict | None:
     """A copy of the ZeRO-3 JSON ``ds`` for evaluating a model partitioned over the ranks (None for
     None): no optimizer or its offload, one row per rank (batch values play no part in inference),
