@@ -45,18 +45,30 @@ def user_errors():
         raise SystemExit(130) from None
 
 
-def int_at_least(minimum: int):
-    """argparse ``type``: an integer >= ``minimum`` (a usage error naming the flag otherwise)."""
-    def parse(text: str) -> int:
+def _checked_type(convert, ok, expected: str):
+    """argparse ``type``: ``convert(text)`` for which ``ok(value)`` holds, else a usage error naming
+    the flag: ``expected {expected}, got 'TEXT'``."""
+    def parse(text: str):
         try:
-            value = int(text)
+            value = convert(text)
         except ValueError:
             value = None
-        if value is None or value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        if value is None or not ok(value):  # NaN fails every check
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
         return value
 
     return parse
+
+
+def int_at_least(minimum: int):
+    """argparse ``type``: an integer >= ``minimum``."""
+    return _checked_type(int, lambda value: value >= minimum, f"an integer >= {minimum}")
+
+
+def number(ok, expected: str):
+    """argparse ``type``: a number (float) for which ``ok(value)`` holds; ``expected`` says which,
+    e.g. ``number(lambda x: 0 < x <= 1, "in (0, 1]")``."""
+    return _checked_type(float, ok, f"a number {expected}")
 
 
 BASE_MODEL_HELP = ("the run's base model folder, if not where its config says (the same model, moved or on another "

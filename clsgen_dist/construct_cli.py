@@ -14,29 +14,13 @@ it replace these explanations, and training refuses that).
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 
-from .cli import DEFAULT_CONFIG, _parser, int_at_least, user_errors
+from .cli import DEFAULT_CONFIG, _parser, int_at_least, number, user_errors
 from .fileio import check_output_path
 
 log = logging.getLogger("clsgen_dist.data.construct")
-
-
-def number(ok, expected: str):
-    """argparse ``type``: a number for which ``ok(value)`` holds (a usage error naming the flag and
-    ``expected`` otherwise), as :func:`~clsgen_dist.cli.int_at_least` for integers."""
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            value = None
-        if value is None or not ok(value):  # NaN fails every check
-            raise argparse.ArgumentTypeError(f"expected a number {expected}, got {text!r}")
-        return value
-
-    return parse
 
 
 def _parse(argv: list[str] | None):

@@ -3,6 +3,7 @@ compare): one ``error:`` line (or argparse's usage error naming the flag), exit 
 traceback, and before any process group, model or child run where the error allows."""
 
 import json
+import re
 
 import pytest
 
@@ -162,6 +163,21 @@ def test_build_data_templates_not_yaml(capsys, tmp_path, rows):
 ])
 def test_build_data_flags_out_of_range_name_the_flag(capsys, tmp_path, rows, flag, value, needle):
     assert f"argument {flag}: {needle}" in _build(capsys, tmp_path, rows, flag, value)
+
+
+def test_int_and_number_argument_types():
+    """cli.int_at_least and cli.number: the value, or argparse's usage error saying what was expected."""
+    import argparse
+
+    from clsgen_dist.cli import int_at_least, number
+
+    assert int_at_least(-1)("-1") == -1 and number(lambda x: x > 0, "> 0")("2.5") == 2.5
+    for parse, text, needle in [(int_at_least(1), "0", "expected an integer >= 1, got '0'"),
+                                (int_at_least(1), "1.5", "expected an integer >= 1, got '1.5'"),
+                                (number(lambda x: x > 0, "> 0"), "x", "expected a number > 0, got 'x'"),
+                                (number(lambda x: x > 0, "> 0"), "nan", "expected a number > 0, got 'nan'")]:
+        with pytest.raises(argparse.ArgumentTypeError, match=f"^{re.escape(needle)}$"):
+            parse(text)
 
 
 def test_http_teacher_names_the_argument_out_of_range():
