@@ -13,8 +13,8 @@
 #    a whole bf16 build with attn=auto checked on the device (tests/modeling/test_packing_check.py).
 # 2. benchmarks/fused_loss_bench.py --device cuda: N in {8192, 16384}, H=4096, V=128256 bf16;
 #    naive / torch / triton (eager: fp32 and bf16 accumulation, default and 512-row chunks;
-#    recompute: fp32 and bf16 accumulation) / liger / cce + the matmul floor, autotuned, each
-#    variant checked against naive at full size.
+#    recompute and recompute_tiles: fp32 and bf16 accumulation) / liger / cce + the matmul floor,
+#    autotuned, each variant checked against naive at full size (BENCH_ARGS narrows it).
 # Baselines come from wheels in .whl/ (liger-kernel, cut-cross-entropy; pure python, installed
 # --no-deps so torch/triton stay as they are); missing wheels just skip those rows.
 # Writes env.txt, pytest.log, bench.log, attention_bench.log, fused_loss_results.jsonl, fused_loss.md,
@@ -70,8 +70,10 @@ fi
 if [ "$STAGE" != tests ]; then
 echo "== benchmark"
 [ -f benchmarks/fused_loss_results.jsonl ] && cp benchmarks/fused_loss_results.jsonl "$OUT/"
+# BENCH_ARGS: more flags, e.g. "--shape 16384,4096,128256 --variants naive,triton_recompute_bf16,liger,cce"
+# shellcheck disable=SC2086  # word splitting of BENCH_ARGS is intended
 timeout "${BENCH_LIMIT:-330}" python3 benchmarks/fused_loss_bench.py --device cuda --timeout 120 --rep-ms 500 \
-  --jsonl "$OUT/fused_loss_results.jsonl" --md "$OUT/fused_loss.md" > "$OUT/bench.log" 2>&1
+  --jsonl "$OUT/fused_loss_results.jsonl" --md "$OUT/fused_loss.md" ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
 RC_BENCH=$?
 if [ "$RC_BENCH" -ne 0 ]; then  # e.g. timed out: render what was appended so far
   python3 benchmarks/fused_loss_bench.py --render-only --jsonl "$OUT/fused_loss_results.jsonl" --md "$OUT/fused_loss.md" >> "$OUT/bench.log" 2>&1

@@ -164,6 +164,8 @@ def run(args) -> int:
         "zero3": [py, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", str(args.port),
                   "launch/train.py", *common, "ds_config=ds_configs/zero3.json", f"output_dir={out / 'zero3'}"],
     }  # fmt: skip
+    if args.no_zero3:
+        del runs["zero3"]
     info = {"cuda": cuda, "gpu": torch.cuda.get_device_name(0) if cuda else None, "torch": torch.__version__,
             "steps": args.steps, "seed": args.seed}
 
@@ -253,6 +255,8 @@ def main(argv=None) -> int:
     r.add_argument("--eval-limit", type=int, default=128)
     r.add_argument("--port", type=int, default=29533)
     r.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more config overrides for both runs")
+    r.add_argument("--no-zero3", action="store_true",
+                   help="skip the ZeRO-3 training run (to leave a short device call time for resume, export, eval)")
     args = ap.parse_args(argv)
     return prepare(args) if args.cmd == "prepare" else run(args)
 
