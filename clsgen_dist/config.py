@@ -89,9 +89,17 @@ class ModelConfig:
     vocabulary instead of 3) or ``recompute_tiles`` (Triton on CUDA only: the same memory from one
     tile kernel with atomic adds; slower, kept for comparison)."""
 
+    loss_accum_dtype: str = "float32"
+    """dtype in which the fused loss accumulates its LM gradients: ``float32`` (default) or
+    ``bfloat16`` (bf16 models only): eager mode holds the LM weight's gradient in bf16 between
+    chunks (half of ``4·V·H`` bytes), ``recompute`` accumulates ``d hidden`` in place in the bf16
+    gradient instead of an fp32 ``[tokens, H]`` buffer -- cut-cross-entropy's footprint, with one
+    rounding per chunk."""
+
     def loss_options(self) -> dict:
         """Keyword arguments of :class:`~clsgen_dist.modeling.dual_head.DualHeadModel` for the loss."""
-        return dict(loss_impl=self.loss_impl, loss_chunk_size=self.loss_chunk_size, loss_grad_mode=self.loss_grad_mode)
+        return dict(loss_impl=self.loss_impl, loss_chunk_size=self.loss_chunk_size, loss_grad_mode=self.loss_grad_mode,
+                    loss_accum_dtype=self.loss_accum_dtype)
 
     def __post_init__(self) -> None:
         _choice("model.dtype", self.dtype, ("auto", "float32", "bfloat16"))
@@ -115,6 +123,7 @@ class ModelConfig:
         _number("model.lora_dropout", self.lora_dropout, low=0, high=1, high_open=True)
         _positive("model.loss_chunk_size", self.loss_chunk_size)
         _choice("model.loss_grad_mode", self.loss_grad_mode, ("eager", "recompute", "recompute_tiles"))
+        _choice("model.loss_accum_dtype", self.loss_accum_dtype, ("float32", "bfloat16"))
         if self.loss_grad_mode == "recompute_tiles" and self.loss_impl in ("torch", "reference"):
             raise ConfigError(f"model.loss_grad_mode=recompute_tiles is a Triton kernel (CUDA): it needs "
                               f"model.loss_impl=auto or triton, got model.loss_impl={self.loss_impl}")

@@ -44,10 +44,11 @@ def dual_head_objective(
     impl: str = "auto",
     chunk_size: int | None = None,
     grad_mode: str = "eager",
+    accum_dtype: torch.dtype = torch.float32,
 ) -> DualHeadLoss:
     lm_sum, n_lm, cls_sum, cls_logits = dual_head_loss(
         hidden, lm_weight, targets, cls_weight, cls_bias, cls_index, cls_labels,
-        lm_bias=lm_bias, impl=impl, chunk_size=chunk_size, grad_mode=grad_mode)
+        lm_bias=lm_bias, impl=impl, chunk_size=chunk_size, grad_mode=grad_mode, accum_dtype=accum_dtype)
     # A term whose global count is 0 contributes nothing (max(…, 1) keeps 0/0 out of the graph).
     loss = cls_coef * cls_sum / max(float(num_cls_examples), 1.0) + lm_coef * lm_sum / max(float(num_lm_tokens), 1.0)
     return DualHeadLoss(loss=loss, lm_loss_sum=lm_sum.detach(), n_lm=n_lm, cls_loss_sum=cls_sum.detach(),

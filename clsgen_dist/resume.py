@@ -157,7 +157,8 @@ def _set_rng_state(s: dict) -> None:
 _FREE_KEYS = {"output_dir", "resume", "overwrite", "ds_config", "train.eval_every", "train.save_every",
               "train.save_total_limit", "train.log_every", "train.peak_tflops", "train.micro_batch_size",
               "train.gradient_accumulation_steps", "model.gradient_checkpointing", "model.zero3_init",
-              "model.loss_impl", "model.loss_chunk_size", "model.loss_grad_mode", "model.attn_implementation",
+              "model.loss_impl", "model.loss_chunk_size", "model.loss_grad_mode", "model.loss_accum_dtype",
+              "model.attn_implementation",
               "data.teacher_batch_size", "data.dev_file", "data.test_file", "data.dev_limit", "data.test_limit"}
 
 

@@ -140,6 +140,10 @@ def check_device_options(model_cfg, device: torch.device, dtype: torch.dtype) ->
 
     resolve_attn(model_cfg.attn_implementation, device, dtype)
 
+    if model_cfg.loss_accum_dtype == "bfloat16" and dtype != torch.bfloat16:
+        raise ConfigError(f"model.loss_accum_dtype=bfloat16 rounds the fused loss's gradients to bf16 to halve their "
+                          f"buffers, for bf16 models; this model computes in {str(dtype).removeprefix('torch.')} "
+                          f"(model.dtype={model_cfg.dtype}). Use model.loss_accum_dtype=float32")
     impl = resolve_impl(model_cfg.loss_impl, device)
     if model_cfg.loss_grad_mode == "recompute_tiles" and impl != "triton":
         raise ConfigError(f"model.loss_grad_mode=recompute_tiles needs the Triton loss (CUDA); on {device.type} "

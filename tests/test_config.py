@@ -345,3 +345,35 @@ def test_checkpoint_module_load_is_strict_but_for_frozen_weights():
         _load_module_state({"1.weight": saved["1.weight"]}, model)
     with pytest.raises(CheckpointMismatch, match="unexpected \\['2.weight'\\]"):
         _load_module_state({**saved, "2.weight": torch.zeros(1)}, model)
+
+
+def test_loss_accum_dtype_reaches_the_fused_loss_and_is_for_bf16_models(monkeypatch):
+    """model.loss_accum_dtype: checked, refused for a float32 model (it would only round the
+    gradients), and passed by the model to dual_head_loss as a torch dtype."""
+    from clsgen_dist import loss as loss_mod
+    from clsgen_dist.modeling.dual_head import DualHeadModel
+    from clsgen_dist.train import check_device_options
+
+    with pytest.raises(ConfigError, match="model.loss_accum_dtype: expected one of"):
+        load_config(None, ["model.loss_accum_dtype=float16"])
+    cfg = load_config(None, ["model.loss_accum_dtype=bfloat16"])
+    with pytest.raises(ConfigError, match="for bf16 models; this model computes in float32"):
+        check_device_options(cfg.model, torch.device("cpu"), torch.float32)
+    check_device_options(cfg.model, torch.device("cpu"), torch.bfloat16)
+    seen = {}
+    real = loss_mod.dual_head_loss
+
+    def spy(*a, **kw):
+        seen.update(kw)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(loss_mod, "dual_head_loss", spy)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1))
+    model = DualHeadModel(lm, **cfg.model.loss_options())
+    ids = torch.randint(0, 64, (1, 6))
+    model(input_ids=ids, position_ids=torch.arange(6)[None], targets=torch.randint(0, 64, (6,)),
+          cls_index=torch.tensor([2]), cls_labels=torch.tensor([1.0]), num_lm_tokens=6.0, num_cls_examples=1.0)
+    assert seen["accum_dtype"] is torch.bfloat16 and seen["grad_mode"] == "eager"

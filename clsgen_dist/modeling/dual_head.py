@@ -93,7 +93,7 @@ class DualHeadModel(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, *, loss_impl: str = "auto", loss_chunk_size: int | None = None,
-                 loss_grad_mode: str = "eager") -> None:
+                 loss_grad_mode: str = "eager", loss_accum_dtype: str = "float32") -> None:
         super().__init__()
         self.backbone = backbone
         hidden_size = self.causal_lm.config.hidden_size
@@ -104,6 +104,7 @@ class DualHeadModel(nn.Module):
         self.loss_impl = loss_impl
         self.loss_chunk_size = loss_chunk_size
         self.loss_grad_mode = loss_grad_mode
+        self.loss_accum_dtype = getattr(torch, loss_accum_dtype)
 
     # -- structure ------------------------------------------------------------------------
 
@@ -178,7 +179,7 @@ class DualHeadModel(nn.Module):
             hidden, head.weight, targets, cls_w, self.cls_head.bias, cls_index, cls_labels,
             lm_bias=lm_bias, num_lm_tokens=num_lm_tokens, num_cls_examples=num_cls_examples,
             lm_coef=lm_coef, cls_coef=cls_coef, impl=self.loss_impl, chunk_size=self.loss_chunk_size,
-            grad_mode=self.loss_grad_mode)
+            grad_mode=self.loss_grad_mode, accum_dtype=self.loss_accum_dtype)
         return DualHeadOutput(**res.__dict__)
 
     @torch.no_grad()
