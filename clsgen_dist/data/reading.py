@@ -31,17 +31,25 @@ class Example:
     explanation: str | None = None
 
 
+def _read_json_array(p: Path, text: str) -> list[dict]:
+    """The objects of a ``.json`` file holding one array, parsed as strict JSON (a trailing comma,
+    which the datasets reader lets through, is an error), or DataError naming the line or item."""
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{p}: could not read as json: line {e.lineno}: malformed JSON ({e.msg} at column "
+                        f"{e.colno})") from None
+    if not isinstance(items, list):
+        raise DataError(f"{p}: could not read as json: expected one array of objects or one object per line")
+    bad = next((i for i, x in enumerate(items) if not isinstance(x, dict)), None)
+    if bad is not None:
+        raise DataError(f"{p}: could not read as json: item {bad + 1} of the array: expected a JSON object, got "
+                        f"{type(items[bad]).__name__}")
+    return items
+
+
 def _locate_bad_json_line(path: Path) -> str:
-    text = path.read_text(encoding="utf-8", errors="replace").removeprefix("\ufeff")
-    if text.lstrip().startswith("["):  # one JSON array: its error's line is the document's
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as e:
-            return f"line {e.lineno}: malformed JSON ({e.msg} at column {e.colno})"
-        bad = next((i for i, x in enumerate(items) if not isinstance(x, dict)), None) if isinstance(items, list) else None
-        if bad is not None:
-            return f"item {bad + 1} of the array: expected a JSON object, got {type(items[bad]).__name__}"
-        return "could not be parsed (the rows' fields must have one type each: a column of text, a column of labels)"
+    """Where a JSON-lines ``.json`` file that the datasets reader refused goes wrong."""
     with path.open("r", encoding="utf-8", errors="replace") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
@@ -176,8 +184,12 @@ def load_records(path: str | Path) -> tuple[list[dict], str]:
     if builder == "csv":
         _check_utf8(p)
         return _read_csv(p), "line"
-    if builder == "json":  # read by datasets, whose decode error names no line
+    if builder == "json":
         _check_utf8(p)
+        text = p.read_text(encoding="utf-8").removeprefix("\ufeff")
+        if text.lstrip().startswith("["):  # one array: parsed here, its errors named by the document's line
+            return _read_json_array(p, text), "row"
+        # else JSON lines in a .json file: read by datasets, whose decode error names no line
     datasets = _datasets()
     verbosity = datasets.logging.get_verbosity()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its ERROR lines would precede ours

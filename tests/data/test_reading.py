@@ -81,6 +81,11 @@ def test_malformed_json_array_names_its_real_line(tmp_path, capfd):
     p.write_text('[{"text": "a", "label": 1},\n 3]\n')
     with pytest.raises(DataError, match="item 2 of the array: expected a JSON object, got int"):
         read(p)
+    p.write_text('[{"text": "a", "label": 1},\n {"text": "b", "label": 0},\n]\n')  # strict JSON: no trailing comma
+    with pytest.raises(DataError, match=r"d.json: could not read as json: line 3: malformed JSON \(Expecting value"):
+        read(p)
+    p.write_text('\ufeff[{"text": "a", "label": 1},\n {"text": "b", "label": "negative", "id": 7}]\n')
+    assert [(e.text, e.label) for e in read(p)] == [("a", 1), ("b", 0)]
     q = tmp_path / "d.parquet"
     q.write_text("not parquet at all")
     capfd.readouterr()
