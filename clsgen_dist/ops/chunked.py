@@ -99,9 +99,15 @@ class TorchChunkBackend:
         return weight if self._mixed(weight) or weight.dtype == torch.float32 else weight.float()
 
     def lse(self, hidden, weight, bias, targets, chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        # fp32 logits of ``chunk_size`` rows at a time (default: TORCH_CHUNK_BYTES of them)
+        # fp32 logits of ``chunk_size`` rows at a time (default: TORCH_CHUNK_BYTES of them). The mixed
+        # mode's ``chunk_size`` bounds a 16-bit buffer that this path does not have: its fp32 scratch
+        # keeps to TORCH_CHUNK_BYTES, as the sub-blocks of ``_chunk_mixed`` / ``grad_block`` do.
         n, vocab = hidden.shape[0], weight.shape[0]
-        rows = max(1, min(n, chunk_size or default_chunk_rows(n, vocab, 4, TORCH_CHUNK_BYTES)))
+        budget_rows = default_chunk_rows(n, vocab, 4, TORCH_CHUNK_BYTES)
+        rows = chunk_size or budget_rows
+        if self._mixed(weight):
+            rows = min(rows, budget_rows)
+        rows = max(1, min(n, rows))
         weight = self.prepare_weight(weight)
         lse = hidden.new_empty((n,), dtype=torch.float32)
         tgt = hidden.new_empty((n,), dtype=torch.float32)

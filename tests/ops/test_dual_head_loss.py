@@ -355,6 +355,36 @@ def test_no_grad_chunk_size_bounds_the_buffer(monkeypatch, seed: int):
     assert rows == [5, 5, 5, 5, 3] and not any(grads)  # and no gradient work without grad mode
 
 
+@pytest.mark.parametrize("grad_mode", ["eager", "recompute"])
+def test_mixed_forward_without_a_chunk_buffer_stays_in_the_fp32_budget(grad_mode: str, monkeypatch, seed: int):
+    """The mixed mode (16-bit weight on CUDA without Triton) has no 16-bit ``[chunk, V]`` buffer
+    when the forward makes no gradients (evaluation; and the recompute forward, which keeps only
+    the log-sum-exp): its fp32 logits scratch is then TORCH_CHUNK_BYTES worth of rows at a time, as
+    in the gradient path's sub-blocks -- not ``chunk_size`` rows in fp32, twice the bytes of the
+    eager path's 16-bit chunk buffer (0.5 GiB at the default 1024 rows and a 128k vocabulary)."""
+    backend = TorchChunkBackend(mixed=True)
+    monkeypatch.setattr(dual_head, "_backend", lambda impl, device: backend)
+    case = Case("x", N=64, ignore_frac=0.0)
+    monkeypatch.setattr(chunked, "TORCH_CHUNK_BYTES", 8 * 4 * case.V)  # fp32 sub-blocks of 8 rows
+    rows = []
+    lse_and_grad = TorchChunkBackend._lse_and_grad
+
+    def spy(logits, targets, need_grad):
+        rows.append(logits.shape[0])  # the fp32 logits scratch
+        return lse_and_grad(logits, targets, need_grad)
+
+    monkeypatch.setattr(TorchChunkBackend, "_lse_and_grad", staticmethod(spy))
+    inp = make_inputs(case, dtype=torch.bfloat16, device="cpu", seed=seed)
+    truth = reference_f64(inp)["lm_loss_sum"]
+    with torch.no_grad() if grad_mode == "eager" else torch.enable_grad():
+        lm = dual_head_loss(*_args(inp), impl="torch", grad_mode=grad_mode, chunk_size=32)[0]
+    assert rows and max(rows) <= 8 and sum(rows) == case.N, rows
+    torch.testing.assert_close(lm.double(), truth, rtol=1e-4, atol=1e-3)
+    if grad_mode == "recompute":
+        lm.backward()
+        assert inp["lm_weight"].grad is not None
+
+
 @pytest.mark.parametrize("impl", ["torch", "reference"])
 def test_bad_targets_and_labels_are_refused(impl: str, seed: int):
     """A target outside [0, V) (other than -100) or a label other than 0/1 is a ValueError naming
