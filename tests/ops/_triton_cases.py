@@ -159,6 +159,38 @@ def check_model_recompute(device: str, seed: int, grad_mode: str = "recompute") 
         U.assert_close(p.grad, grads[name].grad, atol=1e-5, rtol=1e-4, name=f"model-{grad_mode}/{name}")
 
 
+def check_grad_gemm_groups(device: str, seed: int) -> None:
+    """``_grad_gemm_kernel`` (grad_mode="recompute") alone, against float64: more row blocks than
+    two program groups of GROUP_N (the last group partial), a partial last column block, an H that
+    is not a multiple of BLOCK_H, a column offset v0 with targets inside and outside the chunk and
+    -inf bias columns. The op-level cases have at most a few row blocks: one group."""
+    from clsgen_dist.ops import triton_fused as T
+
+    g = torch.Generator().manual_seed(seed)
+    bn = max(c.kwargs["BLOCK_N"] for c in T._grad_gemm_kernel.configs)
+    bv = max(c.kwargs["BLOCK_V"] for c in T._grad_gemm_kernel.configs)
+    r, vc, hdim, v0 = 2 * 8 * bn + 3 * bn + 5, 3 * bv + 7, 20, 37
+    vocab = v0 + vc + 11
+    h = torch.randn(r, hdim, generator=g)
+    w = torch.randn(vocab, hdim, generator=g) / 4
+    b = torch.randn(vocab, generator=g)
+    b[v0 + 5 : v0 + 9] = float("-inf")
+    t = torch.randint(0, vocab, (r,), generator=g)
+    t[::3] = torch.randint(v0, v0 + vc, (len(t[::3]),), generator=g)
+    z = h.double() @ w.double().t() + b.double()
+    lse = torch.logsumexp(z, dim=1)
+    want = torch.exp(z[:, v0 : v0 + vc] - lse[:, None])
+    local = t - v0
+    hit = ((local >= 0) & (local < vc)).nonzero().squeeze(1)
+    want[hit, local[hit]] -= 1.0
+    want *= 0.37
+    h, w, b, t = (x.to(device) for x in (h, w, b, t))
+    out = torch.full((r, vc), float("nan"), device=device)
+    T.TritonChunkBackend().grad_block(h, w[v0 : v0 + vc], b[v0 : v0 + vc], t, lse.float().to(device),
+                                      torch.tensor([0.37], device=device), v0, out)
+    U.assert_close(out, want, **U.TOL[torch.float32], name=f"grad-gemm-groups/{device}/seed={seed}")
+
+
 def all_checks(device: str, large: bool) -> list[tuple[str, object]]:
     cases = SMALL + (LARGE if large else [])
     bf16 = [c for c in cases if c.name in BF16_CASES]
@@ -172,6 +204,7 @@ def all_checks(device: str, large: bool) -> list[tuple[str, object]]:
     checks += [(f"fp32-locked/{c.name}", lambda c=c: check_locked_fp32(c, device, U.new_seed())) for c in bf16]
     checks += [(f"masked-tile-{m}", lambda m=m: check_masked_tile(device, U.new_seed(), m)) for m in GRAD_MODES]
     checks += [(f"model-{m}", lambda m=m: check_model_recompute(device, U.new_seed(), m)) for m in RECOMPUTE_MODES]
+    checks.append(("grad-gemm-groups", lambda: check_grad_gemm_groups(device, U.new_seed())))
     return checks
 
 

@@ -43,8 +43,9 @@ def test_triton_interpreter_matches_truth_torch_and_reference():
         line for line in p.stdout.splitlines() if not line.startswith("PASS")
     )[-8000:] + p.stderr[-3000:]
     n_bf16 = sum(c.name in BF16_CASES for c in SMALL)
-    # per mode: fp32, bf16, masked tile; per recompute mode: bf16 accumulation, the model; the locks
-    expected = len(GRAD_MODES) * (len(SMALL) + n_bf16 + 1) + len(RECOMPUTE_MODES) * (n_bf16 + 1) + n_bf16
+    # per mode: fp32, bf16, masked tile; per recompute mode: bf16 accumulation, the model; the
+    # locks; the recompute GEMM kernel's program groups
+    expected = len(GRAD_MODES) * (len(SMALL) + n_bf16 + 1) + len(RECOMPUTE_MODES) * (n_bf16 + 1) + n_bf16 + 1
     assert p.stdout.count("PASS ") == expected
 
 
