@@ -136,15 +136,19 @@ def dual_head_loss(
             ``"reference"`` (materialises ``[N, V]`` logits; tests and benchmarks only).
         chunk_size: rows of the ``[chunk, V]`` buffer, the op's memory peak (default: a byte
             budget, see ``chunked.TORCH_CHUNK_BYTES`` / ``triton_fused.TRITON_CHUNK_BYTES``). Without
-            gradients the Triton path streams and has no such buffer. With ``"recompute"`` it caps
-            the rows per block of the backward (and of the torch path's forward).
+            gradients the Triton path streams and has no such buffer. With ``"recompute"`` it bounds
+            the torch path's forward buffer and, for a frozen ``lm_weight``, the backward's; a trained
+            ``lm_weight``'s backward has no such buffer (its rows per block follow
+            ``recompute.row_block``).
         accum_dtype: dtype in which the LM gradients accumulate. Eager: the LM weight gradient,
             across chunks, held until backward, where it is scaled and cast to ``lm_weight.dtype``;
             fp32 costs ``4·V·H`` bytes while ``lm_weight`` is trained; ``torch.bfloat16`` halves
             that for a bf16 weight at the price of one rounding per chunk, and (bf16 ``hidden``)
             also holds ``d hidden`` in bf16 until backward instead of fp32. ``"recompute"``: the
             ``d hidden`` accumulator (fp32 buffer, or 16-bit in place: one rounding per
-            vocabulary chunk); its ``d W`` is written once per chunk, not accumulated.
+            vocabulary chunk); its ``d W`` is written once per chunk, not accumulated -- except
+            when the rows come in blocks (``recompute.row_block``: more than ``MAX_RATIO * H`` rows
+            at equal dtypes), where it accumulates over the blocks in its own dtype.
             ``"recompute_tiles"``: both gradients' accumulators (16-bit: under tile locks).
         grad_mode: how the LM gradients are made (see ``chunked``, ``recompute``, ``triton_fused``):
             ``"eager"`` -- in the forward, from one ``[chunk, V]`` logits buffer at a time (three
