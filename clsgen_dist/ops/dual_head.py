@@ -148,7 +148,8 @@ def dual_head_loss(
             ``d hidden`` accumulator (fp32 buffer, or 16-bit in place: one rounding per
             vocabulary chunk); its ``d W`` is written once per chunk, not accumulated -- except
             when the rows come in blocks (``recompute.row_block``: more than ``MAX_RATIO * H`` rows
-            at equal dtypes), where it accumulates over the blocks in its own dtype.
+            at equal dtypes), where it sums over the blocks in ``accum_dtype`` (an accumulator in
+            ``d W``'s own free rows) and is rounded once.
             ``"recompute_tiles"``: both gradients' accumulators (16-bit: under tile locks).
         grad_mode: how the LM gradients are made (see ``chunked``, ``recompute``, ``triton_fused``):
             ``"eager"`` -- in the forward, from one ``[chunk, V]`` logits buffer at a time (three
@@ -156,8 +157,10 @@ def dual_head_loss(
             ``"recompute"`` -- the forward keeps only the log-sum-exp; the backward recomputes the
             logits a chunk of vocabulary columns at a time into scratch inside the weight
             gradient and makes the gradients with GEMMs (four passes; memory = the gradients,
-            plus an fp32 ``d hidden`` if ``accum_dtype`` is fp32 with 16-bit inputs, plus <= ~1
-            MiB; a frozen ``lm_weight`` takes the eager ``[chunk, V]`` buffer instead);
+            plus an fp32 ``d hidden`` if ``accum_dtype`` is fp32 with 16-bit inputs, plus a tail
+            of <= ~1 MiB with the Triton backend -- the torch backend's mixed mode (16-bit on
+            CUDA without Triton) adds its fp32 sub-block scratch of ``TORCH_CHUNK_BYTES``; a
+            frozen ``lm_weight`` takes the eager ``[chunk, V]`` buffer instead);
             ``"recompute_tiles"`` (``impl="triton"`` only) -- the same in one tile kernel with
             atomic / locked accumulation (same memory, far slower on a GPU; kept for comparison).
             Both recompute modes keep ``hidden`` and ``lm_weight`` alive until backward, and

@@ -29,8 +29,9 @@ in-place elementwise ops (torch backend). No atomics, no locks: the order of eve
 Rounding: ``d W`` and ``d b`` are rounded once. ``d hidden`` accumulates over the chunks in
 ``accum_dtype`` -- fp32 (an ``[n, H]`` fp32 buffer), or a 16-bit one in place in the returned
 gradient with one rounding per chunk (cut-cross-entropy's memory). When ``r`` would exceed
-``MAX_RATIO`` (many rows, a small H), rows are taken in blocks and ``d W`` accumulates over the
-blocks in its own dtype.
+``MAX_RATIO`` (many rows, a small H: more than ``8 * H`` rows at equal dtypes), rows are taken in
+blocks and ``d W[v0:v1]`` sums over the blocks: in ``accum_dtype`` when that is wider than ``d W``'s
+dtype (an accumulator placed in the free rows after the chunk's scratch), else in ``d W`` itself.
 
 A frozen LM weight has no ``d W`` to borrow: rows are then taken ``chunk_size`` at a time with a
 ``[chunk, V]`` temporary (the eager path's buffer), and each row's ``d hidden`` is one GEMM.
@@ -65,21 +66,27 @@ def _align(nbytes: int) -> int:
     return -(-nbytes // ALIGN) * ALIGN
 
 
-def column_plan(rows: int, vocab: int, hdim: int, g_bytes: int, dw_bytes: int) -> list[tuple[int, int, int | None]]:
+def column_plan(rows: int, vocab: int, hdim: int, g_bytes: int, dw_bytes: int,
+                col_bytes: int = 0) -> list[tuple[int, int, int | None]]:
     """Column chunks ``(v0, v1, offset)`` covering ``[0, vocab)``: ``offset`` is the byte offset in
-    ``d W`` of the chunk's ``[rows, v1 - v0]`` scratch (past row ``v1``), ``None`` for the tail,
-    which takes a temporary."""
+    ``d W`` of the chunk's ``[rows, v1 - v0]`` scratch (past row ``v1``), followed, when
+    ``col_bytes`` > 0, by ``col_bytes`` per column (at the next ``ALIGN`` boundary; the fp32
+    accumulator of ``d W[v0:v1]``); ``None`` for the tail, which takes temporaries."""
     total = vocab * hdim * dw_bytes
     row_bytes = hdim * dw_bytes
+
+    def end(v0: int, vc: int) -> int:  # first byte past the chunk's scratch
+        return _align(_align((v0 + vc) * row_bytes) + rows * vc * g_bytes) + vc * col_bytes
+
     plan: list[tuple[int, int, int | None]] = []
     v0 = 0
     while v0 < vocab:
-        if rows * (vocab - v0) * g_bytes <= TAIL_BYTES:
+        if (rows * g_bytes + col_bytes) * (vocab - v0) <= TAIL_BYTES:
             plan.append((v0, vocab, None))
             break
-        # widest vc with align((v0 + vc) * row_bytes) + rows * vc * g_bytes <= total
-        vc = max(0, (total - v0 * row_bytes - ALIGN) // (row_bytes + rows * g_bytes))
-        while vc > 0 and _align((v0 + vc) * row_bytes) + rows * vc * g_bytes > total:
+        # widest vc with end(v0, vc) <= total
+        vc = max(0, (total - v0 * row_bytes - 2 * ALIGN) // (row_bytes + rows * g_bytes + col_bytes))
+        while vc > 0 and end(v0, vc) > total:
             vc -= 1
         if vc >= COL_ALIGN:
             vc -= vc % COL_ALIGN
@@ -143,9 +150,20 @@ def recompute_grads(
     elif n:
         dw = weight.new_empty((vocab, hdim))  # also the scratch of every chunk but the tail
         rows = row_block(n, hdim, gdt.itemsize, dw.element_size())
-        for ci, (v0, v1, offset) in enumerate(column_plan(rows, vocab, hdim, gdt.itemsize, dw.element_size())):
+        # Rows in blocks: d W[v0:v1] sums over them, in accum_dtype when that is wider than d W's
+        # (an accumulator that also lies in d W's free rows, after the chunk's G)
+        acc_dtype = accum_dtype if rows < n and accum_dtype.itemsize > dw.element_size() else None
+        col_bytes = hdim * acc_dtype.itemsize if acc_dtype is not None else 0
+        plan = column_plan(rows, vocab, hdim, gdt.itemsize, dw.element_size(), col_bytes)
+        for ci, (v0, v1, offset) in enumerate(plan):
             vc = v1 - v0
             tail = hidden.new_empty((rows, vc), dtype=gdt) if offset is None else None
+            if acc_dtype is None:
+                acc = dw[v0:v1]
+            elif offset is None:
+                acc = hidden.new_empty((vc, hdim), dtype=acc_dtype)
+            else:
+                acc = _scratch(dw, _align(offset + rows * vc * gdt.itemsize), (vc, hdim), acc_dtype)
             w_c = w_mm[v0:v1]  # [vc, H]
             b_c = bias[v0:v1] if bias is not None else None
             for bi, s in enumerate(range(0, n, rows)):
@@ -153,9 +171,9 @@ def recompute_grads(
                 g = tail[: e - s] if tail is not None else _scratch(dw, offset, (e - s, vc), gdt)
                 backend.grad_block(hidden[s:e], w_c, b_c, targets[s:e], lse[s:e], scale, v0, g)
                 if bi == 0:
-                    mm_into(dw[v0:v1], g.t(), h_mm[s:e])
+                    mm_into(acc, g.t(), h_mm[s:e])
                 else:
-                    addmm_acc_(dw[v0:v1], g.t(), h_mm[s:e])
+                    addmm_acc_(acc, g.t(), h_mm[s:e])
                 if need_dh:
                     if ci == 0:
                         mm_into(dh[s:e], g, w_c)
@@ -163,7 +181,9 @@ def recompute_grads(
                         addmm_acc_(dh[s:e], g, w_c)
                 if need_db:
                     db[v0:v1] += g.sum(dim=0, dtype=torch.float32)
-            del tail
+            if acc_dtype is not None:
+                dw[v0:v1].copy_(acc)  # one rounding of the sum over the row blocks
+            del tail, acc
     else:  # no rows: zero gradients
         dw = weight.new_zeros((vocab, hdim)) if need_dw else None
         if dh is not None:

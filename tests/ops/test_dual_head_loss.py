@@ -83,8 +83,34 @@ def test_recompute_plan_covers_the_vocabulary_once():
         assert widths == sorted(widths, reverse=True)
         tail = plan[-1][1] - plan[-1][0]
         assert rows * tail * gb <= max(recompute.TAIL_BYTES, rows * recompute.MIN_COLS * (1 + rows * gb / (hdim * wb)) * gb)
+    # with an fp32 accumulator of d W[v0:v1] after each scratch (rows in blocks, bf16 d W)
+    for rows, vocab, hdim in [(16384, 151936, 896), (300, 3000, 20), (7, 50, 3)]:
+        plan = recompute.column_plan(rows, vocab, hdim, 2, 2, col_bytes=hdim * 4)
+        assert plan[-1][1] == vocab and all(a[1] == b[0] for a, b in zip(plan, plan[1:]))
+        for v0, v1, off in plan[:-1]:
+            acc = recompute._align(off + rows * (v1 - v0) * 2)
+            assert off >= v1 * hdim * 2 and acc + (v1 - v0) * hdim * 4 <= vocab * hdim * 2
     big = recompute.column_plan(16384, 128256, 4096, 2, 2)  # the GPU benchmark shape
     assert len(big) < 50 and 16384 * (big[-1][1] - big[-1][0]) * 2 <= 2**20 + 2**19
+
+
+@pytest.mark.parametrize("accum", [torch.float32, torch.bfloat16])
+def test_recompute_row_blocks_sum_d_weight_in_accum_dtype(accum: torch.dtype, seed: int, monkeypatch):
+    """Rows in many blocks (r capped at 1) with a bf16 weight: with fp32 accumulation d W is summed
+    over the blocks in an fp32 accumulator inside d W's free rows and rounded once (error ~ one bf16
+    rounding of the truth); summed in bf16 itself, the 75 block roundings show."""
+    _many_chunks(monkeypatch, max_ratio=1)
+    case = Case("blocks", N=600, H=16, V=301, M=0, ignore_frac=0.0)
+    inp = make_inputs(case, dtype=torch.bfloat16, device="cpu", seed=seed)
+    out = run_op(inp, impl="torch", grad_mode="recompute", accum_dtype=accum)
+    truth = reference_f64(inp)["lm_weight"]
+    err = float((out["lm_weight"].double() - truth).norm() / truth.norm())
+    once = float((truth.bfloat16().double() - truth).norm() / truth.norm())  # one rounding
+    assert out["lm_weight"].dtype == torch.bfloat16
+    if accum == torch.float32:
+        assert err <= 1.5 * once + 1e-6, (err, once)
+    else:
+        assert err > 2 * once, (err, once)  # the control: the accumulator is what keeps it to one rounding
 
 
 def test_recompute_scratch_lives_in_the_weight_gradient(seed: int, monkeypatch):
