@@ -33,6 +33,10 @@ gradient with one rounding per chunk (cut-cross-entropy's memory). When ``r`` wo
 blocks and ``d W[v0:v1]`` sums over the blocks: in ``accum_dtype`` when that is wider than ``d W``'s
 dtype (an accumulator placed in the free rows after the chunk's scratch), else in ``d W`` itself.
 
+``G`` is stored already scaled by the upstream gradient (typically ``coef / tokens``): in bf16 that
+costs nothing (fp32's exponent range), in fp16 the small probabilities of a large vocabulary
+underflow (the config offers no fp16; through the op, prefer eager for fp16).
+
 A frozen LM weight has no ``d W`` to borrow: rows are then taken ``chunk_size`` at a time with a
 ``[chunk, V]`` temporary (the eager path's buffer), and each row's ``d hidden`` is one GEMM.
 ``chunk_size`` bounds that buffer and the torch backend's forward buffer; nothing else.
