@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -9,7 +10,7 @@ import os
 import torch
 
 from .chunked import LinearCrossEntropySum, TorchChunkBackend
-from .recompute import RecomputeLinearCrossEntropySum
+from .recompute import RecomputeLinearCrossEntropySum, recompute_grads
 from .reference import IGNORE_INDEX, cls_loss_reference, lm_loss_sum_reference
 
 log = logging.getLogger("clsgen_dist.ops")
@@ -213,16 +214,15 @@ def dual_head_loss(
         h_sel = h_sel.to(lm_weight.dtype)  # the kernel reads one operand dtype
     if lm_bias is not None:
         lm_bias = lm_bias.contiguous()
-    if grad_mode == "recompute":
-        lm_loss_sum = RecomputeLinearCrossEntropySum.apply(
-            h_sel, lm_weight, lm_bias, t_sel, _backend(impl, hidden.device), chunk_size, accum_dtype
-        )
-        return lm_loss_sum, n_lm_targets, cls_loss_sum, cls_logits
-    if grad_mode == "recompute_tiles":
-        _require_triton_device(hidden.device)
-        from .triton_fused import RecomputeTilesLinearCrossEntropySum
+    if grad_mode in ("recompute", "recompute_tiles"):
+        backend = _backend(impl, hidden.device)
+        if grad_mode == "recompute":
+            grads = functools.partial(recompute_grads, accum_dtype=accum_dtype, backend=backend, chunk_size=chunk_size)
+        else:
+            from .triton_fused import recompute_tile_grads
 
-        lm_loss_sum = RecomputeTilesLinearCrossEntropySum.apply(h_sel, lm_weight, lm_bias, t_sel, accum_dtype)
+            grads = functools.partial(recompute_tile_grads, accum_dtype=accum_dtype)
+        lm_loss_sum = RecomputeLinearCrossEntropySum.apply(h_sel, lm_weight, lm_bias, t_sel, backend, chunk_size, grads)
         return lm_loss_sum, n_lm_targets, cls_loss_sum, cls_logits
     grad_on = torch.is_grad_enabled()
     needs = (

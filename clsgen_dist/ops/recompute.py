@@ -41,8 +41,8 @@ A frozen LM weight has no ``d W`` to borrow: rows are then taken ``chunk_size`` 
 ``[chunk, V]`` temporary (the eager path's buffer), and each row's ``d hidden`` is one GEMM.
 ``chunk_size`` bounds that buffer and the torch backend's forward buffer; nothing else.
 
-``grad_mode="recompute_tiles"`` (``triton_fused.RecomputeTilesLinearCrossEntropySum``) is the
-single-kernel alternative: one program per logits tile, gradients added by atomics or under tile
+``grad_mode="recompute_tiles"`` (``triton_fused.recompute_tile_grads``, the same autograd function)
+is the single-kernel alternative: one program per logits tile, gradients added by atomics or under tile
 locks. Same memory; on the H200 it ran at 6.3x the matmul floor (``benchmarks/fused_loss.md``).
 """
 
@@ -198,25 +198,25 @@ def recompute_grads(
 
 
 class RecomputeLinearCrossEntropySum(torch.autograd.Function):
-    """``sum_i CE(hidden[i] @ weight.T + bias, targets[i])``: the forward keeps the log-sum-exp,
-    the backward recomputes the logits (``grad_mode="recompute"`` of ``dual_head_loss``).
+    """``sum_i CE(hidden[i] @ weight.T + bias, targets[i])``: the forward keeps the log-sum-exp
+    (``backend.lse``), the backward recomputes the logits with ``grads(hidden, weight, bias,
+    targets, lse, grad_out, needs)``: :func:`recompute_grads` (``grad_mode="recompute"``) or
+    ``triton_fused.recompute_tile_grads`` (``"recompute_tiles"``), its other arguments bound.
 
     Unlike the eager path the weight must still be readable in backward -- under ZeRO-3 the
     module's pre-backward hook gathers it again (``DualHeadOutput``)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, backend, chunk_size, accum_dtype):
+    def forward(ctx, hidden, weight, bias, targets, backend, chunk_size, grads):
         lse, tgt = backend.lse(hidden, weight, bias, targets, chunk_size)
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        ctx.backend, ctx.chunk_size, ctx.accum_dtype = backend, chunk_size, accum_dtype
+        ctx.grads = grads
         return (lse - tgt).sum()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
-        d_hidden, d_weight, d_bias = recompute_grads(
-            hidden, weight, bias, targets, lse, grad_out, tuple(ctx.needs_input_grad[:3]), ctx.accum_dtype,
-            ctx.backend, ctx.chunk_size,
-        )  # fmt: skip
+        d_hidden, d_weight, d_bias = ctx.grads(hidden, weight, bias, targets, lse, grad_out,
+                                               tuple(ctx.needs_input_grad[:3]))
         return d_hidden, d_weight, d_bias, None, None, None, None

@@ -30,8 +30,8 @@ vocabulary columns by chunk with ``_grad_gemm_kernel`` -- a GEMM tile whose epil
 ``(softmax - onehot) * grad`` from the saved fp32 log-sum-exp -- into scratch inside the weight
 gradient, and makes the gradients with cuBLAS (see ``recompute.py``).
 
-``grad_mode="recompute_tiles"`` (``RecomputeTilesLinearCrossEntropySum``): the same forward; the
-backward is one kernel, ``_recompute_grad_kernel``,
+``grad_mode="recompute_tiles"`` (``recompute_tile_grads``, the backward of the same autograd
+function): one kernel, ``_recompute_grad_kernel``,
 with a program per ``[BLOCK_N, BLOCK_V]`` logits tile: it recomputes the tile, forms
 ``(softmax - onehot) * grad`` from the saved fp32 log-sum-exp, and adds ``g @ W_tile`` into
 ``d hidden`` and ``g.T @ h_block`` into ``d W``, one ``BLOCK_H`` column block at a time. Tiles of
@@ -93,6 +93,42 @@ def _lse_configs() -> list[triton.Config]:
     return _configs(shapes if AUTOTUNE else [default])
 
 
+@triton.jit
+def _logits_tile(
+    a_base,  # [BN, 1] pointers to the hidden rows
+    b_base,  # [1, BV] pointers to the weight rows (vocabulary columns)
+    mask_n,
+    mask_v,
+    H_DIM,
+    stride_hh,
+    stride_wh,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    EVEN_H: tl.constexpr,
+):
+    """``[BN, BV]`` fp32 logits of a block of rows against a block of vocabulary columns: the
+    ``BLOCK_H`` loop over the hidden size (inlined into the kernels that call it)."""
+    offs_k0 = tl.arange(0, BLOCK_H)
+    acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+    for k0 in range(0, H_DIM, BLOCK_H):
+        offs_k = k0 + offs_k0
+        if EVEN_H:
+            a = tl.load(a_base + offs_k[None, :] * stride_hh, mask=mask_n[:, None], other=0.0)
+            b = tl.load(b_base + offs_k[:, None] * stride_wh, mask=mask_v[None, :], other=0.0)
+        else:
+            mask_k = offs_k < H_DIM
+            a = tl.load(a_base + offs_k[None, :] * stride_hh, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            b = tl.load(b_base + offs_k[:, None] * stride_wh, mask=mask_k[:, None] & mask_v[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
 @triton.autotune(configs=_lse_configs(), key=["V", "H_DIM", "STORE_LOGITS", "HAS_BIAS"])
 @triton.heuristics({"EVEN_H": lambda a: a["H_DIM"] % a["BLOCK_H"] == 0})
 @triton.jit
@@ -132,7 +168,6 @@ def _logits_lse_kernel(
     tgt = tl.load(t_ptr + rows, mask=mask_n, other=-1)  # [BN]
     v_lo = pid_s * V_PER_SPLIT
     v_hi = tl.minimum(v_lo + V_PER_SPLIT, V)
-    offs_k0 = tl.arange(0, BLOCK_H)
     a_base = h_ptr + rows[:, None] * stride_hn  # [BN, 1]
 
     m_i = tl.full([BLOCK_N], float("-inf"), tl.float32)
@@ -142,20 +177,8 @@ def _logits_lse_kernel(
         offs_v = v0 + tl.arange(0, BLOCK_V)
         mask_v = offs_v < v_hi
         b_base = w_ptr + offs_v[None, :].to(tl.int64) * stride_wv  # [1, BV]
-        acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
-        for k0 in range(0, H_DIM, BLOCK_H):
-            offs_k = k0 + offs_k0
-            if EVEN_H:
-                a = tl.load(a_base + offs_k[None, :] * stride_hh, mask=mask_n[:, None], other=0.0)
-                b = tl.load(b_base + offs_k[:, None] * stride_wh, mask=mask_v[None, :], other=0.0)
-            else:
-                mask_k = offs_k < H_DIM
-                a = tl.load(a_base + offs_k[None, :] * stride_hh, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-                b = tl.load(b_base + offs_k[:, None] * stride_wh, mask=mask_k[:, None] & mask_v[None, :], other=0.0)
-            if UPCAST:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)  # [BN, BV] fp32
+        acc = _logits_tile(a_base, b_base, mask_n, mask_v, H_DIM, stride_hh, stride_wh,
+                           UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H, EVEN_H)  # [BN, BV] fp32
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
         if STORE_LOGITS:
@@ -218,23 +241,10 @@ def _grad_gemm_kernel(
     rows = offs_n.to(tl.int64)
     offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     mask_v = offs_v < VC
-    offs_k0 = tl.arange(0, BLOCK_H)
     a_base = h_ptr + rows[:, None] * stride_hn  # [BN, 1]
     b_base = w_ptr + offs_v[None, :].to(tl.int64) * stride_wv  # [1, BV]
-    acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
-    for k0 in range(0, H_DIM, BLOCK_H):
-        offs_k = k0 + offs_k0
-        if EVEN_H:
-            a = tl.load(a_base + offs_k[None, :] * stride_hh, mask=mask_n[:, None], other=0.0)
-            b = tl.load(b_base + offs_k[:, None] * stride_wh, mask=mask_v[None, :], other=0.0)
-        else:
-            mask_k = offs_k < H_DIM
-            a = tl.load(a_base + offs_k[None, :] * stride_hh, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-            b = tl.load(b_base + offs_k[:, None] * stride_wh, mask=mask_k[:, None] & mask_v[None, :], other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)  # [BN, BV] fp32 logits
+    acc = _logits_tile(a_base, b_base, mask_n, mask_v, H_DIM, stride_hh, stride_wh,
+                       UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H, EVEN_H)  # [BN, BV] fp32 logits
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
     lse = tl.load(lse_ptr + rows, mask=mask_n, other=0.0)
@@ -655,29 +665,3 @@ def recompute_tile_grads(
     d_weight = dw.to(weight.dtype) if dw is not None else None
     d_bias = db.to(bias.dtype) if db is not None else None
     return d_hidden, d_weight, d_bias
-
-
-class RecomputeTilesLinearCrossEntropySum(torch.autograd.Function):
-    """``sum_i CE(hidden[i] @ weight.T + bias, targets[i])``: forward = log-sum-exp only, backward
-    recomputes the logits tile by tile in one kernel (``grad_mode="recompute_tiles"``).
-
-    Four matmul passes over ``N x H x V`` instead of three, for a memory peak of the gradients
-    alone. Unlike the eager path the weight must still be readable in backward -- under ZeRO-3 the
-    module's pre-backward hook gathers it again (``DualHeadOutput``)."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, accum_dtype):
-        with _on_device(hidden):
-            lse, tgt = logits_lse(hidden, weight, bias, targets, None)
-        ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        ctx.accum_dtype = accum_dtype
-        return (lse - tgt).sum()
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        hidden, weight, bias, targets, lse = ctx.saved_tensors
-        d_hidden, d_weight, d_bias = recompute_tile_grads(
-            hidden, weight, bias, targets, lse, grad_out, tuple(ctx.needs_input_grad[:3]), ctx.accum_dtype
-        )
-        return d_hidden, d_weight, d_bias, None, None
